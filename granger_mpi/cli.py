@@ -1,0 +1,238 @@
+"""``granger-mpi``: the command line. The only module that touches ``MPI.COMM_WORLD``."""
+
+import argparse
+import faulthandler
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+EPILOG = """\
+exit codes:
+  0  success
+  1  failure: a check failed, a rank crashed or an internal error (traceback shown)
+  2  bad input: job file, dataset, argument or run directory; one line names the culprit,
+     and nothing was written
+
+Run under MPI as `mpirun -n 4 granger-mpi train job.toml`; commands also run without mpirun
+(one rank). Send SIGUSR2 to a rank (or to mpirun, which forwards it) to print every
+thread's Python stack, e.g. when a job seems stuck.
+"""
+
+
+def _default_threads():
+    """One BLAS/numba thread share per rank, so ranks on a node do not oversubscribe cores.
+
+    Must run before numpy/numba are imported. Explicit settings in the environment win.
+    """
+    ranks_here = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+                     or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+    cores = len(os.sched_getaffinity(0))
+    threads = str(max(1, cores // max(1, ranks_here)))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(var, threads)
+
+
+def _world():
+    from granger_mpi.runtime import world
+    return world()
+
+
+def cmd_train(args):
+    """Train a model as the job file says."""
+    from granger_mpi import config, train
+    from granger_mpi.runtime import agree, say
+    comm = _world().Dup()
+    job = agree(comm, config.load, args.job)
+    info, model = train.prepare(comm, job, overwrite=args.overwrite)
+    result = train.train(comm, job, info, model, log=lambda m: say(comm, m))
+    acc = "" if result.final_accuracy is None else f", accuracy {100 * result.final_accuracy:.2f}% (last batch)"
+    say(comm, f"done: {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.4f}{acc}")
+    if result.test_loss is not None:
+        test_acc = "" if result.test_accuracy is None else f", accuracy {100 * result.test_accuracy:.2f}%"
+        say(comm, f"test set {job.data.test_path}: loss {result.test_loss:.4f}{test_acc}")
+    say(comm, f"model:   {result.model_path}\nmetrics: {result.metrics_path}")
+    comm.Free()
+    return 0
+
+
+def cmd_evaluate(args):
+    """Loss and accuracy of a saved model on a dataset."""
+    from granger_mpi import dataset, modelfile, train
+    from granger_mpi.errors import UserError
+    from granger_mpi.runtime import agree, say
+    comm = _world().Dup()
+
+    def load():
+        model, params, _ = modelfile.load(args.model)
+        info = dataset.open_info(args.dataset)
+        if info.n_features != model.sizes[0] or info.task != model.task or info.n_outputs != model.sizes[-1]:
+            raise UserError(f"{info.path} ({info.n_features} features, {info.task}, {info.n_outputs} "
+                            f"outputs) does not fit model {args.model} (sizes {list(model.sizes)}, {model.task})")
+        return model, params, info
+    model, params, info = agree(comm, load)
+    loss, accuracy = train.evaluate(comm, model, params, info)
+    acc = "" if accuracy is None else f" accuracy {100 * accuracy:.2f}%"
+    say(comm, f"{info.path}: {info.n_rows} rows, loss {loss:.6f}{acc}")
+    comm.Free()
+    return 0
+
+
+def cmd_make_dataset(args):
+    """Write a seeded synthetic dataset (in parallel under mpirun)."""
+    from granger_mpi import dataset
+    from granger_mpi.errors import UserError
+    from granger_mpi.runtime import agree, say
+    comm = _world().Dup()
+
+    def check():
+        if not 1 <= args.rows <= 10**9:
+            raise UserError(f"--rows must be between 1 and 10^9, got {args.rows}")
+        if args.features < 1 or args.classes < 2 or args.targets < 1 or args.clusters < 1:
+            raise UserError("--features, --targets and --clusters must be >= 1, --classes >= 2")
+        if args.test_rows < 0:
+            raise UserError(f"--test-rows must be >= 0, got {args.test_rows}")
+        if not args.output.parent.is_dir():
+            raise UserError(f"output directory {args.output.parent} does not exist")
+    agree(comm, check)
+    problem = dataset.SyntheticProblem(args.task, args.features, args.classes, args.targets,
+                                       args.clusters, args.separation, args.seed)
+    outputs = [(args.output, args.rows, 0)]
+    if args.test_rows:
+        outputs.append((test_path_for(args.output), args.test_rows, 1))
+    for path, rows, stream in outputs:
+        dataset.write_synthetic(comm, path, problem, rows, stream)
+        say(comm, f"wrote {path}: {rows:,} rows x {args.features} features, {args.task}"
+                  + (f", {args.classes} classes" if args.task == "classification" else ""))
+    comm.Free()
+    return 0
+
+
+def test_path_for(path):
+    """``data/train.h5`` -> ``data/train-test.h5``."""
+    return path.with_name(f"{path.stem}-test{path.suffix}")
+
+
+def cmd_import_dataset(args):
+    """Convert .npz, .npy or .csv into a granger-mpi dataset (serial)."""
+    from granger_mpi import importers
+    from granger_mpi.runtime import agree, say
+    comm = _world()
+    if comm.Get_rank() == 0:
+        n_rows = importers.import_file(args.source, args.output, labels=args.labels,
+                                       label_column=args.label_column, task=args.task,
+                                       x_key=args.x_key, y_key=args.y_key)
+        print(f"wrote {args.output}: {n_rows:,} rows from {args.source}", flush=True)
+    return 0
+
+
+def cmd_doctor(args):
+    """Check the installation and print what is loaded."""
+    from granger_mpi import doctor
+    return doctor.run(_world(), require_ulfm=args.require_ulfm)
+
+
+def build_parser():
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="granger-mpi", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Data-parallel training on MPI clusters: Numba kernels, hand-written "
+                    "collectives, parallel HDF5.", epilog=EPILOG)
+    from granger_mpi import __version__
+    parser.add_argument("--version", action="version", version=f"granger-mpi {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_text, description=None):
+        p = sub.add_parser(name, help=help_text, description=description or help_text,
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("train", cmd_train, "train a model as a TOML job file says",
+            "Train a model as a TOML job file says (see jobs/demo.toml); paths in the job file "
+            "are relative to the job file. Writes RUN_DIR/model.h5, metrics.h5 and job.toml.")
+    p.add_argument("job", type=Path, help="job file (TOML)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in the same run_dir")
+
+    p = add("evaluate", cmd_evaluate, "loss and accuracy of a saved model on a dataset")
+    p.add_argument("model", type=Path, help="model file written by train (RUN_DIR/model.h5)")
+    p.add_argument("dataset", type=Path, help="dataset file (HDF5 with /X and /y)")
+
+    p = add("make-dataset", cmd_make_dataset, "write a seeded synthetic dataset",
+            "Write a seeded synthetic classification (Gaussian mixture) or regression (linear "
+            "teacher) dataset. Under mpirun every rank writes its own slab of one file; the "
+            "file's bytes do not depend on the number of ranks.")
+    p.add_argument("output", type=Path, help="dataset file to write (.h5)")
+    p.add_argument("--rows", type=int, default=10000, help="rows (1K to 10M and more; default 10000)")
+    p.add_argument("--features", type=int, default=32, help="feature columns (default 32)")
+    p.add_argument("--task", choices=("classification", "regression"), default="classification")
+    p.add_argument("--classes", type=int, default=10, help="classes for classification (default 10)")
+    p.add_argument("--targets", type=int, default=1, help="target columns for regression (default 1)")
+    p.add_argument("--clusters", type=int, default=2, help="Gaussian blobs per class (default 2)")
+    p.add_argument("--separation", type=float, default=1.0,
+                   help="spread of the blob centres in units of the noise (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--test-rows", type=int, default=0,
+                   help="also write OUTPUT-test.h5 with this many rows from the same problem")
+
+    p = add("import-dataset", cmd_import_dataset, "convert .npz, .npy or .csv to a dataset",
+            "Convert features and targets to a granger-mpi dataset. SOURCE is a .npz (arrays "
+            "--x-key and --y-key), a .npy of features with --labels LABELS.npy, or a .csv "
+            "(a header row is detected; the label is column --label-column). Rows with "
+            "NaN/Inf or invalid labels are rejected with their row number.")
+    p.add_argument("source", type=Path, help=".npz, .npy or .csv file")
+    p.add_argument("output", type=Path, help="dataset file to write (.h5)")
+    p.add_argument("--labels", type=Path, help="targets .npy, with a features .npy SOURCE")
+    p.add_argument("--label-column", type=int, default=-1, help="CSV column of the target (default -1, the last)")
+    p.add_argument("--task", choices=("auto", "classification", "regression"), default="auto",
+                   help="auto: classification when every target is a non-negative integer")
+    p.add_argument("--x-key", default="X", help="features array in a .npz (default X)")
+    p.add_argument("--y-key", default="y", help="targets array in a .npz (default y)")
+
+    p = add("doctor", cmd_doctor, "check the installation: MPI, parallel HDF5, numba, ULFM",
+            "Print the MPI library and HDF5 actually loaded, numba's threading layer and "
+            "whether ULFM fault tolerance works (a real probe); exit 1 if something is missing.")
+    p.add_argument("--require-ulfm", action="store_true", help="fail when ULFM is not available")
+    return parser
+
+
+def _rank_and_size():
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        return mpi.COMM_WORLD.Get_rank(), mpi.COMM_WORLD.Get_size()
+    return 0, 1
+
+
+def main(argv=None):
+    """Entry point of the ``granger-mpi`` console script."""
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
+    _default_threads()
+    args = build_parser().parse_args(argv)
+    from granger_mpi.errors import EXIT_FAILURE, UserError
+    try:
+        return args.func(args)
+    except UserError as exc:
+        rank, size = _rank_and_size()
+        if exc.agreed or size == 1:
+            if rank == 0:
+                print(f"granger-mpi: error: {exc}", file=sys.stderr, flush=True)
+            return exc.exit_code
+        # Only this rank saw it: the others may wait for it in a collective, so end the job.
+        print(f"granger-mpi: error on rank {rank}: {exc}", file=sys.stderr, flush=True)
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(exc.exit_code)
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        rank, size = _rank_and_size()
+        print(f"granger-mpi: internal error on rank {rank}:\n{traceback.format_exc()}",
+              file=sys.stderr, flush=True)
+        if size > 1:
+            sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(EXIT_FAILURE)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

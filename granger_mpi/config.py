@@ -1,0 +1,210 @@
+"""Job files: TOML parsed into frozen dataclasses, every key checked.
+
+Relative paths in a job file are taken relative to the job file's own directory, so a job
+runs the same from any working directory (a Slurm job's, a test's).
+
+Every problem raises ``UserError`` with one line that names the key (``[train].epochs``)
+or the file; nothing is created before the whole job file has been checked.
+"""
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from granger_mpi.errors import UserError
+
+
+def _spec(default=dataclasses.MISSING, *, kind, min=None, max=None, choices=None,
+          exclusive_min=False):
+    """A dataclass field with its TOML type and allowed range."""
+    meta = {"kind": kind, "min": min, "max": max, "choices": choices,
+            "exclusive_min": exclusive_min}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: where the rows come from and how they are streamed."""
+
+    path: Path = _spec(kind="path")
+    test_path: Path | None = _spec(None, kind="path")
+    prefetch_steps: int = _spec(2, kind=int, min=1, max=64)
+    memory_budget_mb: float = _spec(512.0, kind=float, min=0, exclusive_min=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: the network."""
+
+    kind: str = _spec(kind=str, choices=("softmax", "linear", "mlp"))
+    hidden: tuple = _spec((), kind="int_list", min=1)
+    activation: str = _spec("relu", kind=str, choices=("relu", "tanh"))
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """``[optimizer]``: how gradients become updates."""
+
+    name: str = _spec("sgd", kind=str, choices=("sgd",))
+    learning_rate: float = _spec(kind=float, min=0, exclusive_min=True)
+    momentum: float = _spec(0.0, kind=float, min=0, max=1)
+    weight_decay: float = _spec(0.0, kind=float, min=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: batch, length and seed."""
+
+    global_batch: int = _spec(kind=int, min=1)
+    epochs: int = _spec(1, kind=int, min=1)
+    max_steps: int | None = _spec(None, kind=int, min=1)
+    seed: int = _spec(0, kind=int, min=0, max=2**63 - 1)
+
+
+@dataclass(frozen=True)
+class CollectivesConfig:
+    """``[collectives]``: how gradients are summed across ranks."""
+
+    algorithm: str = _spec("native", kind=str)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``[output]``: where results go and how often progress is printed."""
+
+    run_dir: Path = _spec(kind="path")
+    progress_interval_s: float = _spec(5.0, kind=float, min=0)
+    metrics_flush_steps: int = _spec(100, kind=int, min=1)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole job file."""
+
+    data: DataConfig
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    train: TrainConfig
+    output: OutputConfig
+    collectives: CollectivesConfig = CollectivesConfig()
+    source: Path | None = None
+    text: str = ""  # the job file as written, kept with the outputs
+
+    def to_json(self):
+        """The parsed job as JSON (paths as strings), for HDF5 attributes."""
+        def plain(value):
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, tuple):
+                return list(value)
+            return value
+        sections = {f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
+                    for f in dataclasses.fields(self) if f.name not in ("source", "text")}
+        return json.dumps(sections, sort_keys=True)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig) if f.name not in ("source", "text")}
+REQUIRED_SECTIONS = ("data", "model", "optimizer", "train", "output")
+
+
+def _convert(value, meta, where, base_dir):
+    kind = meta["kind"]
+    if kind == "path":
+        if not isinstance(value, str) or not value:
+            raise UserError(f"{where} must be a non-empty path string, got {value!r}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base_dir / path)
+    if kind == "int_list":
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                  for v in value):
+            raise UserError(f"{where} must be a list of integers, got {value!r}")
+        for v in value:
+            _check_range(v, meta, where)
+        return tuple(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UserError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number, got {value!r}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise UserError(f"{where} must be one of {', '.join(map(repr, meta['choices']))}; got {value!r}")
+    _check_range(value, meta, where)
+    return value
+
+
+def _check_range(value, meta, where):
+    low, high = meta["min"], meta["max"]
+    if low is not None and (value <= low if meta["exclusive_min"] else value < low):
+        bound = f"> {low}" if meta["exclusive_min"] else f">= {low}"
+        raise UserError(f"{where} must be {bound}, got {value!r}")
+    if high is not None and value > high:
+        raise UserError(f"{where} must be <= {high}, got {value!r}")
+
+
+def _section(cls, table, name, base_dir):
+    if not isinstance(table, dict):
+        raise UserError(f"[{name}] must be a table, got {table!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise UserError(f"unknown key [{name}].{unknown[0]} (known keys: {', '.join(fields)})")
+    values = {}
+    for key, f in fields.items():
+        where = f"[{name}].{key}"
+        if key in table:
+            values[key] = _convert(table[key], f.metadata, where, base_dir)
+        elif f.default is dataclasses.MISSING:
+            raise UserError(f"missing key {where}")
+    return cls(**values)
+
+
+def parse(text, source=None):
+    """A ``JobConfig`` from TOML text; ``source`` is the file it came from, if any."""
+    where = source if source is not None else "job file"
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{where}: not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"unknown section [{unknown[0]}] (known sections: {', '.join(SECTIONS)})")
+    for name in REQUIRED_SECTIONS:
+        if name not in doc:
+            raise UserError(f"missing section [{name}]")
+    base_dir = Path(source).resolve().parent if source is not None else Path.cwd()
+    sections = {name: _section(cls, doc[name], name, base_dir)
+                for name, cls in SECTIONS.items() if name in doc}
+    job = JobConfig(**sections, source=Path(source) if source is not None else None, text=text)
+    _check_job(job)
+    return job
+
+
+def _check_job(job):
+    """Checks that span keys or touch the file system."""
+    if job.model.kind == "mlp" and not job.model.hidden:
+        raise UserError("[model].hidden must list at least one layer width for kind = 'mlp'")
+    if job.model.kind != "mlp" and job.model.hidden:
+        raise UserError(f"[model].hidden is only for kind = 'mlp', not {job.model.kind!r}")
+    for key, path in (("[data].path", job.data.path), ("[data].test_path", job.data.test_path)):
+        if path is not None and not path.is_file():
+            raise UserError(f"{key}: dataset file {path} not found")
+    from granger_mpi import collectives
+    if job.collectives.algorithm not in collectives.ALGORITHMS:
+        raise UserError(f"[collectives].algorithm must be one of "
+                        f"{', '.join(map(repr, collectives.ALGORITHMS))}; got {job.collectives.algorithm!r}")
+
+
+def load(path):
+    """Read and check a job file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"job file {path} not found") from None
+    except OSError as exc:
+        raise UserError(f"job file {path}: {exc.strerror}") from None
+    return parse(text, source=path)

@@ -1,0 +1,20 @@
+"""The errors granger-mpi reports to users, and the exit codes scripts can rely on."""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1      # an internal error, a failed check, a rank that crashed
+EXIT_BAD_INPUT = 2    # bad job file, dataset, argument or run directory; nothing was written
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2, no traceback.
+
+    The message names the thing at fault (file, dataset, key, rank, step). ``agreed`` says
+    that every rank of the job raises it together (so exiting cleanly cannot strand a rank
+    in a collective); an error seen by one rank alone ends the whole job instead.
+    """
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message, *, agreed=False):
+        super().__init__(message)
+        self.agreed = agreed

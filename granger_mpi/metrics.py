@@ -1,0 +1,91 @@
+"""Per-step metrics in ``run_dir/metrics.h5`` and the progress line on rank 0."""
+
+import sys
+import time
+
+import h5py
+import numpy as np
+
+FIELDS = {  # name: dtype
+    "step": np.int64, "epoch": np.int64, "loss": np.float64, "accuracy": np.float64,
+    "grad_norm": np.float64, "learning_rate": np.float64, "step_time_s": np.float64,
+    "samples_per_s": np.float64,
+}
+
+
+class MetricsFile:
+    """Appends one row per step to ``metrics.h5`` (one 1-D dataset per field).
+
+    Rows are buffered and written every ``flush_every`` steps and on close, so the file
+    costs nothing per step. Only one process writes it (rank 0).
+    """
+
+    def __init__(self, path, flush_every=100, attrs=None):
+        self.path = path
+        self.flush_every = flush_every
+        self._rows = {name: [] for name in FIELDS}
+        self._file = h5py.File(path, "w")
+        for name, dtype in FIELDS.items():
+            self._file.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
+        for key, value in (attrs or {}).items():
+            self._file.attrs[key] = value
+
+    def append(self, **row):
+        """Add one step's values (every field of ``FIELDS``)."""
+        for name in FIELDS:
+            self._rows[name].append(row[name])
+        if len(self._rows["step"]) >= self.flush_every:
+            self.flush()
+
+    def flush(self):
+        """Write buffered rows to the file."""
+        count = len(self._rows["step"])
+        if not count:
+            return
+        for name, values in self._rows.items():
+            dset = self._file[name]
+            start = dset.shape[0]
+            dset.resize(start + count, axis=0)
+            dset[start:] = np.asarray(values, FIELDS[name])
+            values.clear()
+        self._file.flush()
+
+    def close(self):
+        """Flush and close."""
+        if self._file.id.valid:
+            self.flush()
+            self._file.close()
+
+
+def format_duration(seconds):
+    """``1:02:03`` style."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """One plain line every ``interval_s`` seconds (no carriage returns: logs stay readable)."""
+
+    def __init__(self, total_steps, interval_s, out=sys.stdout):
+        self.total_steps = total_steps
+        self.interval_s = interval_s
+        self.out = out
+        self.start = time.perf_counter()
+        self.last = -float("inf")
+        self.samples = 0
+
+    def update(self, step_index, epoch, epochs, loss, accuracy, samples, force=False):
+        """Count ``samples`` and print if the interval has passed (or ``force``)."""
+        self.samples += samples
+        now = time.perf_counter()
+        if not force and now - self.last < self.interval_s:
+            return
+        self.last = now
+        elapsed = now - self.start
+        done = step_index + 1
+        eta = elapsed / done * (self.total_steps - done)
+        acc = "" if accuracy is None else f" acc {100 * accuracy:5.1f}%"
+        print(f"step {done}/{self.total_steps} epoch {epoch + 1}/{epochs} loss {loss:.4f}{acc} "
+              f"{self.samples / max(elapsed, 1e-9):,.0f} samples/s "
+              f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}",
+              file=self.out, flush=True)

@@ -1,0 +1,72 @@
+"""Trained models in HDF5: one named dataset per parameter tensor, no pickle anywhere.
+
+Layout: ``/params/<name>`` (``W1``, ``b1``, ...); root attributes ``format``,
+``model`` (JSON spec), ``job`` (JSON), ``step``, ``epoch``, ``versions`` (JSON).
+``h5dump -d /params/W1 model.h5`` shows a layer.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from granger_mpi.errors import UserError
+from granger_mpi.models import Model
+
+FORMAT = "granger-mpi model"
+
+
+def versions():
+    """Versions of what produced a file, for its ``versions`` attribute."""
+    import numba
+
+    import granger_mpi
+    from granger_mpi.runtime import mpi_library_version
+    return {"granger_mpi": granger_mpi.__version__, "numpy": np.__version__,
+            "numba": numba.__version__, "h5py": h5py.__version__,
+            "hdf5": h5py.version.hdf5_version,
+            "mpi": mpi_library_version()}
+
+
+def save(path, model, params, *, attrs):
+    """Write ``params`` (flat buffer of ``model``) to ``path`` atomically (temp + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["model"] = json.dumps(model.spec())
+        f.attrs["versions"] = json.dumps(versions())
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        group = f.create_group("params")
+        for name, view in model.layout.views(params).items():
+            group.create_dataset(name, data=view)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def load(path):
+    """``(model, flat params, attrs)`` from a model file; ``UserError`` if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise UserError(f"model file {path} is not a readable HDF5 file ({exc})") from None
+    with f:
+        if f.attrs.get("format") != FORMAT or "params" not in f:
+            raise UserError(f"{path} is not a granger-mpi model file (no format={FORMAT!r} attribute)")
+        spec = json.loads(f.attrs["model"])
+        model = Model(spec["kind"], tuple(spec["sizes"]), spec["activation"], spec["task"])
+        params = np.empty(model.layout.size, np.float32)
+        views = model.layout.views(params)
+        for name, view in views.items():
+            if name not in f["params"] or f["params"][name].shape != view.shape:
+                raise UserError(f"{path}: /params/{name} is missing or has the wrong shape")
+            f["params"][name].read_direct(view)
+        attrs = {k: v for k, v in f.attrs.items()}
+    return model, params, attrs

@@ -1,0 +1,114 @@
+"""Models as a layout of named views over one flat parameter buffer, plus their kernels."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from granger_mpi.kernels import mlp
+
+ACTIVATIONS = {"relu": mlp.RELU, "tanh": mlp.TANH}
+KINDS = ("softmax", "linear", "mlp")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One named view of the flat buffer."""
+
+    name: str
+    shape: tuple
+    offset: int
+
+    @property
+    def size(self):
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Named tensors laid end to end in one contiguous buffer."""
+
+    tensors: tuple
+
+    @property
+    def size(self):
+        """Total number of elements."""
+        last = self.tensors[-1]
+        return last.offset + last.size
+
+    def views(self, flat):
+        """``{name: view}`` into ``flat``; writing a view writes the buffer."""
+        if flat.shape != (self.size,):
+            raise ValueError(f"flat buffer has shape {flat.shape}, layout needs ({self.size},)")
+        return {t.name: flat[t.offset:t.offset + t.size].reshape(t.shape) for t in self.tensors}
+
+
+def mlp_layout(sizes):
+    """``W1, b1, W2, b2, ...`` in the order the MLP kernels expect."""
+    tensors, offset = [], 0
+    for layer, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        tensors.append(Tensor(f"W{layer}", (d_in, d_out), offset))
+        offset += d_in * d_out
+        tensors.append(Tensor(f"b{layer}", (d_out,), offset))
+        offset += d_out
+    return Layout(tuple(tensors))
+
+
+@dataclass(frozen=True)
+class Model:
+    """A network of ``sizes`` with its loss; stateless, parameters live in a flat buffer."""
+
+    kind: str
+    sizes: tuple
+    activation: str
+    task: str  # "classification" (softmax cross-entropy) or "regression" (squared error)
+
+    @property
+    def layout(self):
+        """The named views of the parameter buffer."""
+        return mlp_layout(self.sizes)
+
+    def spec(self):
+        """A JSON-able description from which ``Model(**spec)`` rebuilds the model."""
+        return {"kind": self.kind, "sizes": list(self.sizes), "activation": self.activation,
+                "task": self.task}
+
+    def init_params(self, seed, dtype=np.float32):
+        """Seeded He (ReLU) or Glorot (tanh) weights and zero biases."""
+        rng = np.random.Generator(np.random.PCG64([seed, 0x6D6F64656C]))
+        flat = np.zeros(self.layout.size, dtype)
+        views = self.layout.views(flat)
+        for layer, (d_in, d_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:]), start=1):
+            gain = 2.0 / d_in if self.activation == "relu" else 2.0 / (d_in + d_out)
+            views[f"W{layer}"][...] = rng.normal(0.0, math.sqrt(gain), (d_in, d_out))
+        return flat
+
+    def loss_grad(self, params, X, y, scale, grad):
+        """Write ``scale * sum of per-row gradients`` into ``grad``; return (loss sum, correct)."""
+        sizes = np.asarray(self.sizes, np.int64)
+        act = ACTIVATIONS[self.activation]
+        if self.task == "classification":
+            return mlp.cross_entropy_loss_grad(params, sizes, act, X, y, scale, grad)
+        return mlp.squared_error_loss_grad(params, sizes, act, X, y, scale, grad)
+
+    def predict(self, params, X):
+        """Raw outputs (logits or regression values) for the rows of ``X``."""
+        return mlp.predict(params, np.asarray(self.sizes, np.int64), ACTIVATIONS[self.activation], X)
+
+
+def build(kind, hidden, activation, n_features, task, n_outputs):
+    """The model a job asks for, sized for its dataset.
+
+    ``softmax`` is softmax regression (classification), ``linear`` linear regression,
+    ``mlp`` a network with ``hidden`` layers for either task.
+    """
+    if kind == "softmax" and task != "classification":
+        raise ValueError("model kind 'softmax' needs a classification dataset")
+    if kind == "linear" and task != "regression":
+        raise ValueError("model kind 'linear' needs a regression dataset")
+    if kind != "mlp" and hidden:
+        raise ValueError(f"model kind '{kind}' has no hidden layers; use kind = 'mlp'")
+    if kind == "mlp" and not hidden:
+        raise ValueError("model kind 'mlp' needs at least one hidden layer size in 'hidden'")
+    return Model(kind, (n_features, *hidden, n_outputs), activation, task)

@@ -1,0 +1,62 @@
+"""MPI plumbing shared by the commands: agreeing on errors, rank-aware printing.
+
+Every function takes its communicator as an argument; only the CLI touches COMM_WORLD.
+"""
+
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+from granger_mpi.errors import UserError
+
+
+def bcast_text(comm, text, root):
+    """Broadcast a string from ``root`` with buffer calls (no pickle)."""
+    data = np.frombuffer(text.encode(), np.uint8) if comm.Get_rank() == root else None
+    length = np.array([0 if data is None else data.size], np.int64)
+    comm.Bcast(length, root=root)
+    buf = data.copy() if data is not None else np.empty(length[0], np.uint8)
+    comm.Bcast(buf, root=root)
+    return buf.tobytes().decode()
+
+
+def agree(comm, fn, *args, **kwargs):
+    """Call ``fn`` on every rank; if it raises ``UserError`` on any, raise it on all.
+
+    Collective over ``comm``. Ranks that validate the same input normally fail alike; this
+    makes sure that when only some do, the others do not go on into a collective and hang.
+    The message raised everywhere is the lowest failing rank's.
+    """
+    error = None
+    result = None
+    try:
+        result = fn(*args, **kwargs)
+    except UserError as exc:
+        error = exc
+    rank = comm.Get_rank()
+    failing = np.array([rank if error is not None else comm.Get_size()], np.int64)
+    comm.Allreduce(MPI.IN_PLACE, failing, op=MPI.MIN)
+    first = int(failing[0])
+    if first == comm.Get_size():
+        return result
+    message = bcast_text(comm, str(error) if rank == first else "", first)
+    raise UserError(message, agreed=True)
+
+
+def say(comm, message, *, file=sys.stdout):
+    """Print from rank 0 only, flushed (stdout of other ranks is noise in a job log)."""
+    if comm.Get_rank() == 0:
+        print(message, file=file, flush=True)
+
+
+def world():
+    """``MPI.COMM_WORLD``, starting MPI first if needed (only the CLI should call this)."""
+    if not MPI.Is_initialized():
+        MPI.Init_thread()
+    return MPI.COMM_WORLD
+
+
+def mpi_library_version():
+    """First line of ``MPI_Get_library_version`` (Open MPI pads it with NULs)."""
+    return MPI.Get_library_version().replace("\x00", "").splitlines()[0].strip()

@@ -1,0 +1,1 @@
+"""Numba-jitted numeric kernels: pure functions on arrays. No MPI, no HDF5, no I/O."""

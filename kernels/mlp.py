@@ -1,0 +1,182 @@
+"""Multilayer perceptron loss and gradient on one flat parameter buffer.
+
+Layer sizes ``sizes = [d_in, h_1, ..., h_k, d_out]`` describe the network; with no hidden
+layer it is softmax regression (cross-entropy) or linear regression (MSE). The flat buffer
+holds, layer after layer, ``W_l`` (row-major, ``sizes[l] x sizes[l+1]``) then ``b_l``;
+``granger_mpi.models.mlp_layout`` names the same views.
+
+Every kernel is pure: inputs are arrays and scalars, the gradient is written into a buffer
+the caller owns, and nothing else is touched. ``nogil`` lets the data prefetch thread run
+while a rank computes.
+"""
+
+import numpy as np
+from numba import njit
+
+RELU = 0
+TANH = 1
+
+
+@njit(cache=True, nogil=True)
+def layer_offsets(sizes):
+    """Offsets of every ``W_l`` and ``b_l`` in the flat buffer, and the buffer's length."""
+    n_layers = sizes.shape[0] - 1
+    w_off = np.empty(n_layers, np.int64)
+    b_off = np.empty(n_layers, np.int64)
+    off = 0
+    for layer in range(n_layers):
+        w_off[layer] = off
+        off += sizes[layer] * sizes[layer + 1]
+        b_off[layer] = off
+        off += sizes[layer + 1]
+    return w_off, b_off, off
+
+
+@njit(cache=True, nogil=True)
+def _forward(params, sizes, activation, X, acts):
+    """Fill ``acts`` with every layer's output (hidden layers activated, last one raw)."""
+    n = X.shape[0]
+    n_layers = sizes.shape[0] - 1
+    w_off, b_off, _ = layer_offsets(sizes)
+    a_off = 0
+    A_prev = X
+    for layer in range(n_layers):
+        d_in = sizes[layer]
+        d_out = sizes[layer + 1]
+        W = params[w_off[layer]:w_off[layer] + d_in * d_out].reshape(d_in, d_out)
+        b = params[b_off[layer]:b_off[layer] + d_out]
+        Z = acts[a_off:a_off + n * d_out].reshape(n, d_out)
+        np.dot(A_prev, W, Z)
+        hidden = layer < n_layers - 1
+        for i in range(n):
+            for j in range(d_out):
+                v = Z[i, j] + b[j]
+                if hidden:
+                    if activation == RELU:
+                        v = max(v, 0.0)
+                    else:
+                        v = np.tanh(v)
+                Z[i, j] = v
+        A_prev = Z
+        a_off += n * d_out
+    return A_prev
+
+
+@njit(cache=True, nogil=True)
+def _backward(params, sizes, activation, X, acts, delta, grad):
+    """Back-propagate ``delta`` (d loss / d output, already scaled) into ``grad``."""
+    n = X.shape[0]
+    n_layers = sizes.shape[0] - 1
+    w_off, b_off, _ = layer_offsets(sizes)
+    # Start offset of each layer's output inside ``acts``.
+    a_start = np.empty(n_layers, np.int64)
+    off = 0
+    for layer in range(n_layers):
+        a_start[layer] = off
+        off += n * sizes[layer + 1]
+    spare = np.empty_like(delta)
+    for layer in range(n_layers - 1, -1, -1):
+        d_in = sizes[layer]
+        d_out = sizes[layer + 1]
+        dZ = delta[:n * d_out].reshape(n, d_out)
+        if layer == 0:
+            A_prev = X
+        else:
+            A_prev = acts[a_start[layer - 1]:a_start[layer - 1] + n * d_in].reshape(n, d_in)
+        gW = grad[w_off[layer]:w_off[layer] + d_in * d_out].reshape(d_in, d_out)
+        np.dot(A_prev.T, dZ, gW)
+        gb = grad[b_off[layer]:b_off[layer] + d_out]
+        for j in range(d_out):
+            gb[j] = 0.0
+        for i in range(n):
+            for j in range(d_out):
+                gb[j] += dZ[i, j]
+        if layer > 0:
+            W = params[w_off[layer]:w_off[layer] + d_in * d_out].reshape(d_in, d_out)
+            dA = spare[:n * d_in].reshape(n, d_in)
+            np.dot(dZ, W.T, dA)
+            for i in range(n):
+                for j in range(d_in):
+                    a = A_prev[i, j]
+                    if activation == RELU:
+                        if a <= 0.0:
+                            dA[i, j] = 0.0
+                    else:
+                        dA[i, j] *= 1.0 - a * a
+            delta, spare = spare, delta
+
+
+@njit(cache=True, nogil=True)
+def _workspaces(params, sizes, n):
+    total = 0
+    widest = 0
+    for layer in range(1, sizes.shape[0]):
+        total += n * sizes[layer]
+        widest = max(widest, n * max(sizes[layer], sizes[layer - 1]))
+    return np.empty(total, params.dtype), np.empty(widest, params.dtype)
+
+
+@njit(cache=True, nogil=True)
+def cross_entropy_loss_grad(params, sizes, activation, X, labels, scale, grad):
+    """Softmax cross-entropy over the rows of ``X``.
+
+    Writes ``scale * sum_i d loss_i / d params`` into ``grad`` and returns
+    ``(sum_i loss_i, number of rows whose argmax equals the label)``. ``scale`` is
+    ``1 / global batch`` so that summing the ranks' gradients gives the batch mean.
+    """
+    n = X.shape[0]
+    acts, delta = _workspaces(params, sizes, n)
+    out = _forward(params, sizes, activation, X, acts)
+    n_out = out.shape[1]
+    dZ = delta[:n * n_out].reshape(n, n_out)
+    loss = 0.0
+    correct = 0
+    for i in range(n):
+        peak = out[i, 0]
+        best = 0
+        for j in range(1, n_out):
+            if out[i, j] > peak:
+                peak = out[i, j]
+                best = j
+        total = 0.0
+        for j in range(n_out):
+            e = np.exp(out[i, j] - peak)
+            dZ[i, j] = e
+            total += e
+        label = labels[i]
+        loss += np.log(total) - (out[i, label] - peak)
+        if best == label:
+            correct += 1
+        for j in range(n_out):
+            dZ[i, j] = dZ[i, j] / total * scale
+        dZ[i, label] -= scale
+    _backward(params, sizes, activation, X, acts, delta, grad)
+    return loss, correct
+
+
+@njit(cache=True, nogil=True)
+def squared_error_loss_grad(params, sizes, activation, X, targets, scale, grad):
+    """Half squared error ``0.5 * ||f(x_i) - t_i||^2`` over the rows of ``X``.
+
+    Writes ``scale * sum_i d loss_i / d params`` into ``grad``; returns ``(sum_i loss_i, 0)``.
+    """
+    n = X.shape[0]
+    acts, delta = _workspaces(params, sizes, n)
+    out = _forward(params, sizes, activation, X, acts)
+    n_out = out.shape[1]
+    dZ = delta[:n * n_out].reshape(n, n_out)
+    loss = 0.0
+    for i in range(n):
+        for j in range(n_out):
+            diff = out[i, j] - targets[i, j]
+            loss += 0.5 * diff * diff
+            dZ[i, j] = diff * scale
+    _backward(params, sizes, activation, X, acts, delta, grad)
+    return loss, 0
+
+
+@njit(cache=True, nogil=True)
+def predict(params, sizes, activation, X):
+    """The network's raw outputs (logits or regression values) for the rows of ``X``."""
+    acts, _ = _workspaces(params, sizes, X.shape[0])
+    return _forward(params, sizes, activation, X, acts).copy()

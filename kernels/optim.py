@@ -1,0 +1,17 @@
+"""Optimizer updates on the flat parameter buffer, in place."""
+
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def sgd_momentum(params, grad, velocity, lr, momentum, weight_decay):
+    """One SGD step with heavy-ball momentum and L2 weight decay (PyTorch's convention).
+
+    ``g = grad + weight_decay * params; velocity = momentum * velocity + g;
+    params -= lr * velocity``. With ``momentum = 0`` this is plain SGD.
+    """
+    for i in range(params.shape[0]):
+        g = grad[i] + weight_decay * params[i]
+        v = momentum * velocity[i] + g
+        velocity[i] = v
+        params[i] -= lr * v
