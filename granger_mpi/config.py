@@ -25,7 +25,7 @@ def _spec(default=dataclasses.MISSING, *, kind, min=None, max=None, choices=None
     return field(default=default, metadata=meta)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """``[data]``: where the rows come from and how they are streamed."""
 
@@ -35,7 +35,7 @@ class DataConfig:
     memory_budget_mb: float = _spec(512.0, kind=float, min=0, exclusive_min=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """``[model]``: the network."""
 
@@ -44,7 +44,7 @@ class ModelConfig:
     activation: str = _spec("relu", kind=str, choices=("relu", "tanh"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
     """``[optimizer]``: how gradients become updates."""
 
@@ -54,7 +54,7 @@ class OptimizerConfig:
     weight_decay: float = _spec(0.0, kind=float, min=0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """``[train]``: batch, length and seed."""
 
@@ -64,14 +64,14 @@ class TrainConfig:
     seed: int = _spec(0, kind=int, min=0, max=2**63 - 1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CollectivesConfig:
     """``[collectives]``: how gradients are summed across ranks."""
 
     algorithm: str = _spec("native", kind=str)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OutputConfig:
     """``[output]``: where results go and how often progress is printed."""
 
@@ -80,7 +80,7 @@ class OutputConfig:
     metrics_flush_steps: int = _spec(100, kind=int, min=1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """A whole job file."""
 
@@ -116,7 +116,7 @@ def _convert(value, meta, where, base_dir):
         if not isinstance(value, str) or not value:
             raise UserError(f"{where} must be a non-empty path string, got {value!r}")
         path = Path(value).expanduser()
-        return path if path.is_absolute() else (base_dir / path)
+        return (base_dir / path).resolve()
     if kind == "int_list":
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                   for v in value):

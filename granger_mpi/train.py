@@ -162,7 +162,7 @@ def train(comm, job, info, model, *, log=print):
                 step_time = time.perf_counter() - t0
                 metrics_file.append(step=step_index, epoch=epoch, loss=loss,
                                     accuracy=np.nan if accuracy is None else accuracy,
-                                    grad_norm=float(np.sqrt(np.dot(grad, grad, dtype=np.float64))),
+                                    grad_norm=float(np.sqrt(optim.sum_of_squares(grad))),
                                     learning_rate=float(lr), step_time_s=step_time,
                                     samples_per_s=batch_len / max(step_time, 1e-12))
                 progress.update(step_index, epoch, job.train.epochs, loss, accuracy, batch_len,

@@ -15,3 +15,13 @@ def sgd_momentum(params, grad, velocity, lr, momentum, weight_decay):
         v = momentum * velocity[i] + g
         velocity[i] = v
         params[i] -= lr * v
+
+
+@njit(cache=True, nogil=True)
+def sum_of_squares(x):
+    """``sum(x**2)`` accumulated in float64 (the squared global norm of a gradient)."""
+    total = 0.0
+    for i in range(x.shape[0]):
+        v = float(x[i])
+        total += v * v
+    return total
