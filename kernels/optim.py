@@ -1,5 +1,6 @@
 """Optimizer updates on the flat parameter buffer, in place."""
 
+import numpy as np
 from numba import njit
 
 
@@ -22,6 +23,6 @@ def sum_of_squares(x):
     """``sum(x**2)`` accumulated in float64 (the squared global norm of a gradient)."""
     total = 0.0
     for i in range(x.shape[0]):
-        v = float(x[i])
+        v = np.float64(x[i])
         total += v * v
     return total

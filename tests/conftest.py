@@ -1,0 +1,129 @@
+"""Test harness: real ``mpirun`` subprocesses with hard timeouts and stack dumps on hangs."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MPIRUN = [str(ROOT / "scripts" / "mpirun")]
+PYTHON = sys.executable
+ULFM_FLAGS = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self"]
+
+
+@dataclass
+class Run:
+    """A finished command: exit code and the output of every rank."""
+
+    cmd: list
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self):
+        """stdout and stderr together, for assertion messages."""
+        return f"$ {' '.join(self.cmd)}\n--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
+
+
+def _env(extra=None):
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+    env["PATH"] = f"{Path(PYTHON).parent}:{env.get('PATH', '')}"
+    env.update(extra or {})
+    return env
+
+
+def run_command(cmd, timeout, env=None, cwd=None):
+    """Run ``cmd``; on timeout ask every rank for its Python stacks, kill, and fail.
+
+    A hang therefore fails the test with each rank's stack in the message (the CLI
+    registers faulthandler on SIGUSR2; mpirun forwards the signal to the ranks).
+    """
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(env), cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        run = Run([str(c) for c in cmd], None, out, err)
+        pytest.fail(f"timed out after {timeout} s (stacks of the ranks follow)\n{run.output}")
+    return Run([str(c) for c in cmd], proc.returncode, out, err)
+
+
+def mpirun(n, *args, timeout=120, mpirun_args=(), env=None, cwd=None):
+    """``mpirun -n n granger-mpi ARGS`` (through ``python -m granger_mpi``)."""
+    cmd = [*MPIRUN, "-n", str(n), *mpirun_args, PYTHON, "-m", "granger_mpi", *args]
+    return run_command(cmd, timeout, env, cwd)
+
+
+def mpirun_script(n, source, *args, tmp_path, timeout=120, mpirun_args=()):
+    """Run a Python program (given as source text) on ``n`` ranks."""
+    script = tmp_path / f"prog_{abs(hash(source)) % 10**8}.py"
+    script.write_text(textwrap.dedent(source))
+    cmd = [*MPIRUN, "-n", str(n), *mpirun_args, PYTHON, "-X", "faulthandler", str(script), *args]
+    return run_command(cmd, timeout)
+
+
+def granger(*args, timeout=120, env=None, cwd=None):
+    """``granger-mpi ARGS`` without mpirun (a singleton MPI process where MPI is needed)."""
+    return run_command([PYTHON, "-m", "granger_mpi", *args], timeout, env, cwd)
+
+
+def write_job(path, *, data, run_dir, **sections):
+    """A job file with small defaults; ``sections`` override ``{section: {key: value}}``."""
+    job = {
+        "data": {"path": str(data)},
+        "model": {"kind": "mlp", "hidden": [16]},
+        "optimizer": {"learning_rate": 0.1, "momentum": 0.9},
+        "train": {"global_batch": 64, "epochs": 2, "seed": 3},
+        "output": {"run_dir": str(run_dir), "progress_interval_s": 0.0},
+    }
+    for section, values in sections.items():
+        job.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in job.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value):
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """A 2,000-row, 12-feature, 4-class dataset written by 2 ranks, with a test file."""
+    path = tmp_path_factory.mktemp("data") / "small.h5"
+    run = mpirun(2, "make-dataset", path, "--rows", "2000", "--test-rows", "500", "--features", "12",
+                 "--classes", "4", "--seed", "5")
+    assert run.returncode == 0, run.output
+    return path
+
+
+def read_params(model_path):
+    """Flat parameters of a model file, read with h5py (independent of granger-mpi)."""
+    import h5py
+    with h5py.File(model_path, "r") as f:
+        names = sorted(f["params"], key=lambda n: (int(n[1:]), n[0] == "b"))
+        return np.concatenate([f["params"][n][...].ravel() for n in names])
