@@ -51,7 +51,7 @@ def cmd_train(args):
     say(comm, f"done: {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.4f}{acc}")
     if result.test_loss is not None:
         test_acc = "" if result.test_accuracy is None else f", accuracy {100 * result.test_accuracy:.2f}%"
-        say(comm, f"test set {job.data.test_path}: loss {result.test_loss:.4f}{test_acc}")
+        say(comm, f"test set {job.data.test_path}: loss {result.test_loss:.6f}{test_acc}")
     say(comm, f"model:   {result.model_path}\nmetrics: {result.metrics_path}")
     comm.Free()
     return 0

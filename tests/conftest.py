@@ -81,10 +81,10 @@ def granger(*args, timeout=120, env=None, cwd=None):
     return run_command([PYTHON, "-m", "granger_mpi", *args], timeout, env, cwd)
 
 
-def write_job(path, *, data, run_dir, **sections):
+def write_job(path, *, dataset, run_dir, **sections):
     """A job file with small defaults; ``sections`` override ``{section: {key: value}}``."""
     job = {
-        "data": {"path": str(data)},
+        "data": {"path": str(dataset)},
         "model": {"kind": "mlp", "hidden": [16]},
         "optimizer": {"learning_rate": 0.1, "momentum": 0.9},
         "train": {"global_batch": 64, "epochs": 2, "seed": 3},
@@ -116,7 +116,7 @@ def small_dataset(tmp_path_factory):
     """A 2,000-row, 12-feature, 4-class dataset written by 2 ranks, with a test file."""
     path = tmp_path_factory.mktemp("data") / "small.h5"
     run = mpirun(2, "make-dataset", path, "--rows", "2000", "--test-rows", "500", "--features", "12",
-                 "--classes", "4", "--seed", "5")
+                 "--classes", "4", "--separation", "1.5", "--seed", "5")
     assert run.returncode == 0, run.output
     return path
 

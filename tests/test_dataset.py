@@ -1,0 +1,158 @@
+"""Datasets: parallel synthetic writes, imports, checks on open, streaming reads."""
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import granger, mpirun
+from granger_mpi import dataset, partition
+from granger_mpi.errors import UserError
+
+
+def read_all(path):
+    with h5py.File(path, "r") as f:
+        return f["X"][...], f["y"][...], dict(f.attrs)
+
+
+def test_parallel_write_is_bitwise_independent_of_rank_count(tmp_path):
+    """Rows come from (seed, row block), so 1 and 3 writers make the same bytes."""
+    paths = {}
+    for n in (1, 3):
+        paths[n] = tmp_path / f"p{n}.h5"
+        # 20,000 rows x 64 features: 4 row blocks, so 3 ranks write 2, 1 and 1 blocks.
+        run = mpirun(n, "make-dataset", paths[n], "--rows", "20000", "--features", "64",
+                     "--classes", "5", "--seed", "9", timeout=120)
+        assert run.returncode == 0, run.output
+    X1, y1, attrs = read_all(paths[1])
+    X3, y3, _ = read_all(paths[3])
+    assert X1.dtype == np.float32 and X1.shape == (20000, 64) and y1.dtype == np.int32
+    assert np.array_equal(X1.view(np.uint32), X3.view(np.uint32)) and np.array_equal(y1, y3)
+    assert attrs["task"] == "classification" and attrs["n_classes"] == 5 and attrs["n_rows"] == 20000
+    assert set(np.unique(y1)) == set(range(5))
+    with h5py.File(paths[3], "r") as f:
+        assert f["X"].chunks[0] * 64 * 4 <= dataset.CHUNK_BYTES
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_regression_dataset_and_its_test_split(tmp_path):
+    path = tmp_path / "reg.h5"
+    run = granger("make-dataset", path, "--task", "regression", "--targets", "2", "--rows", "300",
+                  "--features", "4", "--test-rows", "50")
+    assert run.returncode == 0, run.output
+    info = dataset.open_info(path)
+    assert (info.task, info.n_targets, info.n_rows, info.n_features) == ("regression", 2, 300, 4)
+    test = dataset.open_info(tmp_path / "reg-test.h5")
+    assert test.n_rows == 50
+    X, _, _ = read_all(path)
+    Xt, _, _ = read_all(tmp_path / "reg-test.h5")
+    assert not np.array_equal(X[:50], Xt)  # the test split is drawn from its own stream
+
+
+def make_file(path, X=None, y=None, **attrs):
+    with h5py.File(path, "w") as f:
+        if X is not None:
+            f["X"] = X
+        if y is not None:
+            f["y"] = y
+        f.attrs.update(attrs)
+    return path
+
+
+@pytest.mark.parametrize("X,y,message", [
+    (None, np.zeros(4, np.int32), "has no /X dataset"),
+    (np.zeros((4, 2), np.float32), None, "has no /y dataset"),
+    (np.zeros((4, 2), np.float32), np.zeros(3, np.int32), "/X has 4 rows but /y has 3"),
+    (np.zeros(4, np.float32), np.zeros(4, np.int32), "/X must be a 2-D float array"),
+    (np.zeros((4, 2), np.float32), np.zeros(4, np.int32), "at least 2 classes"),
+])
+def test_open_rejects_malformed_files(tmp_path, X, y, message):
+    path = make_file(tmp_path / "bad.h5", X, y)
+    with pytest.raises(UserError, match=message):
+        dataset.open_info(path)
+
+
+def test_open_rejects_missing_and_non_hdf5_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        dataset.open_info(tmp_path / "none.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(UserError, match="not a readable HDF5 file"):
+        dataset.open_info(tmp_path / "text.h5")
+
+
+def test_import_npz_npy_and_csv_agree(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 3))
+    y = rng.integers(0, 4, 100)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    with open(tmp_path / "d.csv", "w") as fh:
+        fh.write("a,b,c,label\n")
+        for row, label in zip(X, y):
+            fh.write(",".join(repr(float(v)) for v in row) + f",{label}\n")
+    runs = [granger("import-dataset", tmp_path / "d.npz", tmp_path / "a.h5"),
+            granger("import-dataset", tmp_path / "X.npy", tmp_path / "b.h5", "--labels", tmp_path / "y.npy"),
+            granger("import-dataset", tmp_path / "d.csv", tmp_path / "c.h5")]
+    for run in runs:
+        assert run.returncode == 0, run.output
+    for name in "abc":
+        Xi, yi, attrs = read_all(tmp_path / f"{name}.h5")
+        assert np.array_equal(Xi, X.astype(np.float32)) and np.array_equal(yi, y)
+        assert attrs["task"] == "classification" and attrs["n_classes"] == y.max() + 1
+
+
+def test_import_rejects_nan_with_row_number_and_leaves_no_file(tmp_path):
+    X = np.ones((10, 2))
+    X[6, 1] = np.nan
+    np.savez(tmp_path / "d.npz", X=X, y=np.zeros(10))
+    run = granger("import-dataset", tmp_path / "d.npz", tmp_path / "out.h5")
+    assert run.returncode == 2, run.output
+    assert "row 6 has NaN/Inf" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.h5").exists() and not (tmp_path / "out.h5.tmp").exists()
+
+
+def test_import_rejects_unknown_format_and_bad_csv(tmp_path):
+    (tmp_path / "d.txt").write_text("1,2\n")
+    run = granger("import-dataset", tmp_path / "d.txt", tmp_path / "o.h5")
+    assert run.returncode == 2 and "unknown format '.txt'" in run.stderr
+    (tmp_path / "d.csv").write_text("1,2,0\n3,x,1\n")
+    run = granger("import-dataset", tmp_path / "d.csv", tmp_path / "o.h5")
+    assert run.returncode == 2 and "line 2 is not 3 numeric fields" in run.stderr
+
+
+def test_stream_gives_each_rank_its_partition_rows(small_dataset):
+    """Simulate 3 ranks in one process: together they see every row once per epoch."""
+    info = dataset.open_info(small_dataset)
+    X_all, y_all, _ = read_all(small_dataset)
+    seen = []
+    for rank in range(3):
+        with dataset.BatchStream(info, 64, 4, 3, rank, epochs=2) as stream:
+            for epoch, step, batch_len, rows, X, y in stream:
+                expected = partition.rank_rows(info.n_rows, 64, 4, epoch, step, 3, rank)
+                assert np.array_equal(rows, expected)
+                assert np.array_equal(X, X_all[rows]) and np.array_equal(y, y_all[rows])
+                seen.append((epoch, rows))
+    for epoch in (0, 1):
+        rows = np.concatenate([r for e, r in seen if e == epoch])
+        assert np.array_equal(np.sort(rows), np.arange(info.n_rows))
+
+
+def test_stream_memory_budget_bounds_read_ahead(small_dataset):
+    info = dataset.open_info(small_dataset)
+    row = info.row_bytes
+    with dataset.BatchStream(info, 100, 0, 1, 0, epochs=1, prefetch_steps=8,
+                             memory_budget_bytes=250 * row) as stream:
+        assert stream.depth == 2
+        assert sum(1 for _ in stream) == 20
+    with pytest.raises(UserError, match="over \\[data\\].memory_budget_mb"):
+        dataset.BatchStream(info, 100, 0, 1, 0, epochs=1, memory_budget_bytes=50 * row)
+
+
+def test_stream_stops_at_max_steps_and_can_be_abandoned(small_dataset):
+    info = dataset.open_info(small_dataset)
+    with dataset.BatchStream(info, 64, 0, 2, 0, epochs=5, max_steps=7) as stream:
+        assert sum(1 for _ in stream) == 7
+    stream = dataset.BatchStream(info, 64, 0, 2, 0, epochs=5)
+    next(iter(stream))
+    stream.close()
+    assert not stream._thread.is_alive()
