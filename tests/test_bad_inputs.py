@@ -1,0 +1,100 @@
+"""Bad inputs under mpirun: one clear line, exit code 2, nothing written to the run dir."""
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import mpirun, write_job
+
+
+def check_rejected(run, run_dir, message):
+    assert run.returncode == 2, run.output
+    lines = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]
+    assert len(lines) == 1, run.output          # one line, from one rank
+    assert message in lines[0], run.output
+    assert "Traceback" not in run.stderr
+    assert not run_dir.exists(), "a rejected job must not create its run directory"
+
+
+def make(path, X, y):
+    with h5py.File(path, "w") as f:
+        if X is not None:
+            f["X"] = X
+        f["y"] = y
+    return path
+
+
+@pytest.fixture
+def job(tmp_path, small_dataset):
+    def write(dataset=small_dataset, **sections):
+        return write_job(tmp_path / "job.toml", dataset=dataset, run_dir=tmp_path / "run", **sections)
+    return write
+
+
+def test_missing_dataset_file(tmp_path, job):
+    run = mpirun(2, "train", job(dataset=tmp_path / "missing.h5"))
+    check_rejected(run, tmp_path / "run", "[data].path: dataset file")
+
+
+def test_dataset_without_X(tmp_path, job):
+    data = make(tmp_path / "noX.h5", None, np.zeros(10, np.int32))
+    check_rejected(mpirun(2, "train", job(dataset=data)), tmp_path / "run", "has no /X dataset")
+
+
+def test_mismatched_lengths(tmp_path, job):
+    data = make(tmp_path / "short.h5", np.zeros((10, 3), np.float32), np.arange(9, dtype=np.int32) % 2)
+    check_rejected(mpirun(2, "train", job(dataset=data)), tmp_path / "run", "/X has 10 rows but /y has 9")
+
+
+def test_unknown_config_key(tmp_path, job):
+    run = mpirun(2, "train", job(optimizer={"learning_rate": 0.1, "lr_decay": 0.5}))
+    check_rejected(run, tmp_path / "run", "unknown key [optimizer].lr_decay")
+
+
+def test_negative_learning_rate(tmp_path, job):
+    run = mpirun(2, "train", job(optimizer={"learning_rate": -0.1}))
+    check_rejected(run, tmp_path / "run", "[optimizer].learning_rate must be > 0, got -0.1")
+
+
+def test_global_batch_smaller_than_world(tmp_path, job):
+    run = mpirun(3, "train", job(train={"global_batch": 2}))
+    check_rejected(run, tmp_path / "run", "[train].global_batch = 2 is smaller than the 3 ranks")
+
+
+def test_nan_in_data_is_reported_at_the_step_that_reads_it(tmp_path, job):
+    """NaN is not searched for at load (that would read the whole file on start-up); the
+    rank that reads the row stops every rank at that step, and nothing is saved."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 3)).astype(np.float32)
+    X[137, 2] = np.nan
+    data = make(tmp_path / "nan.h5", X, rng.integers(0, 2, 200).astype(np.int32))
+    run = mpirun(3, "train", job(dataset=data, train={"global_batch": 32, "epochs": 1}))
+    assert run.returncode == 2, run.output
+    assert "row 137 has a NaN/Inf feature in /X" in run.stderr, run.output
+    assert not (tmp_path / "run" / "model.h5").exists()
+
+
+def test_label_out_of_range_is_reported(tmp_path, job):
+    X = np.zeros((64, 3), np.float32)
+    y = np.zeros(64, np.int32)
+    y[5] = 7
+    with h5py.File(tmp_path / "labels.h5", "w") as f:
+        f["X"], f["y"] = X, y
+        f.attrs["n_classes"] = 3
+    run = mpirun(2, "train", job(dataset=tmp_path / "labels.h5", train={"global_batch": 16, "epochs": 1}))
+    assert run.returncode == 2 and "row 5" in run.stderr and "outside [0, 3)" in run.stderr, run.output
+
+
+def test_existing_run_is_not_overwritten_without_flag(tmp_path, job):
+    path = job(train={"max_steps": 2})
+    assert mpirun(1, "train", path).returncode == 0
+    before = (tmp_path / "run" / "model.h5").read_bytes()
+    run = mpirun(2, "train", path)
+    assert run.returncode == 2 and "already holds a run" in run.stderr, run.output
+    assert (tmp_path / "run" / "model.h5").read_bytes() == before
+    assert mpirun(2, "train", path, "--overwrite").returncode == 0
+
+
+def test_missing_job_file(tmp_path):
+    run = mpirun(2, "train", tmp_path / "nope.toml")
+    assert run.returncode == 2 and "job file" in run.stderr and "not found" in run.stderr, run.output
