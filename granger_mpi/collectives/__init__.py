@@ -1,32 +1,100 @@
 """Gradient exchange: one public ``allreduce`` over interchangeable algorithms.
 
 Contract of every algorithm: collective over ``comm``; in place on a contiguous float32 or
-float64 numpy array; the result is the elementwise sum (or mean) over ranks and is
-bitwise identical on every rank and on every run at the same world size.
+float64 numpy array; afterwards every rank holds the elementwise sum (or mean) over ranks,
+bitwise identical on every rank and on every run at the same world size (the order of
+additions is fixed by rank, never by timing).
+
+Algorithms: ``native`` (``MPI_Allreduce``, the reference), ``ring``, ``rhd`` (recursive
+halving-doubling), ``rd`` (recursive doubling), ``hierarchical`` (within nodes, then
+between node leaders), and ``auto``, which picks one per call from the cost model in
+``auto.py`` and logs each choice once per size.
+
+Set ``GRANGER_CHECK_COLLECTIVES=1`` to make every call first agree on (algorithm, count,
+dtype) across ranks: a mismatch then fails with the ranks named instead of hanging.
 """
 
+import os
+
 import numpy as np
+from granger_mpi.collectives import auto, hierarchical, native, rd, rhd, ring
 
-from granger_mpi.collectives import native
-
-ALGORITHMS = {"native": native.allreduce}
+ALGORITHMS = ("native", "ring", "rhd", "rd", "hierarchical", "auto")
 OPS = ("sum", "mean")
+_IMPLEMENTATIONS = {"native": native.allreduce, "ring": ring.allreduce, "rhd": rhd.allreduce,
+                    "rd": rd.allreduce, "hierarchical": hierarchical.allreduce}
+# MPI counts are C ints: longer buffers go as several calls of at most this many elements.
+MAX_COUNT = int(os.environ.get("GRANGER_COLLECTIVE_MAX_COUNT", 1 << 30))
 
 
-def allreduce(comm, buf, *, algorithm="native", op="sum"):
-    """Reduce ``buf`` over ``comm`` in place with the named algorithm.
+class CollectiveMismatch(RuntimeError):
+    """Ranks entered the same collective with different arguments."""
+
+
+def pieces(n, limit):
+    """``(lo, hi)`` ranges of at most ``limit`` elements covering ``range(n)``."""
+    return [(lo, min(n, lo + limit)) for lo in range(0, n, limit)]
+
+
+def _check_agreement(comm, algorithm, buf):
+    """Fail on every rank, naming the odd ones, if ranks disagree on what they call."""
+    mine = np.array([ALGORITHMS.index(algorithm), buf.size, buf.dtype.num], np.int64)
+    everyone = np.empty((comm.Get_size(), 3), np.int64)
+    comm.Allgather(mine, everyone)
+    odd = [r for r in range(comm.Get_size()) if not np.array_equal(everyone[r], everyone[0])]
+    if odd:
+        described = "; ".join(
+            f"rank {r}: {ALGORITHMS[row[0]]}, {row[1]} x {_dtype_name(row[2])}"
+            for r, row in enumerate(everyone) if r == 0 or r in odd)
+        raise CollectiveMismatch(f"allreduce called with different arguments on different ranks "
+                                 f"({described}); ranks {odd} differ from rank 0")
+
+
+def _dtype_name(num):
+    for dtype in (np.float32, np.float64):
+        if np.dtype(dtype).num == num:
+            return np.dtype(dtype).name
+    return f"dtype #{num}"
+
+
+def allreduce(comm, buf, *, algorithm="auto", op="sum", ranks_per_node=None):
+    """Reduce ``buf`` over ``comm`` in place with the named algorithm; returns ``buf``.
 
     Collective over ``comm``: every rank calls it with the same algorithm, op, dtype and
-    length. Returns ``buf``.
+    length. ``ranks_per_node`` emulates nodes of that many consecutive ranks for
+    ``hierarchical`` (default: nodes are the ranks that share memory).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown allreduce algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
     if op not in OPS:
         raise ValueError(f"unknown reduction op {op!r}; known: {', '.join(OPS)}")
-    if buf.dtype not in (np.float32, np.float64) or not buf.flags.c_contiguous:
-        raise ValueError(f"allreduce needs a contiguous float32/float64 array, got {buf.dtype} "
-                         f"(contiguous: {buf.flags.c_contiguous})")
-    ALGORITHMS[algorithm](comm, buf)
+    if buf.dtype not in (np.float32, np.float64) or buf.ndim != 1 or not buf.flags.c_contiguous:
+        raise ValueError(f"allreduce needs a 1-D contiguous float32/float64 array, got "
+                         f"{buf.ndim}-D {buf.dtype} (contiguous: {buf.flags.c_contiguous})")
+    if os.environ.get("GRANGER_CHECK_COLLECTIVES") == "1":
+        _check_agreement(comm, algorithm, buf)
+    if buf.size == 0 or comm.Get_size() == 1:
+        return buf
+    chosen = auto.choose(comm, buf.nbytes) if algorithm == "auto" else algorithm
+    implementation = _IMPLEMENTATIONS[chosen]
+    for lo, hi in pieces(buf.size, MAX_COUNT):
+        if chosen == "hierarchical":
+            implementation(comm, buf[lo:hi], ranks_per_node)
+        else:
+            implementation(comm, buf[lo:hi])
     if op == "mean":
         buf /= comm.Get_size()
     return buf
+
+
+def reduce_scatter(comm, buf):
+    """Sum over ``comm`` so that rank ``r`` holds segment ``r`` of the sum; returns its bounds.
+
+    Collective; in place; segments are near-equal and contiguous (``ring.reduce_scatter``).
+    """
+    return ring.reduce_scatter(comm, buf)
+
+
+def allgather(comm, buf):
+    """Every rank contributes its segment of ``buf`` (as left by ``reduce_scatter``)."""
+    ring.allgather(comm, buf)

@@ -1,0 +1,77 @@
+"""Run under mpirun: every algorithm against MPI_Allreduce, over sizes and dtypes.
+
+Prints one line per failed case on rank 0 and exits 1 if any case failed on any rank.
+Arguments: optional ``ranks_per_node`` for the hierarchical algorithm.
+"""
+
+import sys
+import zlib
+
+import numpy as np
+from mpi4py import MPI
+
+from granger_mpi import collectives
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+ranks_per_node = int(sys.argv[1]) if len(sys.argv) > 1 else None
+SIZES = sorted({0, 1, max(size - 1, 0), size, 1000, 2**20 + 3})
+failures = []
+
+
+def agreed_crc(buf):
+    crcs = np.empty(size, np.int64)
+    comm.Allgather(np.array([zlib.crc32(buf.view(np.uint8))], np.int64), crcs)
+    return np.unique(crcs).size == 1
+
+
+for dtype in (np.float32, np.float64):
+    eps = np.finfo(dtype).eps
+    for n in SIZES:
+        rng = np.random.default_rng([rank, n, dtype(0).itemsize])
+        data = {"random": rng.normal(size=n).astype(dtype),
+                "integer": rng.integers(-1000, 1000, n).astype(dtype)}
+        for kind, x in data.items():
+            reference = x.copy()
+            comm.Allreduce(MPI.IN_PLACE, reference, op=MPI.SUM)
+            magnitude = np.abs(x)
+            comm.Allreduce(MPI.IN_PLACE, magnitude, op=MPI.SUM)
+            for algorithm in collectives.ALGORITHMS:
+                got = x.copy()
+                collectives.allreduce(comm, got, algorithm=algorithm, ranks_per_node=ranks_per_node)
+                again = x.copy()
+                collectives.allreduce(comm, again, algorithm=algorithm, ranks_per_node=ranks_per_node)
+                case = f"{algorithm} n={n} {np.dtype(dtype).name} {kind}"
+                if kind == "integer":
+                    ok = np.array_equal(got, reference)
+                else:
+                    ok = bool(np.all(np.abs(got - reference) <= 2 * size * eps * magnitude + 1e-30))
+                if not ok:
+                    failures.append(f"{case}: differs from MPI_Allreduce on rank {rank}")
+                if not agreed_crc(got):
+                    failures.append(f"{case}: ranks hold different bits")
+                if not np.array_equal(got.view(np.uint8), again.view(np.uint8)):
+                    failures.append(f"{case}: a second call gave different bits on rank {rank}")
+            mean = x.copy()
+            collectives.allreduce(comm, mean, algorithm="ring", op="mean")
+            if not np.allclose(mean, reference / size, rtol=10 * eps, atol=10 * eps):
+                failures.append(f"ring mean n={n}: wrong on rank {rank}")
+
+# reduce_scatter + allgather round trip (what a sharded optimizer does)
+x = np.random.default_rng(rank).normal(size=1003)
+reference = x.copy()
+comm.Allreduce(MPI.IN_PLACE, reference, op=MPI.SUM)
+lo, hi = collectives.reduce_scatter(comm, x)
+if not np.allclose(x[lo:hi], reference[lo:hi], rtol=1e-12):
+    failures.append(f"reduce_scatter: wrong segment on rank {rank}")
+collectives.allgather(comm, x)
+if not np.allclose(x, reference, rtol=1e-12) or not agreed_crc(x):
+    failures.append(f"reduce_scatter+allgather: wrong or not identical on rank {rank}")
+
+counts = np.array([len(failures)], np.int64)
+comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
+for line in failures[:20]:
+    print(f"FAIL {line}", flush=True)
+if rank == 0:
+    print(f"checked P={size}: {counts[0]} failure(s)", flush=True)
+sys.exit(1 if counts[0] else 0)
