@@ -2,6 +2,7 @@
 
 import argparse
 import faulthandler
+import logging
 import os
 import signal
 import sys
@@ -133,6 +134,18 @@ def cmd_doctor(args):
     return doctor.run(_world(), require_ulfm=args.require_ulfm)
 
 
+def cmd_bench_allreduce(args):
+    """Time every allreduce algorithm side by side."""
+    from granger_mpi import bench
+    return bench.main_allreduce(_world(), args)
+
+
+def cmd_bench_calibrate(args):
+    """Measure every algorithm and store the table that ``auto`` uses."""
+    from granger_mpi import bench
+    return bench.main_calibrate(_world(), args)
+
+
 def build_parser():
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -191,6 +204,34 @@ def build_parser():
     p.add_argument("--x-key", default="X", help="features array in a .npz (default X)")
     p.add_argument("--y-key", default="y", help="targets array in a .npz (default y)")
 
+    bench = sub.add_parser("bench", help="benchmarks (run under mpirun)",
+                           description="Benchmarks; run them under mpirun with the ranks to measure.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    p = bench_sub.add_parser(
+        "allreduce", help="every allreduce algorithm side by side, OSU style",
+        description="Time every allreduce algorithm (and PyTorch gloo with --torch) side by side "
+                    "for message sizes from --min-bytes to --max-bytes; write CSV and PNG.")
+    p.set_defaults(func=cmd_bench_allreduce)
+    p.add_argument("--algorithms", default="native,ring,rhd,rd,shm,hierarchical,auto",
+                   help="comma-separated (default: all)")
+    p.add_argument("--min-bytes", type=int, default=4)
+    p.add_argument("--max-bytes", type=int, default=64 << 20)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per size (default 3)")
+    p.add_argument("--torch", action="store_true", help="also time torch.distributed on gloo")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="emulate nodes of this many ranks for 'hierarchical'")
+    p.add_argument("--out", default="docs/bench", help="folder for CSV and PNG (default docs/bench)")
+
+    p = bench_sub.add_parser(
+        "calibrate", help="measure the algorithms for 'auto' at this number of ranks",
+        description="Time every algorithm at sizes 4 B to --max-bytes at this number of ranks and "
+                    "store the table (and fitted alpha, beta, gamma) that algorithm 'auto' uses, in "
+                    "GRANGER_CALIBRATION or ~/.cache/granger-mpi/calibration.json.")
+    p.set_defaults(func=cmd_bench_calibrate)
+    p.add_argument("--max-bytes", type=int, default=64 << 20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=None, help="calibration file to update (default as above)")
+
     p = add("doctor", cmd_doctor, "check the installation: MPI, parallel HDF5, numba, ULFM",
             "Print the MPI library and HDF5 actually loaded, numba's threading layer and "
             "whether ULFM fault tolerance works (a real probe); exit 1 if something is missing.")
@@ -210,6 +251,10 @@ def main(argv=None):
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
     _default_threads()
+    handler = logging.StreamHandler(sys.stdout)   # in order with the progress lines
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("granger_mpi").addHandler(handler)
+    logging.getLogger("granger_mpi").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     from granger_mpi.errors import EXIT_FAILURE, UserError
     try:

@@ -66,9 +66,15 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CollectivesConfig:
-    """``[collectives]``: how gradients are summed across ranks."""
+    """``[collectives]``: how gradients are summed across ranks.
 
-    algorithm: str = _spec("native", kind=str)
+    ``auto`` picks per message size from the calibration (see ``collectives.auto``); name an
+    algorithm to get bit-identical results across machines whose calibrations differ.
+    ``ranks_per_node`` emulates nodes of that many ranks for ``hierarchical``.
+    """
+
+    algorithm: str = _spec("auto", kind=str)
+    ranks_per_node: int | None = _spec(None, kind=int, min=1)
 
 
 @dataclass(frozen=True, kw_only=True)

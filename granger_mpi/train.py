@@ -104,7 +104,7 @@ def train(comm, job, info, model, *, log=print):
     params = model.init_params(job.train.seed)
     velocity = np.zeros_like(params)
     n_params = params.size
-    exchange = np.zeros(n_params + N_STATS, np.float32)
+    exchange = collectives.allocate(comm, n_params + N_STATS, np.float32)
     grad, stats = exchange[:n_params], exchange[n_params:]
     lr = np.float32(job.optimizer.learning_rate)
     momentum = np.float32(job.optimizer.momentum)
@@ -152,7 +152,8 @@ def train(comm, job, info, model, *, log=print):
                 stats[0] = loss_sum / batch_len
                 stats[1] = correct / batch_len
                 stats[2] = 0
-            collectives.allreduce(comm, exchange, algorithm=algorithm)
+            collectives.allreduce(comm, exchange, algorithm=algorithm,
+                                  ranks_per_node=job.collectives.ranks_per_node)
             if stats[2] > 0:
                 _report_bad_row(comm, info, rows[bad] if bad >= 0 else None, epoch, step)
             optim.sgd_momentum(params, grad, velocity, lr, momentum, weight_decay)

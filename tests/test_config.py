@@ -38,7 +38,7 @@ def test_good_job_parses_with_defaults_and_relative_paths(job_dir):
     job = parse(job_dir, GOOD)
     assert job.model.hidden == (32, 16)
     assert job.optimizer.learning_rate == 0.1
-    assert job.train.seed == 0 and job.collectives.algorithm == "native"
+    assert job.train.seed == 0 and job.collectives.algorithm == "auto"
     assert job.data.path == job_dir / "train.h5"       # relative to the job file
     assert job.output.run_dir == job_dir / "runs" / "x"
     assert '"hidden": [32, 16]' in job.to_json()

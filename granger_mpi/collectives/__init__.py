@@ -6,8 +6,8 @@ bitwise identical on every rank and on every run at the same world size (the ord
 additions is fixed by rank, never by timing).
 
 Algorithms: ``native`` (``MPI_Allreduce``, the reference), ``ring``, ``rhd`` (recursive
-halving-doubling), ``rd`` (recursive doubling), ``hierarchical`` (within nodes, then
-between node leaders), and ``auto``, which picks one per call from the cost model in
+halving-doubling), ``rd`` (recursive doubling), ``shm`` (shared memory, one node only),
+``hierarchical`` (within nodes, then between node leaders), and ``auto``, which picks one per call from the cost model in
 ``auto.py`` and logs each choice once per size.
 
 Set ``GRANGER_CHECK_COLLECTIVES=1`` to make every call first agree on (algorithm, count,
@@ -17,12 +17,13 @@ dtype) across ranks: a mismatch then fails with the ranks named instead of hangi
 import os
 
 import numpy as np
-from granger_mpi.collectives import auto, hierarchical, native, rd, rhd, ring
+from granger_mpi.collectives import auto, hierarchical, native, rd, rhd, ring, shm
 
-ALGORITHMS = ("native", "ring", "rhd", "rd", "hierarchical", "auto")
+ALGORITHMS = ("native", "ring", "rhd", "rd", "shm", "hierarchical", "auto")
 OPS = ("sum", "mean")
 _IMPLEMENTATIONS = {"native": native.allreduce, "ring": ring.allreduce, "rhd": rhd.allreduce,
-                    "rd": rd.allreduce, "hierarchical": hierarchical.allreduce}
+                    "rd": rd.allreduce, "shm": shm.allreduce,
+                    "hierarchical": hierarchical.allreduce}
 # MPI counts are C ints: longer buffers go as several calls of at most this many elements.
 MAX_COUNT = int(os.environ.get("GRANGER_COLLECTIVE_MAX_COUNT", 1 << 30))
 
@@ -85,6 +86,17 @@ def allreduce(comm, buf, *, algorithm="auto", op="sum", ranks_per_node=None):
     if op == "mean":
         buf /= comm.Get_size()
     return buf
+
+
+def allocate(comm, n, dtype=np.float32):
+    """A zeroed buffer for repeated allreduces: in shared memory when all ranks share a node.
+
+    Collective over ``comm``. ``shm`` (and so ``auto``) reduces such a buffer without first
+    copying it into shared memory; every algorithm accepts it like any other array.
+    """
+    if comm.Get_size() > 1 and shm.on_one_node(comm):
+        return shm.allocate(comm, n, dtype)
+    return np.zeros(n, dtype)
 
 
 def reduce_scatter(comm, buf):

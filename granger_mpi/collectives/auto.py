@@ -1,6 +1,118 @@
-"""``auto``: pick the algorithm per call (placeholder until calibrated)."""
+"""``auto``: choose the allreduce algorithm per call from message size and world size.
+
+Two sources, in order:
+
+1. A calibration table (``granger-mpi bench calibrate``): every algorithm timed at sizes
+   4 B .. 64 MiB at this world size; ``auto`` takes the fastest at the nearest measured
+   size. Tables are kept per (world size, all ranks on one node), in the JSON file named by
+   ``GRANGER_CALIBRATION`` (default ``~/.cache/granger-mpi/calibration.json``); where that
+   has no table, the one shipped with granger-mpi (measured on the project's 2-core
+   machines) is used.
+2. Otherwise the alpha-beta-gamma model of DESIGN.md §7 with the file's (or default) alpha
+   (seconds per message), beta (seconds per byte sent) and gamma (seconds per byte added).
+
+Rank 0 reads the file and broadcasts it, so every rank decides alike (a disagreement would
+hang). Each decision is logged once per size on rank 0 (logger ``granger_mpi.collectives``).
+"""
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from granger_mpi.collectives import shm
+from granger_mpi.collectives.buffers import cache, largest_power_of_two
+
+log = logging.getLogger("granger_mpi.collectives")
+SHIPPED = Path(__file__).with_name("calibration.json")
+# Defaults measured on the project's 2-core machine (shared memory, Python per message).
+DEFAULT_MODEL = {"alpha": 12e-6, "beta": 1 / 6.5e9, "gamma": 1 / 25e9}
+CANDIDATES = ("native", "ring", "rhd", "rd", "shm", "hierarchical")
+
+
+def calibration_path():
+    """Where calibrations are read from and written to."""
+    env = os.environ.get("GRANGER_CALIBRATION")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "granger-mpi" / "calibration.json"
+
+
+def read_calibration(path):
+    """The calibration document at ``path``, or an empty one."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def table_key(size, one_node):
+    """Key of a table: world size and whether all ranks share one node."""
+    return f"P{size}-{'node' if one_node else 'net'}"
+
+
+def model_seconds(algorithm, nbytes, size, model):
+    """Predicted seconds of ``algorithm`` by the alpha-beta-gamma model (DESIGN.md §7)."""
+    a, b, c = model["alpha"], model["beta"], model["gamma"]
+    p2 = largest_power_of_two(size)
+    fold = 0.0 if p2 == size else 2 * (a + nbytes * b) + nbytes * c
+    steps = math.log2(p2)
+    if algorithm == "ring":
+        return 2 * (size - 1) * a + (size - 1) / size * nbytes * (2 * b + c)
+    if algorithm == "rhd":
+        return 2 * steps * a + (p2 - 1) / p2 * nbytes * (2 * b + c) + fold
+    if algorithm in ("rd", "native"):
+        # native (MPI_Allreduce in C) is modelled as recursive doubling without Python's cost
+        alpha = a / 4 if algorithm == "native" else a
+        return steps * (alpha + nbytes * (b + c)) + fold
+    if algorithm == "shm":
+        # three barriers; copy in, add our segment from every slot, copy the rest out
+        return 3 * a + nbytes * (3 * c)
+    if algorithm == "hierarchical":  # one node: binomial reduce then broadcast
+        return math.ceil(math.log2(size)) * (2 * a + nbytes * (2 * b + c))
+    raise ValueError(algorithm)
+
+
+def _document(comm):
+    """The calibration document, read on rank 0 and broadcast (cached on ``comm``)."""
+    store = cache(comm)
+    if "auto-doc" not in store:
+        from granger_mpi.runtime import bcast_text
+        text = ""
+        if comm.Get_rank() == 0:
+            mine = read_calibration(calibration_path())
+            shipped = read_calibration(SHIPPED)
+            tables = {**shipped.get("tables", {}), **mine.get("tables", {})}
+            text = json.dumps({"model": mine.get("model", shipped.get("model", DEFAULT_MODEL)),
+                               "tables": tables})
+        store["auto-doc"] = json.loads(bcast_text(comm, text, 0))
+    return store["auto-doc"]
 
 
 def choose(comm, nbytes):
-    """Name of the algorithm to use for ``nbytes`` on ``comm``."""
-    return "rd" if nbytes < 65536 else "ring"
+    """Name of the algorithm for an allreduce of ``nbytes`` on ``comm`` (collective once)."""
+    store = cache(comm)
+    decisions = store.setdefault("auto-decisions", {})
+    if nbytes in decisions:
+        return decisions[nbytes]
+    size = comm.Get_size()
+    one_node = shm.on_one_node(comm)
+    doc = _document(comm)
+    table = doc["tables"].get(table_key(size, one_node))
+    allowed = [a for a in CANDIDATES if one_node or a != "shm"]
+    if table:
+        nearest = min(range(len(table["bytes"])),
+                      key=lambda i: abs(math.log2(max(nbytes, 1)) - math.log2(table["bytes"][i])))
+        times = {a: table["median_us"][a][nearest] for a in allowed if a in table["median_us"]}
+        source = f"calibrated at {table['bytes'][nearest]} B"
+    else:
+        times = {a: model_seconds(a, nbytes, size, doc["model"]) * 1e6 for a in allowed}
+        source = "alpha-beta-gamma model"
+    choice = min(times, key=times.get)
+    decisions[nbytes] = choice
+    if comm.Get_rank() == 0:
+        log.info("allreduce auto: %d bytes on %d ranks -> %s (%s, predicted %.1f us)",
+                 nbytes, size, choice, source, times[choice])
+    return choice

@@ -15,8 +15,11 @@ TAG_RD = 0x6703
 TAG_HIER = 0x6704
 TAG_FOLD = 0x6705
 
-# Large segments travel as several messages so that adding one overlaps receiving the next.
-PIPELINE_ELEMENTS = 1 << 16
+# Segments longer than this travel as several messages, so that adding one piece overlaps
+# receiving the next. Measured on 2 cores over shared memory (docs/performance.md): pieces of
+# 16K-64K elements made a 1-4 MiB ring 1.3-2x slower than one blocking Sendrecv per segment,
+# since each piece pays its own rendezvous; so only very long segments are cut.
+PIPELINE_ELEMENTS = 1 << 21
 
 _keyval = None
 
@@ -61,6 +64,10 @@ def sendrecv_add(comm, buf, send, dest, recv, source, work, tag):
     """
     s_lo, s_hi = send
     r_lo, r_hi = recv
+    if max(s_hi - s_lo, r_hi - r_lo) <= PIPELINE_ELEMENTS:
+        comm.Sendrecv(buf[s_lo:s_hi], dest, tag, work[:r_hi - r_lo], source, tag)
+        np.add(buf[r_lo:r_hi], work[:r_hi - r_lo], out=buf[r_lo:r_hi])
+        return
     pieces = range(0, r_hi - r_lo, PIPELINE_ELEMENTS)
     receives = [comm.Irecv(work[o:min(r_hi - r_lo, o + PIPELINE_ELEMENTS)], source, tag) for o in pieces]
     sends = [comm.Isend(buf[s_lo + o:min(s_hi, s_lo + o + PIPELINE_ELEMENTS)], dest, tag)

@@ -2,17 +2,16 @@
 
 Nodes come from ``comm.Split_type(COMM_TYPE_SHARED)`` (ranks that share memory), or, to
 emulate several nodes on one machine, from blocks of ``ranks_per_node`` consecutive
-ranks. Inside a node a binomial tree reduces to the node's first rank and later
-broadcasts from it; the leaders sum with recursive halving-doubling, so only one rank per
-node talks across the network. Sums follow fixed trees, so all ranks end bitwise
-identical.
+ranks. Inside a node the ranks sum through shared memory (``shm``); the node leaders
+(each node's first rank) sum with recursive halving-doubling, so only one rank per node
+talks across the network; a binomial tree then broadcasts from each leader. Sums follow
+fixed orders, so all ranks end bitwise identical.
 """
 
-import numpy as np
 from mpi4py import MPI
 
-from granger_mpi.collectives import rhd
-from granger_mpi.collectives.buffers import TAG_HIER, cache, scratch
+from granger_mpi.collectives import rhd, shm
+from granger_mpi.collectives.buffers import TAG_HIER, cache
 
 
 def node_comms(comm, ranks_per_node=None):
@@ -33,19 +32,6 @@ def node_comms(comm, ranks_per_node=None):
     return store[key]
 
 
-def _reduce_to_first(node, buf, work):
-    rank, size = node.Get_rank(), node.Get_size()
-    mask = 1
-    while mask < size:
-        if rank & mask:
-            node.Send(buf, rank - mask, TAG_HIER)
-            return
-        if rank + mask < size:
-            node.Recv(work, rank + mask, TAG_HIER)
-            np.add(buf, work, out=buf)
-        mask <<= 1
-
-
 def _broadcast_from_first(node, buf):
     rank, size = node.Get_rank(), node.Get_size()
     mask = 1
@@ -64,7 +50,9 @@ def allreduce(comm, buf, ranks_per_node=None):
     """Sum ``buf`` over ``comm`` in place, one node at a time."""
     node, leaders = node_comms(comm, ranks_per_node)
     if node.Get_size() > 1:
-        _reduce_to_first(node, buf, scratch(node, buf.size, buf.dtype))
+        shm.allreduce(node, buf)          # every rank of the node now holds the node's sum
+    if node.Get_size() == comm.Get_size():
+        return
     if leaders != MPI.COMM_NULL:
         rhd.allreduce(leaders, buf)
     if node.Get_size() > 1:

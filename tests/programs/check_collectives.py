@@ -36,6 +36,7 @@ for dtype in (np.float32, np.float64):
             comm.Allreduce(MPI.IN_PLACE, reference, op=MPI.SUM)
             magnitude = np.abs(x)
             comm.Allreduce(MPI.IN_PLACE, magnitude, op=MPI.SUM)
+            shared = collectives.allocate(comm, n, dtype)
             for algorithm in collectives.ALGORITHMS:
                 got = x.copy()
                 collectives.allreduce(comm, got, algorithm=algorithm, ranks_per_node=ranks_per_node)
@@ -52,6 +53,10 @@ for dtype in (np.float32, np.float64):
                     failures.append(f"{case}: ranks hold different bits")
                 if not np.array_equal(got.view(np.uint8), again.view(np.uint8)):
                     failures.append(f"{case}: a second call gave different bits on rank {rank}")
+                shared[:] = x    # the same through a buffer from collectives.allocate
+                collectives.allreduce(comm, shared, algorithm=algorithm, ranks_per_node=ranks_per_node)
+                if not np.array_equal(shared.view(np.uint8), got.view(np.uint8)):
+                    failures.append(f"{case}: allocate()d buffer gave different bits on rank {rank}")
             mean = x.copy()
             collectives.allreduce(comm, mean, algorithm="ring", op="mean")
             if not np.allclose(mean, reference / size, rtol=10 * eps, atol=10 * eps):
