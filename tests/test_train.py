@@ -81,3 +81,37 @@ def test_regression_with_mse_output(tmp_path):
         assert np.isnan(f["accuracy"][...]).all()
     # Targets carry noise 0.1, so the best half squared error is about 0.005.
     assert loss[-10:].mean() < 0.02 < loss[0]
+
+
+ALGORITHM_RUNS = [("native", 3, None), ("ring", 3, None), ("rhd", 3, None), ("rd", 3, None),
+                  ("shm", 3, None), ("native", 4, None), ("hierarchical", 4, 2)]
+
+
+@pytest.fixture(scope="module")
+def algorithm_runs(small_dataset, tmp_path_factory):
+    """Each algorithm trained twice; hierarchical on two emulated nodes of 2 ranks."""
+    base = tmp_path_factory.mktemp("algorithms")
+    params = {}
+    for algorithm, ranks, per_node in ALGORITHM_RUNS:
+        for attempt in (1, 2):
+            label = f"{algorithm}-p{ranks}-{attempt}"
+            collectives = {"algorithm": algorithm}
+            if per_node:
+                collectives["ranks_per_node"] = per_node
+            job = write_job(base / f"{label}.toml", dataset=small_dataset, run_dir=base / label,
+                            collectives=collectives, train={"epochs": 1})
+            run = mpirun(ranks, "train", job, timeout=180)
+            assert run.returncode == 0, run.output
+            params[(algorithm, ranks, attempt)] = read_params(base / label / "model.h5")
+    return params
+
+
+@pytest.mark.parametrize("algorithm,ranks,per_node", [r for r in ALGORITHM_RUNS if r[0] != "native"])
+def test_algorithm_matches_native_and_repeats_bitwise(algorithm_runs, algorithm, ranks, per_node):
+    first = algorithm_runs[(algorithm, ranks, 1)]
+    second = algorithm_runs[(algorithm, ranks, 2)]
+    assert np.array_equal(first.view(np.uint32), second.view(np.uint32))
+    native = algorithm_runs[("native", ranks, 1)].astype(np.float64)
+    relative = np.abs(first - native).max() / np.abs(native).max()
+    print(f"{algorithm} at P={ranks}: max relative difference from native {relative:.2e}")
+    assert relative <= 1e-5
