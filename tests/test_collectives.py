@@ -26,8 +26,8 @@ def test_every_algorithm_matches_mpi_allreduce(ranks, ranks_per_node):
 
 
 def test_buffers_longer_than_the_count_limit_are_split():
-    run = run_command([*MPIRUN, "-n", "3", PYTHON, PROGRAMS / "check_collectives.py"], timeout=240,
-                      env={"GRANGER_COLLECTIVE_MAX_COUNT": "100"})
+    run = run_command([*MPIRUN, "-n", "3", PYTHON, PROGRAMS / "check_collectives.py", "-", "5003"],
+                      timeout=240, env={"GRANGER_COLLECTIVE_MAX_COUNT": "100"})
     assert run.returncode == 0 and "0 failure(s)" in run.stdout, run.output
     assert pieces(250, 100) == [(0, 100), (100, 200), (200, 250)] and pieces(0, 100) == []
 
@@ -39,3 +39,10 @@ def test_mismatched_calls_fail_with_the_ranks_named_instead_of_hanging():
     assert run.stdout.count("caught: allreduce called with different arguments") == 3, run.output
     assert "ranks [1] differ from rank 0" in run.stdout
     assert "rank 1: ring, 9 x float32" in run.stdout
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_peak_extra_memory_is_at_most_one_buffer(ranks):
+    run = run_command([*MPIRUN, "-n", str(ranks), PYTHON, PROGRAMS / "check_memory.py"], timeout=120)
+    assert run.returncode == 0, run.output
+    assert run.stdout.count("peak extra memory") == 6

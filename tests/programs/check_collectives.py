@@ -1,7 +1,8 @@
 """Run under mpirun: every algorithm against MPI_Allreduce, over sizes and dtypes.
 
 Prints one line per failed case on rank 0 and exits 1 if any case failed on any rank.
-Arguments: optional ``ranks_per_node`` for the hierarchical algorithm.
+Arguments: ``ranks_per_node`` for the hierarchical algorithm ("-": the real node split),
+then optionally the largest buffer length (default 2^20 + 3).
 """
 
 import sys
@@ -14,8 +15,9 @@ from granger_mpi import collectives
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
-ranks_per_node = int(sys.argv[1]) if len(sys.argv) > 1 else None
-SIZES = sorted({0, 1, max(size - 1, 0), size, 1000, 2**20 + 3})
+ranks_per_node = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] != "-" else None
+largest = int(sys.argv[2]) if len(sys.argv) > 2 else 2**20 + 3
+SIZES = sorted({0, 1, max(size - 1, 0), size, 1000, largest})
 failures = []
 
 
