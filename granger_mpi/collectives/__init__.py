@@ -26,6 +26,8 @@ _IMPLEMENTATIONS = {"native": native.allreduce, "ring": ring.allreduce, "rhd": r
                     "hierarchical": hierarchical.allreduce}
 # MPI counts are C ints: longer buffers go as several calls of at most this many elements.
 MAX_COUNT = int(os.environ.get("GRANGER_COLLECTIVE_MAX_COUNT", 1 << 30))
+CHECK_AGREEMENT = os.environ.get("GRANGER_CHECK_COLLECTIVES") == "1"   # read once, at import
+_last_auto = (None, -1, None)   # (communicator, bytes, algorithm) of the latest auto call
 
 
 class CollectiveMismatch(RuntimeError):
@@ -65,24 +67,38 @@ def allreduce(comm, buf, *, algorithm="auto", op="sum", ranks_per_node=None):
     length. ``ranks_per_node`` emulates nodes of that many consecutive ranks for
     ``hierarchical`` (default: nodes are the ranks that share memory).
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown allreduce algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
-    if op not in OPS:
-        raise ValueError(f"unknown reduction op {op!r}; known: {', '.join(OPS)}")
-    if buf.dtype not in (np.float32, np.float64) or buf.ndim != 1 or not buf.flags.c_contiguous:
+    # Kept lean: at a few bytes this wrapper's own cost is measured against MPI_Allreduce.
+    if buf.dtype.char not in "fd" or buf.ndim != 1 or not buf.flags.c_contiguous:
         raise ValueError(f"allreduce needs a 1-D contiguous float32/float64 array, got "
                          f"{buf.ndim}-D {buf.dtype} (contiguous: {buf.flags.c_contiguous})")
-    if os.environ.get("GRANGER_CHECK_COLLECTIVES") == "1":
-        _check_agreement(comm, algorithm, buf)
-    if buf.size == 0 or comm.Get_size() == 1:
-        return buf
-    chosen = auto.choose(comm, buf.nbytes) if algorithm == "auto" else algorithm
-    implementation = _IMPLEMENTATIONS[chosen]
-    for lo, hi in pieces(buf.size, MAX_COUNT):
-        if chosen == "hierarchical":
-            implementation(comm, buf[lo:hi], ranks_per_node)
+    if op != "sum" and op != "mean":
+        raise ValueError(f"unknown reduction op {op!r}; known: {', '.join(OPS)}")
+    global _last_auto
+    if algorithm == "auto":
+        if CHECK_AGREEMENT:
+            _check_agreement(comm, algorithm, buf)
+        if buf.size == 0 or comm.Get_size() == 1:
+            return buf
+        last = _last_auto     # a training loop asks again and again for the same size
+        if last[0] is comm and last[1] == buf.nbytes:
+            algorithm = last[2]
         else:
-            implementation(comm, buf[lo:hi])
+            algorithm = auto.choose(comm, buf.nbytes)
+            _last_auto = (comm, buf.nbytes, algorithm)
+    else:
+        if algorithm not in _IMPLEMENTATIONS:
+            raise ValueError(f"unknown allreduce algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+        if CHECK_AGREEMENT:
+            _check_agreement(comm, algorithm, buf)
+        if buf.size == 0 or comm.Get_size() == 1:
+            return buf
+    implementation = _IMPLEMENTATIONS[algorithm]
+    extra = (ranks_per_node,) if algorithm == "hierarchical" else ()
+    if buf.size <= MAX_COUNT:
+        implementation(comm, buf, *extra)
+    else:
+        for lo, hi in pieces(buf.size, MAX_COUNT):
+            implementation(comm, buf[lo:hi], *extra)
     if op == "mean":
         buf /= comm.Get_size()
     return buf

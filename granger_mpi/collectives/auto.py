@@ -93,10 +93,10 @@ def _document(comm):
 
 def choose(comm, nbytes):
     """Name of the algorithm for an allreduce of ``nbytes`` on ``comm`` (collective once)."""
-    store = cache(comm)
-    decisions = store.setdefault("auto-decisions", {})
-    if nbytes in decisions:
-        return decisions[nbytes]
+    decisions = cache(comm).setdefault("auto-decisions", {})
+    choice = decisions.get(nbytes)
+    if choice is not None:
+        return choice
     size = comm.Get_size()
     one_node = shm.on_one_node(comm)
     doc = _document(comm)

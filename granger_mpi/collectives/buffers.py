@@ -37,12 +37,12 @@ def cache(comm):
 
 
 def scratch(comm, length, dtype):
-    """A reusable array of at least ``length`` elements of ``dtype``, one per communicator.
+    """A reusable array of ``length`` elements of ``dtype`` (a numpy dtype), one per communicator.
 
     Grows when a longer one is asked for; the peak extra memory of a call is this array.
     """
     store = cache(comm)
-    key = ("scratch", np.dtype(dtype).str)
+    key = ("scratch", dtype.char)
     buf = store.get(key)
     if buf is None or buf.size < length:
         buf = np.empty(max(length, 1), dtype)
