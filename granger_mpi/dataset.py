@@ -19,6 +19,7 @@ import numpy as np
 
 from granger_mpi import partition
 from granger_mpi.errors import UserError
+from granger_mpi.h5files import open_for_reading
 
 FORMAT = "granger-mpi dataset"
 FORMAT_VERSION = 1
@@ -56,13 +57,7 @@ def chunk_rows(n_features, n_rows):
 def open_info(path):
     """Check a dataset file and describe it; ``UserError`` names the file and the problem."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"dataset file {path} not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise UserError(f"dataset file {path} is not a readable HDF5 file ({exc})") from None
-    with f:
+    with open_for_reading(path, "dataset file") as f:
         for name in ("X", "y"):
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise UserError(f"dataset file {path} has no /{name} dataset "

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from granger_mpi.errors import UserError
+from granger_mpi.h5files import open_for_reading
 from granger_mpi.models import Model
 
 FORMAT = "granger-mpi model"
@@ -51,13 +52,7 @@ def save(path, model, params, *, attrs):
 def load(path):
     """``(model, flat params, attrs)`` from a model file; ``UserError`` if it is not one."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model file {path} not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise UserError(f"model file {path} is not a readable HDF5 file ({exc})") from None
-    with f:
+    with open_for_reading(path, "model file") as f:
         if f.attrs.get("format") != FORMAT or "params" not in f:
             raise UserError(f"{path} is not a granger-mpi model file (no format={FORMAT!r} attribute)")
         spec = json.loads(f.attrs["model"])

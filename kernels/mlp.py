@@ -117,6 +117,15 @@ def _workspaces(params, sizes, n):
 
 
 @njit(cache=True, nogil=True)
+def _output_and_delta(params, sizes, activation, X):
+    """Forward pass; returns the activations, the delta workspace, the output and its delta view."""
+    n = X.shape[0]
+    acts, delta = _workspaces(params, sizes, n)
+    out = _forward(params, sizes, activation, X, acts)
+    return acts, delta, out, delta[:n * out.shape[1]].reshape(n, out.shape[1])
+
+
+@njit(cache=True, nogil=True)
 def cross_entropy_loss_grad(params, sizes, activation, X, labels, scale, grad):
     """Softmax cross-entropy over the rows of ``X``.
 
@@ -125,10 +134,8 @@ def cross_entropy_loss_grad(params, sizes, activation, X, labels, scale, grad):
     ``1 / global batch`` so that summing the ranks' gradients gives the batch mean.
     """
     n = X.shape[0]
-    acts, delta = _workspaces(params, sizes, n)
-    out = _forward(params, sizes, activation, X, acts)
+    acts, delta, out, dZ = _output_and_delta(params, sizes, activation, X)
     n_out = out.shape[1]
-    dZ = delta[:n * n_out].reshape(n, n_out)
     loss = 0.0
     correct = 0
     for i in range(n):
@@ -161,10 +168,8 @@ def squared_error_loss_grad(params, sizes, activation, X, targets, scale, grad):
     Writes ``scale * sum_i d loss_i / d params`` into ``grad``; returns ``(sum_i loss_i, 0)``.
     """
     n = X.shape[0]
-    acts, delta = _workspaces(params, sizes, n)
-    out = _forward(params, sizes, activation, X, acts)
+    acts, delta, out, dZ = _output_and_delta(params, sizes, activation, X)
     n_out = out.shape[1]
-    dZ = delta[:n * n_out].reshape(n, n_out)
     loss = 0.0
     for i in range(n):
         for j in range(n_out):
