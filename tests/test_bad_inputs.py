@@ -32,32 +32,32 @@ def job(tmp_path, small_dataset):
 
 
 def test_missing_dataset_file(tmp_path, job):
-    run = mpirun(2, "train", job(dataset=tmp_path / "missing.h5"))
+    run = mpirun(2, "train", job(dataset=tmp_path / "missing.h5"), timeout=60)
     check_rejected(run, tmp_path / "run", "[data].path: dataset file")
 
 
 def test_dataset_without_X(tmp_path, job):
     data = make(tmp_path / "noX.h5", None, np.zeros(10, np.int32))
-    check_rejected(mpirun(2, "train", job(dataset=data)), tmp_path / "run", "has no /X dataset")
+    check_rejected(mpirun(2, "train", job(dataset=data), timeout=60), tmp_path / "run", "has no /X dataset")
 
 
 def test_mismatched_lengths(tmp_path, job):
     data = make(tmp_path / "short.h5", np.zeros((10, 3), np.float32), np.arange(9, dtype=np.int32) % 2)
-    check_rejected(mpirun(2, "train", job(dataset=data)), tmp_path / "run", "/X has 10 rows but /y has 9")
+    check_rejected(mpirun(2, "train", job(dataset=data), timeout=60), tmp_path / "run", "/X has 10 rows but /y has 9")
 
 
 def test_unknown_config_key(tmp_path, job):
-    run = mpirun(2, "train", job(optimizer={"learning_rate": 0.1, "lr_decay": 0.5}))
+    run = mpirun(2, "train", job(optimizer={"learning_rate": 0.1, "lr_decay": 0.5}), timeout=60)
     check_rejected(run, tmp_path / "run", "unknown key [optimizer].lr_decay")
 
 
 def test_negative_learning_rate(tmp_path, job):
-    run = mpirun(2, "train", job(optimizer={"learning_rate": -0.1}))
+    run = mpirun(2, "train", job(optimizer={"learning_rate": -0.1}), timeout=60)
     check_rejected(run, tmp_path / "run", "[optimizer].learning_rate must be > 0, got -0.1")
 
 
 def test_global_batch_smaller_than_world(tmp_path, job):
-    run = mpirun(3, "train", job(train={"global_batch": 2}))
+    run = mpirun(3, "train", job(train={"global_batch": 2}), timeout=60)
     check_rejected(run, tmp_path / "run", "[train].global_batch = 2 is smaller than the 3 ranks")
 
 
@@ -68,7 +68,7 @@ def test_nan_in_data_is_reported_at_the_step_that_reads_it(tmp_path, job):
     X = rng.normal(size=(200, 3)).astype(np.float32)
     X[137, 2] = np.nan
     data = make(tmp_path / "nan.h5", X, rng.integers(0, 2, 200).astype(np.int32))
-    run = mpirun(3, "train", job(dataset=data, train={"global_batch": 32, "epochs": 1}))
+    run = mpirun(3, "train", job(dataset=data, train={"global_batch": 32, "epochs": 1}), timeout=60)
     assert run.returncode == 2, run.output
     assert "row 137 has a NaN/Inf feature in /X" in run.stderr, run.output
     assert not (tmp_path / "run" / "model.h5").exists()
@@ -81,7 +81,8 @@ def test_label_out_of_range_is_reported(tmp_path, job):
     with h5py.File(tmp_path / "labels.h5", "w") as f:
         f["X"], f["y"] = X, y
         f.attrs["n_classes"] = 3
-    run = mpirun(2, "train", job(dataset=tmp_path / "labels.h5", train={"global_batch": 16, "epochs": 1}))
+    run = mpirun(2, "train", job(dataset=tmp_path / "labels.h5", train={"global_batch": 16, "epochs": 1}),
+                 timeout=60)
     assert run.returncode == 2 and "row 5" in run.stderr and "outside [0, 3)" in run.stderr, run.output
 
 
@@ -89,12 +90,12 @@ def test_existing_run_is_not_overwritten_without_flag(tmp_path, job):
     path = job(train={"max_steps": 2})
     assert mpirun(1, "train", path).returncode == 0
     before = (tmp_path / "run" / "model.h5").read_bytes()
-    run = mpirun(2, "train", path)
+    run = mpirun(2, "train", path, timeout=60)
     assert run.returncode == 2 and "already holds a run" in run.stderr, run.output
     assert (tmp_path / "run" / "model.h5").read_bytes() == before
     assert mpirun(2, "train", path, "--overwrite").returncode == 0
 
 
 def test_missing_job_file(tmp_path):
-    run = mpirun(2, "train", tmp_path / "nope.toml")
+    run = mpirun(2, "train", tmp_path / "nope.toml", timeout=60)
     assert run.returncode == 2 and "job file" in run.stderr and "not found" in run.stderr, run.output

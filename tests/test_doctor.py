@@ -14,17 +14,17 @@ def test_doctor_without_mpirun():
 
 
 def test_doctor_under_mpirun_reports_once_and_probes_ulfm():
-    plain = mpirun(2, "doctor")
+    plain = mpirun(2, "doctor", timeout=60)
     assert plain.returncode == 0, plain.output
     assert plain.stdout.count("doctor: all checks passed") == 1
     assert "2 rank(s)" in plain.stdout and "sum over ranks 3, expected 3" in plain.stdout
     assert "note  ULFM fault tolerance: not available" in plain.stdout
     assert "--with-ft ulfm" in plain.stdout   # says how to turn it on
 
-    ulfm = mpirun(2, "doctor", "--require-ulfm", mpirun_args=ULFM_FLAGS)
+    ulfm = mpirun(2, "doctor", "--require-ulfm", mpirun_args=ULFM_FLAGS, timeout=60)
     assert ulfm.returncode == 0, ulfm.output
     assert "ok    ULFM fault tolerance: revoke works" in ulfm.stdout
 
-    required = mpirun(2, "doctor", "--require-ulfm")
+    required = mpirun(2, "doctor", "--require-ulfm", timeout=60)
     assert required.returncode == 1, required.output
     assert "FAIL  ULFM fault tolerance" in required.stdout

@@ -1,5 +1,7 @@
 """Run under mpirun: every algorithm against MPI_Allreduce, over sizes and dtypes.
 
+tests/test_collectives.py launches it under mpirun, always with a timeout.
+
 Prints one line per failed case on rank 0 and exits 1 if any case failed on any rank.
 Arguments: ``ranks_per_node`` for the hierarchical algorithm ("-": the real node split),
 then optionally the largest buffer length (default 2^20 + 3).

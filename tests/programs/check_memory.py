@@ -1,5 +1,7 @@
 """Run under mpirun: extra memory of each algorithm's first call (scratch included).
 
+tests/test_collectives.py launches it under mpirun, always with a timeout.
+
 numpy allocations are traced by tracemalloc; the shared window of ``shm`` is allocated by
 MPI and is checked by its capacity instead. Prints ``algorithm extra/buffer`` per line on
 rank 0; exits 1 if any algorithm needs more than one buffer's size (plus 64 KiB for

@@ -1,4 +1,7 @@
-"""Run under mpirun with GRANGER_CHECK_COLLECTIVES=1: rank 1 passes a shorter buffer."""
+"""Run under mpirun with GRANGER_CHECK_COLLECTIVES=1: rank 1 passes a shorter buffer.
+
+tests/test_collectives.py launches it under mpirun, always with a timeout.
+"""
 
 import numpy as np
 from mpi4py import MPI
