@@ -15,10 +15,14 @@ exit codes:
   1  failure: a check failed, a rank crashed or an internal error (traceback shown)
   2  bad input: job file, dataset, argument or run directory; one line names the culprit,
      and nothing was written
+  3  stopped on request (SIGTERM to the ranks, or a file RUN_DIR/STOP) after writing a
+     checkpoint; continue with --resume auto
 
 Run under MPI as `mpirun -n 4 granger-mpi train job.toml`; commands also run without mpirun
-(one rank). Send SIGUSR2 to a rank (or to mpirun, which forwards it) to print every
-thread's Python stack, e.g. when a job seems stuck.
+(one rank). Signals (to mpirun, which forwards them, or to every rank): SIGUSR1 saves a
+checkpoint at the next step and goes on; SIGUSR2 prints every thread's Python stack, e.g.
+when a job seems stuck. SIGTERM to the ranks (not to mpirun, which kills them soon after)
+saves and stops.
 """
 
 
@@ -43,11 +47,15 @@ def _world():
 def cmd_train(args):
     """Train a model as the job file says."""
     from granger_mpi import config, train
+    from granger_mpi.errors import EXIT_STOPPED
     from granger_mpi.runtime import agree, say
     comm = _world().Dup()
     job = agree(comm, config.load, args.job)
-    info, model = train.prepare(comm, job, overwrite=args.overwrite)
-    result = train.train(comm, job, info, model, log=lambda m: say(comm, m))
+    info, model = train.prepare(comm, job, overwrite=args.overwrite, resume=args.resume)
+    result = train.train(comm, job, info, model, resume=args.resume, log=lambda m: say(comm, m))
+    if result.stopped:
+        comm.Free()
+        return EXIT_STOPPED
     acc = "" if result.final_accuracy is None else f", accuracy {100 * result.final_accuracy:.2f}% (last batch)"
     say(comm, f"done: {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.4f}{acc}")
     if result.test_loss is not None:
@@ -128,6 +136,12 @@ def cmd_import_dataset(args):
     return 0
 
 
+def cmd_inspect(args):
+    """Describe, verify or compare checkpoints and model files (no MPI needed)."""
+    from granger_mpi import inspect
+    return inspect.main(args)
+
+
 def cmd_doctor(args):
     """Check the installation and print what is loaded."""
     from granger_mpi import doctor
@@ -168,6 +182,9 @@ def build_parser():
     p.add_argument("job", type=Path, help="job file (TOML)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in the same run_dir")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="continue from a checkpoint: 'auto' takes the newest one in RUN_DIR/ckpt "
+                        "that verifies (or starts fresh if there is none), PATH a given file")
 
     p = add("evaluate", cmd_evaluate, "loss and accuracy of a saved model on a dataset")
     p.add_argument("model", type=Path, help="model file written by train (RUN_DIR/model.h5)")
@@ -203,6 +220,17 @@ def build_parser():
                    help="auto: classification when every target is a non-negative integer")
     p.add_argument("--x-key", default="X", help="features array in a .npz (default X)")
     p.add_argument("--y-key", default="y", help="targets array in a .npz (default y)")
+
+    p = add("inspect", cmd_inspect, "describe, verify or compare checkpoints (no MPI needed)",
+            "Show a checkpoint's step, epoch, world size, config and tensors (shape, dtype, norm, "
+            "CRC32). --verify recomputes every checksum (exit 1 naming the bad dataset); --diff "
+            "compares two files tensor by tensor. PATH may be a run directory (its newest "
+            "checkpoint).")
+    p.add_argument("path", type=Path, help="checkpoint (.h5), model file or run directory")
+    p.add_argument("other", type=Path, nargs="?", help="second file, with --diff")
+    p.add_argument("--verify", action="store_true", help="recompute every checksum")
+    p.add_argument("--diff", action="store_true", help="compare PATH with OTHER")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     bench = sub.add_parser("bench", help="benchmarks (run under mpirun)",
                            description="Benchmarks; run them under mpirun with the ranks to measure.")

@@ -87,6 +87,20 @@ class OutputConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """``[checkpoint]``: when to save ``RUN_DIR/ckpt/step_XXXXXXXX.h5``.
+
+    Also on SIGUSR1 (save, go on), SIGTERM or a file ``RUN_DIR/STOP`` (save, stop with exit
+    code 3), always at the next step boundary, agreed by all ranks.
+    """
+
+    every_steps: int | None = _spec(None, kind=int, min=1)
+    every_seconds: float | None = _spec(None, kind=float, min=0, exclusive_min=True)
+    keep_last: int = _spec(3, kind=int, min=1)
+    at_end: bool = _spec(True, kind=bool)
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """A whole job file."""
 
@@ -96,6 +110,7 @@ class JobConfig:
     train: TrainConfig
     output: OutputConfig
     collectives: CollectivesConfig = CollectivesConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     source: Path | None = None
     text: str = ""  # the job file as written, kept with the outputs
 
@@ -130,6 +145,10 @@ def _convert(value, meta, where, base_dir):
         for v in value:
             _check_range(v, meta, where)
         return tuple(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {value!r}")
+        return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):

@@ -254,13 +254,14 @@ def import_arrays(dst, chunks, n_features, task, source):
 class BatchStream:
     """This rank's rows, step after step, read ahead by a background thread.
 
-    Yields ``(epoch, step, global_rows, X, y)`` where ``global_rows`` is the size of the
-    step's global batch and ``X``/``y`` are this rank's rows (possibly none). Memory held is
+    Yields ``(epoch, step, global_rows, rows, X, y)`` where ``global_rows`` is the size of
+    the step's global batch, ``rows`` this rank's row numbers and ``X``/``y`` their data
+    (possibly none). Starts at global step ``start_step`` (after a resume). Memory held is
     at most ``depth`` steps of this rank's rows, whatever the size of the file.
     """
 
     def __init__(self, info, global_batch, seed, world_size, rank, *, epochs, max_steps=None,
-                 prefetch_steps=2, memory_budget_bytes=512 << 20):
+                 start_step=0, prefetch_steps=2, memory_budget_bytes=512 << 20):
         self.info = info
         self.global_batch = global_batch
         self.seed = seed
@@ -268,6 +269,7 @@ class BatchStream:
         self.rank = rank
         self.epochs = epochs
         self.max_steps = max_steps
+        self.start_step = start_step
         step_bytes = -(-global_batch // world_size) * info.row_bytes
         if step_bytes > memory_budget_bytes:
             raise UserError(f"one step's rows on a rank take {step_bytes / 2**20:.1f} MiB, over "
@@ -279,10 +281,13 @@ class BatchStream:
         self._thread.start()
 
     def _steps(self):
-        done = 0
-        for epoch in range(self.epochs):
+        """``(epoch, step, plan)`` from global step ``start_step`` (a resume) onwards."""
+        per_epoch = partition.steps_per_epoch(self.info.n_rows, self.global_batch)
+        done = self.start_step
+        for epoch in range(self.start_step // per_epoch, self.epochs):
             plan = partition.EpochPlan.make(self.info.n_rows, self.global_batch, self.seed, epoch)
-            for step in range(plan.steps):
+            first = self.start_step - epoch * per_epoch if epoch == self.start_step // per_epoch else 0
+            for step in range(first, plan.steps):
                 if self.max_steps is not None and done >= self.max_steps:
                     return
                 yield epoch, step, plan

@@ -20,13 +20,20 @@ class MetricsFile:
     costs nothing per step. Only one process writes it (rank 0).
     """
 
-    def __init__(self, path, flush_every=100, attrs=None):
+    def __init__(self, path, flush_every=100, attrs=None, resume_step=None):
+        """A new file, or with ``resume_step`` the existing one cut back to earlier steps."""
         self.path = path
         self.flush_every = flush_every
         self._rows = {name: [] for name in FIELDS}
-        self._file = h5py.File(path, "w")
-        for name, dtype in FIELDS.items():
-            self._file.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
+        if resume_step is not None and path.exists():
+            self._file = h5py.File(path, "a")
+            keep = int(np.searchsorted(self._file["step"][...], resume_step))
+            for name in FIELDS:   # steps after the checkpoint will be run (and logged) again
+                self._file[name].resize(keep, axis=0)
+        else:
+            self._file = h5py.File(path, "w")
+            for name, dtype in FIELDS.items():
+                self._file.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
         for key, value in (attrs or {}).items():
             self._file.attrs[key] = value
 

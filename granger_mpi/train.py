@@ -5,6 +5,9 @@ statistics (loss, correct predictions, a bad-data flag), so a step costs exactly
 allreduce and every rank sees the same numbers.
 """
 
+import json
+import os
+import signal
 import time
 import zlib
 from dataclasses import dataclass
@@ -14,12 +17,15 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import collectives, dataset, metrics, modelfile, models, partition
+from granger_mpi import checkpoint, collectives, dataset, metrics, modelfile, models, partition
 from granger_mpi.errors import UserError
 from granger_mpi.kernels import checks, optim
-from granger_mpi.runtime import agree, say
+from granger_mpi.runtime import agree, bcast_text
 
-N_STATS = 3  # loss sum / batch, correct / batch, rows with bad data
+# After the gradient: loss / batch, correct / batch, rows with bad data, checkpoint asked
+# for (SIGUSR1, timer), stop asked for (SIGTERM, STOP file). Summed, so all ranks agree.
+N_STATS = 5
+LOSS, CORRECT, BAD, SAVE, STOP = range(N_STATS)
 
 
 @dataclass
@@ -34,9 +40,34 @@ class TrainResult:
     test_loss: float | None = None
     test_accuracy: float | None = None
     seconds: float = 0.0
+    stopped: bool = False            # stopped on request after a checkpoint
+    checkpoint: Path | None = None   # the last checkpoint written
 
 
-def prepare(comm, job, overwrite=False):
+class Requests:
+    """Signals turned into flags that the next step's allreduce shares with every rank."""
+
+    def __init__(self):
+        self.save = False
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        def on_usr1(signum, frame):
+            self.save = True
+
+        def on_term(signum, frame):
+            self.save = self.stop = True
+        for signum, handler in ((signal.SIGUSR1, on_usr1), (signal.SIGTERM, on_term)):
+            self._old[signum] = signal.signal(signum, handler)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+
+
+def prepare(comm, job, overwrite=False, resume=None):
     """Check everything a run needs, on every rank, before anything is written.
 
     Collective over ``comm``; raises the same ``UserError`` on all ranks.
@@ -59,7 +90,7 @@ def prepare(comm, job, overwrite=False):
                             f"{comm.Get_size()} ranks; every rank needs at least one row per step")
         run_dir = job.output.run_dir
         taken = [p.name for p in (run_dir / "model.h5", run_dir / "metrics.h5") if p.exists()]
-        if taken and not overwrite:
+        if taken and not overwrite and resume is None:
             raise UserError(f"[output].run_dir {run_dir} already holds a run ({', '.join(taken)}); "
                             f"choose another run_dir or pass --overwrite")
         return info, model
@@ -86,23 +117,79 @@ def warm_kernels(comm, model, info):
         touch()
 
 
+def _open_row_log(rank):
+    """With ``GRANGER_ROW_LOG=DIR``, each rank appends the rows it used, a line per step
+    (``epoch step row row ...``), so that tests can count every sample's uses."""
+    directory = os.environ.get("GRANGER_ROW_LOG")
+    if not directory:
+        return None
+    return open(Path(directory) / f"rows-{os.getpid()}-rank{rank}.txt", "a")
+
+
 def _first_bad_row(info, X, y):
     if info.task == "classification":
         return checks.first_bad_row_classification(X, y, info.n_classes)
     return checks.first_bad_row_regression(X, y)
 
 
-def train(comm, job, info, model, *, log=print):
+def find_resume(comm, job, resume, log):
+    """The checkpoint to resume from: ``"auto"`` (newest that verifies, or None) or a path.
+
+    Collective: rank 0 decides and tells the others.
+    """
+    def choose():
+        if comm.Get_rank() != 0:
+            return ""
+        if resume == "auto":
+            path = checkpoint.newest_good(job.output.run_dir, report=log)
+            if path is None:
+                log(f"no good checkpoint in {checkpoint.checkpoint_dir(job.output.run_dir)}: starting fresh")
+            return "" if path is None else str(path)
+        problems = checkpoint.verify(resume)
+        if problems:
+            raise UserError(f"--resume {resume}: {problems[0]}")
+        return str(resume)
+    text = bcast_text(comm, agree(comm, choose), 0)
+    return Path(text) if text else None
+
+
+def _check_compatible(path, attrs, job, info):
+    """Refuse a checkpoint made for another training problem, naming what differs."""
+    saved = json.loads(attrs["job"])
+    now = json.loads(job.to_json())
+    for section, key in (("train", "global_batch"), ("train", "seed"), ("optimizer", "name"),
+                         ("optimizer", "learning_rate"), ("optimizer", "momentum"),
+                         ("optimizer", "weight_decay")):
+        if saved[section][key] != now[section][key]:
+            raise UserError(f"checkpoint {path} was made with [{section}].{key} = "
+                            f"{saved[section][key]!r}, the job says {now[section][key]!r}")
+    if int(attrs.get("n_rows", info.n_rows)) != info.n_rows:
+        raise UserError(f"checkpoint {path} was made on a dataset of {int(attrs['n_rows'])} rows, "
+                        f"{info.path} has {info.n_rows}")
+
+
+def train(comm, job, info, model, *, resume=None, log=print):
     """Run the job on ``comm``; rank 0 writes ``model.h5`` and ``metrics.h5``.
 
     Collective over ``comm``. Parameters stay bitwise identical on every rank (checked at
-    the end); the same job at the same world size gives bitwise identical results.
+    the end); the same job at the same world size gives bitwise identical results, also
+    when it is stopped and resumed (``resume``: "auto" or a checkpoint path).
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     run_dir = job.output.run_dir
     warm_kernels(comm, model, info)
-    params = model.init_params(job.train.seed)
-    velocity = np.zeros_like(params)
+    state = checkpoint.TrainState(model.init_params(job.train.seed), None, 0, 0, 0)
+    state.velocity = np.zeros_like(state.params)
+    source = find_resume(comm, job, resume, log) if resume is not None else None
+    if source is not None:
+        def load():
+            loaded, attrs = checkpoint.read(source, model)
+            _check_compatible(source, attrs, job, info)
+            return loaded, attrs
+        state, attrs = agree(comm, load)
+        log(f"resuming from {source}: step {state.step} (epoch {state.epoch}, step "
+            f"{state.step_in_epoch}), saved by {int(attrs['world_size'])} rank(s)")
+    params, velocity = state.params, state.velocity
     n_params = params.size
     exchange = collectives.allocate(comm, n_params + N_STATS, np.float32)
     grad, stats = exchange[:n_params], exchange[n_params:]
@@ -122,26 +209,48 @@ def train(comm, job, info, model, *, log=print):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "job.toml").write_text(job.text)
         metrics_file = metrics.MetricsFile(run_dir / "metrics.h5", job.output.metrics_flush_steps,
-                                           {"job": job.to_json(), "world_size": size})
-        progress = metrics.Progress(total_steps, job.output.progress_interval_s)
+                                           {"job": job.to_json(), "world_size": size},
+                                           resume_step=state.step if source else None)
+        progress = metrics.Progress(total_steps - state.step, job.output.progress_interval_s)
         log(f"training {model.kind} {list(model.sizes)} ({n_params:,} parameters) on "
             f"{info.path} ({info.n_rows:,} rows, {info.task}) with {size} rank(s), "
             f"global batch {job.train.global_batch}, {total_steps} steps, allreduce {algorithm}")
 
-    started = time.perf_counter()
+    started = last_save = time.perf_counter()
     loss = accuracy = float("nan")
-    step_index = -1
+    step_index = state.step - 1
+    stopped = False
+    saved = None
+    ckpt = job.checkpoint
+    stop_file = run_dir / "STOP"
+
+    def save(next_index):
+        nonlocal saved, last_save
+        position = checkpoint.TrainState(params, velocity, next_index, next_index // per_epoch,
+                                         next_index % per_epoch)
+        saved = checkpoint.save(comm, run_dir, model, position, job_json=job.to_json(),
+                                seed=job.train.seed, keep_last=ckpt.keep_last,
+                                extra_attrs={"n_rows": info.n_rows})
+        last_save = time.perf_counter()
+        if rank == 0:
+            log(f"checkpoint {saved} (step {next_index})")
+
     stream = dataset.BatchStream(info, job.train.global_batch, job.train.seed, size, rank,
                                  epochs=job.train.epochs, max_steps=job.train.max_steps,
-                                 prefetch_steps=job.data.prefetch_steps,
+                                 start_step=state.step, prefetch_steps=job.data.prefetch_steps,
                                  memory_budget_bytes=int(job.data.memory_budget_mb * 2**20))
+    row_log = _open_row_log(rank)
+    requests = Requests()
     try:
-        for step_index, (epoch, step, batch_len, rows, X, y) in enumerate(stream):
+        requests.__enter__()
+        for step_index, (epoch, step, batch_len, rows, X, y) in enumerate(stream, start=state.step):
             t0 = time.perf_counter()
+            if row_log is not None:
+                row_log.write(f"{epoch} {step} {' '.join(map(str, rows))}\n")
             bad = _first_bad_row(info, X, y) if rows.size else -1
             if bad >= 0:
                 exchange[:] = 0
-                stats[2] = 1
+                stats[BAD] = 1
             else:
                 scale = np.float32(1.0 / batch_len)
                 if rows.size:
@@ -149,16 +258,24 @@ def train(comm, job, info, model, *, log=print):
                 else:
                     grad[:] = 0
                     loss_sum, correct = 0.0, 0
-                stats[0] = loss_sum / batch_len
-                stats[1] = correct / batch_len
-                stats[2] = 0
+                stats[LOSS] = loss_sum / batch_len
+                stats[CORRECT] = correct / batch_len
+                stats[BAD] = 0
+            if rank == 0:
+                if ckpt.every_seconds is not None and time.perf_counter() - last_save >= ckpt.every_seconds:
+                    requests.save = True
+                if stop_file.exists():
+                    requests.save = requests.stop = True
+            stats[SAVE] = 1 if requests.save else 0
+            stats[STOP] = 1 if requests.stop else 0
+            requests.save = requests.stop = False
             collectives.allreduce(comm, exchange, algorithm=algorithm,
                                   ranks_per_node=job.collectives.ranks_per_node)
-            if stats[2] > 0:
+            if stats[BAD] > 0:
                 _report_bad_row(comm, info, rows[bad] if bad >= 0 else None, epoch, step)
             optim.sgd_momentum(params, grad, velocity, lr, momentum, weight_decay)
-            loss = float(stats[0])
-            accuracy = float(stats[1]) if classification else None
+            loss = float(stats[LOSS])
+            accuracy = float(stats[CORRECT]) if classification else None
             if rank == 0:
                 step_time = time.perf_counter() - t0
                 metrics_file.append(step=step_index, epoch=epoch, loss=loss,
@@ -166,21 +283,41 @@ def train(comm, job, info, model, *, log=print):
                                     grad_norm=float(np.sqrt(optim.sum_of_squares(grad))),
                                     learning_rate=float(lr), step_time_s=step_time,
                                     samples_per_s=batch_len / max(step_time, 1e-12))
-                progress.update(step_index, epoch, job.train.epochs, loss, accuracy, batch_len,
-                                force=step_index + 1 == total_steps)
+                progress.update(step_index - state.step, epoch, job.train.epochs, loss, accuracy,
+                                batch_len, force=step_index + 1 == total_steps)
+            done = step_index + 1
+            periodic = ckpt.every_steps is not None and done % ckpt.every_steps == 0
+            if (stats[SAVE] > 0 or stats[STOP] > 0 or periodic) and done < total_steps:
+                if metrics_file is not None:
+                    metrics_file.flush()
+                save(done)
+            if stats[STOP] > 0:
+                stopped = True
+                break
     finally:
+        requests.__exit__()
         stream.close()
+        if row_log is not None:
+            row_log.close()
         if metrics_file is not None:
             metrics_file.close()
 
     check_replicas_identical(comm, params, "parameters at the end of training")
     seconds = time.perf_counter() - started
     model_path = run_dir / "model.h5"
+    if stopped:
+        say_stop = f"stopped on request after step {step_index + 1}; resume with --resume auto"
+        if rank == 0:
+            log(say_stop)
+        return TrainResult(step_index + 1, loss, accuracy, model_path, run_dir / "metrics.h5",
+                           seconds=seconds, stopped=True, checkpoint=saved)
+    if ckpt.at_end and step_index + 1 > state.step:
+        save(step_index + 1)
     if rank == 0:
         modelfile.save(model_path, model, params,
                        attrs={"job": job.to_json(), "step": step_index + 1, "world_size": size})
     result = TrainResult(step_index + 1, loss, accuracy, model_path, run_dir / "metrics.h5",
-                         seconds=seconds)
+                         seconds=seconds, checkpoint=saved)
     if job.data.test_path is not None:
         test_info = dataset.open_info(job.data.test_path)
         result.test_loss, result.test_accuracy = evaluate(comm, model, params, test_info)

@@ -1,0 +1,249 @@
+"""Checkpoints: one parallel-HDF5 file per save, atomic and self-verifying.
+
+Layout of ``RUN_DIR/ckpt/step_XXXXXXXX.h5`` (``h5ls -r`` and ``h5dump`` read it):
+
+* ``/params/<name>`` and ``/optimizer/velocity/<name>``: one dataset per named tensor;
+  each carries a ``crc32`` attribute of its bytes.
+* root attributes: ``format``, ``step`` (steps completed), ``epoch``, ``step_in_epoch``,
+  ``world_size``, ``seed``, ``model`` and ``job`` (JSON), ``versions`` (JSON),
+  ``complete`` (written last).
+
+How a save stays atomic (SCR, PyTorch DCP): every rank writes its rows of every tensor into
+``step_XXXXXXXX.h5.tmp`` (independent writes into one file opened with the mpio driver;
+creating datasets and attributes is collective); rank 0 then fsyncs it, renames it to its
+final name, fsyncs the directory, reads it back and verifies every checksum, and only then
+points ``latest`` at it and prunes checkpoints beyond ``keep_last``. A crash at any point
+leaves the previous good checkpoint in place; a torn or corrupt file is detected by its
+checksums and skipped by ``--resume auto``.
+"""
+
+import json
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from mpi4py import MPI
+
+from granger_mpi import partition
+from granger_mpi.errors import UserError
+from granger_mpi.h5files import open_for_reading
+from granger_mpi.runtime import agree
+
+FORMAT = "granger-mpi checkpoint"
+NAME = re.compile(r"^step_(\d{8})\.h5$")
+CRASH_HOOK = "GRANGER_TEST_CRASH_IN_CHECKPOINT"   # tests: SIGKILL rank 0 mid-save at this step
+
+
+class CheckpointError(UserError):
+    """A checkpoint could not be written or read; earlier checkpoints are untouched."""
+
+    exit_code = 1
+
+
+@dataclass
+class TrainState:
+    """What a run needs to continue exactly where it stopped."""
+
+    params: np.ndarray
+    velocity: np.ndarray
+    step: int            # steps completed since the start of the run
+    epoch: int           # epoch of the next step
+    step_in_epoch: int   # index of the next step inside its epoch
+
+
+def crc32(array):
+    """CRC32 of an array's bytes."""
+    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
+
+
+def checkpoint_dir(run_dir):
+    """Where a run's checkpoints live."""
+    return Path(run_dir) / "ckpt"
+
+
+def file_name(step):
+    """``step_00000042.h5``."""
+    return f"step_{step:08d}.h5"
+
+
+def _tensors(model, state):
+    """``(dataset path, array)`` of everything saved, in a fixed order."""
+    out = []
+    for group, flat in (("params", state.params), ("optimizer/velocity", state.velocity)):
+        for name, view in model.layout.views(flat).items():
+            out.append((f"{group}/{name}", view))
+    return out
+
+
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attrs=None):
+    """Write ``state`` as a new checkpoint; collective over ``comm``. Returns its path.
+
+    Raises ``CheckpointError`` on every rank if any part fails (a full disk, say); the
+    checkpoints written before are left as they were.
+    """
+    directory = checkpoint_dir(run_dir)
+    final = directory / file_name(state.step)
+    tmp = final.with_name(final.name + ".tmp")
+    rank, size = comm.Get_rank(), comm.Get_size()
+    tensors = _tensors(model, state)
+    # Checksums are computed from memory, split over the ranks, then shared.
+    sums = np.zeros(len(tensors), np.int64)
+    for i in range(rank, len(tensors), size):
+        sums[i] = crc32(tensors[i][1])
+    comm.Allreduce(MPI.IN_PLACE, sums)
+
+    def prepare():
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+    agree(comm, prepare)
+    failed = None
+    try:
+        with h5py.File(tmp, "w", driver="mpio", comm=comm) as f:
+            datasets = []
+            for (path, array), checksum in zip(tensors, sums):
+                dset = f.create_dataset(path, array.shape, array.dtype, fill_time="never")
+                dset.attrs["crc32"] = int(checksum)
+                datasets.append(dset)
+            attrs = {"format": FORMAT, "step": state.step, "epoch": state.epoch,
+                     "step_in_epoch": state.step_in_epoch, "world_size": size, "seed": seed,
+                     "model": json.dumps(model.spec()), "job": job_json,
+                     "versions": json.dumps(_versions()), **(extra_attrs or {})}
+            for key, value in attrs.items():
+                f.attrs[key] = value
+            try:
+                for dset, (_, array) in zip(datasets, tensors):
+                    lo, hi = partition.rank_bounds(array.shape[0], size, rank)
+                    if hi > lo:
+                        dset[lo:hi] = array[lo:hi]
+                if os.environ.get(CRASH_HOOK) == str(state.step) and rank == 0:
+                    os.kill(os.getpid(), 9)
+            except OSError as exc:
+                failed = exc
+            f.attrs["complete"] = 1
+    except OSError as exc:
+        failed = failed or exc
+    flags = np.array([0 if failed is None else 1], np.int64)
+    comm.Allreduce(MPI.IN_PLACE, flags)
+
+    def publish():
+        if flags[0]:
+            if rank == 0:
+                tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"checkpoint at step {state.step} could not be written to "
+                                  f"{tmp} ({failed or 'failed on another rank'}); earlier "
+                                  f"checkpoints are untouched")
+        if rank != 0:
+            return
+        try:
+            _fsync_path(tmp)
+            tmp.replace(final)
+            _fsync_path(directory)
+            problems = verify(final)
+            if problems:
+                raise CheckpointError(f"checkpoint {final} failed verification after writing: "
+                                      f"{problems[0]}")
+            _update_index(directory, state.step, keep_last)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"checkpoint at step {state.step}: {exc}; earlier checkpoints "
+                                  f"are untouched") from None
+    agree(comm, publish)
+    return final
+
+
+def _versions():
+    from granger_mpi.modelfile import versions
+    return versions()
+
+
+def _update_index(directory, step, keep_last):
+    """Point ``latest`` at ``step`` and prune beyond the newest ``keep_last`` good ones."""
+    steps = sorted(int(m.group(1)) for p in directory.iterdir() if (m := NAME.match(p.name)))
+    keep = [s for s in steps if s <= step][-keep_last:]
+    index = {"latest": file_name(step), "step": step, "kept": [file_name(s) for s in keep]}
+    tmp = directory / "latest.tmp"
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, directory / "latest")
+    _fsync_path(directory)
+    for s in steps:
+        if s not in keep and s < step:
+            (directory / file_name(s)).unlink(missing_ok=True)
+
+
+def verify(path):
+    """Problems found in a checkpoint file (empty when it is good). Reads every dataset."""
+    problems = []
+    try:
+        with open_for_reading(path, "checkpoint") as f:
+            if f.attrs.get("format") != FORMAT:
+                return [f"{path}: not a granger-mpi checkpoint"]
+            if f.attrs.get("complete") != 1:
+                return [f"{path}: incomplete (the save did not finish)"]
+
+            def check(name, obj):
+                if isinstance(obj, h5py.Dataset):
+                    if "crc32" not in obj.attrs:
+                        problems.append(f"/{name}: no crc32 attribute")
+                    elif crc32(obj[...]) != int(obj.attrs["crc32"]):
+                        problems.append(f"/{name}: checksum mismatch (stored "
+                                        f"{int(obj.attrs['crc32'])}, computed {crc32(obj[...])})")
+            f.visititems(check)
+    except UserError as exc:
+        return [str(exc)]
+    except (OSError, KeyError, ValueError) as exc:
+        return [f"{path}: unreadable ({exc})"]
+    return problems
+
+
+def candidates(run_dir):
+    """Checkpoint files of a run, newest first."""
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def newest_good(run_dir, report=print):
+    """The newest checkpoint that verifies, or None; each bad one is reported and skipped."""
+    for path in candidates(run_dir):
+        problems = verify(path)
+        if not problems:
+            return path
+        report(f"skipping checkpoint {path}: {problems[0]}")
+    return None
+
+
+def read(path, model):
+    """The ``TrainState`` saved in ``path`` and its root attributes; verifies checksums."""
+    problems = verify(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problems[0]}")
+    with open_for_reading(path, "checkpoint") as f:
+        saved = json.loads(f.attrs["model"])
+        if saved != model.spec():
+            differing = [k for k in model.spec() if saved.get(k) != model.spec()[k]]
+            raise UserError(f"checkpoint {path} holds a different model ({differing[0]}: "
+                            f"{saved.get(differing[0])} in the checkpoint, "
+                            f"{model.spec()[differing[0]]} in the job)")
+        params = np.empty(model.layout.size, np.float32)
+        velocity = np.empty_like(params)
+        for flat, group in ((params, "params"), (velocity, "optimizer/velocity")):
+            for name, view in model.layout.views(flat).items():
+                f[f"{group}/{name}"].read_direct(view)
+        attrs = dict(f.attrs)
+    state = TrainState(params, velocity, int(attrs["step"]), int(attrs["epoch"]),
+                       int(attrs["step_in_epoch"]))
+    return state, attrs

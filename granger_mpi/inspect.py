@@ -1,0 +1,113 @@
+"""``granger-mpi inspect``: what a checkpoint or model file holds, verified on request."""
+
+import json
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from granger_mpi import checkpoint
+from granger_mpi.errors import UserError
+from granger_mpi.h5files import open_for_reading
+
+SCALARS = ("format", "step", "epoch", "step_in_epoch", "world_size", "seed", "n_rows")
+
+
+def resolve(path):
+    """A file as given, or a run directory's newest checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        found = checkpoint.candidates(path) or checkpoint.candidates(path.parent)
+        if not found:
+            raise UserError(f"{path} holds no checkpoint (looked in {checkpoint.checkpoint_dir(path)})")
+        return found[0]
+    return path
+
+
+def describe(path):
+    """A JSON-able description: attributes and every tensor's shape, dtype, norm and CRC32."""
+    with open_for_reading(path, "checkpoint") as f:
+        info = {"path": str(path)}
+        for key in SCALARS:
+            if key in f.attrs:
+                value = f.attrs[key]
+                info[key] = value.item() if hasattr(value, "item") else value
+        for key in ("model", "job", "versions"):
+            if key in f.attrs:
+                info[key] = json.loads(f.attrs[key])
+        tensors = {}
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                data = obj[...]
+                tensors[name] = {"shape": list(obj.shape), "dtype": str(obj.dtype),
+                                 "norm": float(np.linalg.norm(data.astype(np.float64).ravel())),
+                                 "crc32": int(obj.attrs["crc32"]) if "crc32" in obj.attrs else None}
+        f.visititems(visit)
+        info["tensors"] = tensors
+    return info
+
+
+def _tensors(path):
+    with open_for_reading(path, "file") as f:
+        out = {}
+        f.visititems(lambda n, o: out.__setitem__(n, o[...]) if isinstance(o, h5py.Dataset) else None)
+        return out
+
+
+def diff(a, b):
+    """Per tensor: ``{name: {"max_abs": .., "max_rel": .., "equal": bool}}`` or a note."""
+    ta, tb = _tensors(a), _tensors(b)
+    out = {}
+    for name in sorted(set(ta) | set(tb)):
+        if name not in ta or name not in tb:
+            out[name] = {"note": f"only in {a if name in ta else b}"}
+        elif ta[name].shape != tb[name].shape:
+            out[name] = {"note": f"shape {ta[name].shape} vs {tb[name].shape}"}
+        else:
+            x, y = ta[name].astype(np.float64), tb[name].astype(np.float64)
+            delta = np.abs(x - y)
+            scale = max(np.abs(x).max(initial=0), 1e-30)
+            out[name] = {"equal": bool(np.array_equal(ta[name], tb[name])),
+                         "max_abs": float(delta.max(initial=0)), "max_rel": float(delta.max(initial=0) / scale)}
+    return out
+
+
+def main(args, out=sys.stdout):
+    """Run the command; returns the exit code."""
+    path = resolve(args.path)
+    if args.diff:
+        if args.other is None:
+            raise UserError("--diff needs two files: inspect --diff A B")
+        result = diff(path, resolve(args.other))
+        if args.json:
+            print(json.dumps(result, indent=1), file=out)
+        else:
+            for name, row in result.items():
+                text = row.get("note") or ("identical" if row["equal"] else
+                                          f"max |a-b| {row['max_abs']:.3g}, relative {row['max_rel']:.3g}")
+                print(f"{name:<32} {text}", file=out)
+        return 0 if all(r.get("equal") for r in result.values()) else 1
+    info = describe(path)
+    problems = checkpoint.verify(path) if args.verify else []
+    if args.json:
+        if args.verify:
+            info["verify"] = problems or "ok"
+        print(json.dumps(info, indent=1), file=out)
+    else:
+        for key in SCALARS:
+            if key in info:
+                print(f"{key:<14} {info[key]}", file=out)
+        if "model" in info:
+            print(f"{'model':<14} {info['model']}", file=out)
+        print(f"{'tensor':<28}{'shape':>14}{'dtype':>9}{'norm':>13}{'crc32':>12}", file=out)
+        for name, t in info["tensors"].items():
+            print(f"{name:<28}{str(tuple(t['shape'])):>14}{t['dtype']:>9}{t['norm']:>13.6g}"
+                  f"{t['crc32'] if t['crc32'] is not None else '-':>12}", file=out)
+        if args.verify:
+            for line in problems:
+                print(f"BAD  {line}", file=out)
+            print("verify: ok, every checksum matches" if not problems else
+                  f"verify: {len(problems)} problem(s)", file=out)
+    return 1 if problems else 0

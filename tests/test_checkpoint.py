@@ -1,0 +1,253 @@
+"""Checkpoints under real mpirun: bitwise resume, re-split at another P, crashes, corruption."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import MPIRUN, PYTHON, _env, granger, mpirun, read_params, write_job
+
+
+def job_file(path, dataset, run_dir, **sections):
+    sections.setdefault("train", {})
+    sections["train"] = {"epochs": 3, **sections["train"]}
+    return write_job(path, dataset=dataset, run_dir=run_dir, **sections)
+
+
+def bits(params):
+    return params.view(np.uint32)
+
+
+@pytest.fixture(scope="module")
+def straight(small_dataset, tmp_path_factory):
+    """Uninterrupted runs at P = 1, 2, 3 (the references)."""
+    base = tmp_path_factory.mktemp("straight")
+    out = {}
+    for ranks in (1, 2, 3):
+        job = job_file(base / f"p{ranks}.toml", small_dataset, base / f"p{ranks}")
+        run = mpirun(ranks, "train", job, timeout=120)
+        assert run.returncode == 0, run.output
+        out[ranks] = read_params(base / f"p{ranks}" / "model.h5")
+    return out
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_stop_and_resume_is_bitwise_identical(straight, small_dataset, tmp_path, ranks):
+    """Stop after 37 of 96 steps (as a time limit would), resume, finish: same bits."""
+    run_dir = tmp_path / "run"
+    first = mpirun(ranks, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
+                                            train={"max_steps": 37}), timeout=120)
+    assert first.returncode == 0, first.output
+    assert (run_dir / "ckpt" / "step_00000037.h5").exists()
+    second = mpirun(ranks, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir),
+                    "--resume", "auto", timeout=120)
+    assert second.returncode == 0, second.output
+    assert "resuming from" in second.stdout and "step 37 (epoch 1, step 5)" in second.stdout
+    assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(straight[ranks]))
+    with h5py.File(run_dir / "metrics.h5", "r") as f:   # no step twice, none missing
+        assert np.array_equal(f["step"][...], np.arange(96))
+
+
+def count_rows(log_dir):
+    uses = Counter()
+    for path in log_dir.glob("rows-*.txt"):
+        for line in path.read_text().splitlines():
+            epoch, _, *rows = line.split()
+            uses.update((int(epoch), int(r)) for r in rows)
+    return uses
+
+
+@pytest.mark.parametrize("before,after", [(4, 2), (2, 3)])
+def test_resume_at_another_world_size_uses_every_sample_once(small_dataset, tmp_path, before, after):
+    run_dir = tmp_path / "run"
+    log_dir = tmp_path / "rows"
+    log_dir.mkdir()
+    env = {"GRANGER_ROW_LOG": str(log_dir)}
+    first = mpirun(before, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
+                                             train={"max_steps": 45}), timeout=120, env=env)
+    assert first.returncode == 0, first.output
+    second = mpirun(after, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir),
+                    "--resume", "auto", timeout=120, env=env)
+    assert second.returncode == 0, second.output
+    assert f"saved by {before} rank(s)" in second.stdout
+    uses = count_rows(log_dir)
+    assert set(uses.values()) == {1}                       # nothing used twice
+    assert len(uses) == 3 * 2000                           # every row of every epoch once
+
+
+def test_sigkill_during_a_save_falls_back_to_the_previous_checkpoint(straight, small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, checkpoint={"every_steps": 10})
+    crashed = mpirun(2, "train", job, timeout=120, env={"GRANGER_TEST_CRASH_IN_CHECKPOINT": "20"})
+    assert crashed.returncode != 0, crashed.output
+    assert (run_dir / "ckpt" / "step_00000020.h5.tmp").exists()      # the torn file
+    assert not (run_dir / "ckpt" / "step_00000020.h5").exists()
+    resumed = mpirun(2, "train", job, "--resume", "auto", timeout=120)
+    assert resumed.returncode == 0, resumed.output
+    assert "resuming from" in resumed.stdout and "step_00000010.h5: step 10" in resumed.stdout
+    assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(straight[2]))
+
+
+def flip_bytes(path, dataset):
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset()
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 4)
+        byte = fh.read(1)
+        fh.seek(offset + 4)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_flipped_bytes_are_caught_by_verify_and_resume(straight, small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir,
+                   train={"max_steps": 40}, checkpoint={"every_steps": 10})
+    assert mpirun(2, "train", job, timeout=120).returncode == 0
+    newest = run_dir / "ckpt" / "step_00000040.h5"
+    flip_bytes(newest, "params/W1")
+    verify = granger("inspect", newest, "--verify")
+    assert verify.returncode == 1, verify.output
+    assert "BAD  /params/W1: checksum mismatch" in verify.stdout
+    as_json = granger("inspect", newest, "--verify", "--json")
+    assert "checksum mismatch" in json.loads(as_json.stdout)["verify"][0]
+    resumed = mpirun(2, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir),
+                     "--resume", "auto", timeout=120)
+    assert resumed.returncode == 0, resumed.output
+    assert "skipping checkpoint" in resumed.stdout and "step_00000040.h5" in resumed.stdout
+    assert "step_00000030.h5: step 30" in resumed.stdout
+    assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(straight[2]))
+
+
+def test_checkpoint_of_another_model_or_config_is_refused(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    assert mpirun(1, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
+                                       train={"max_steps": 5}), timeout=120).returncode == 0
+    other_model = mpirun(2, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir,
+                                              model={"hidden": [8]}), "--resume", "auto", timeout=120)
+    assert other_model.returncode == 2, other_model.output
+    assert "holds a different model (sizes: [12, 16, 4] in the checkpoint, [12, 8, 4] in the job)" \
+        in other_model.stderr
+    other_lr = mpirun(2, "train", job_file(tmp_path / "c.toml", small_dataset, run_dir,
+                                           optimizer={"learning_rate": 0.2}), "--resume", "auto",
+                      timeout=120)
+    assert other_lr.returncode == 2, other_lr.output
+    assert "[optimizer].learning_rate = 0.1, the job says 0.2" in other_lr.stderr
+
+
+def test_inspect_shows_layout_and_diffs(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, checkpoint={"every_steps": 20},
+                   train={"max_steps": 40})
+    assert mpirun(2, "train", job, timeout=120).returncode == 0
+    shown = granger("inspect", run_dir)
+    assert shown.returncode == 0, shown.output
+    assert "step           40" in shown.stdout and "params/W1" in shown.stdout
+    info = json.loads(granger("inspect", run_dir / "ckpt" / "step_00000020.h5", "--json").stdout)
+    assert info["step"] == 20 and info["world_size"] == 2
+    assert info["tensors"]["params/W1"]["shape"] == [12, 16]
+    compared = granger("inspect", "--diff", run_dir / "ckpt" / "step_00000020.h5",
+                       run_dir / "ckpt" / "step_00000040.h5")
+    assert compared.returncode == 1 and "params/W1" in compared.stdout and "relative" in compared.stdout
+    dump = subprocess.run(["h5dump", "-d", "/params/b1", str(run_dir / "ckpt" / "step_00000040.h5")],
+                          capture_output=True, text=True, timeout=30)
+    assert dump.returncode == 0 and "DATASET \"/params/b1\"" in dump.stdout
+
+
+def start(ranks, *args, env=None):
+    cmd = [*MPIRUN, "-n", str(ranks), PYTHON, "-m", "granger_mpi", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(env), start_new_session=True)
+
+
+def wait_for_line(proc, text, timeout=60):
+    deadline = time.time() + timeout
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if text in line:
+            return lines
+        if not line and proc.poll() is not None:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"never saw {text!r}; output so far:\n{''.join(lines)}\n{proc.stderr.read()}")
+
+
+@pytest.fixture
+def long_job(tmp_path, small_dataset):
+    return job_file(tmp_path / "long.toml", small_dataset, tmp_path / "run",
+                    train={"epochs": 400}, output={"progress_interval_s": 0.2})
+
+
+def test_sigusr1_to_mpirun_checkpoints_and_training_goes_on(long_job, tmp_path):
+    proc = start(2, "train", long_job)
+    try:
+        wait_for_line(proc, "step ")
+        proc.send_signal(signal.SIGUSR1)
+        lines = wait_for_line(proc, "checkpoint ", timeout=60)
+        saved = [line for line in lines if line.startswith("checkpoint ")][0]
+        more = wait_for_line(proc, "step ", timeout=30)    # still training afterwards
+        assert more
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    path = saved.split()[1]
+    assert granger("inspect", path, "--verify").returncode == 0
+
+
+def test_sigterm_to_the_ranks_checkpoints_and_stops_cleanly(long_job, tmp_path, small_dataset):
+    proc = start(2, "train", long_job)
+    try:
+        wait_for_line(proc, "step ")
+        ranks = subprocess.run(["pgrep", "-f", f"^{PYTHON} -m granger_mpi train {long_job}"],
+                               capture_output=True,
+                               text=True).stdout.split()
+        assert len(ranks) == 2, ranks
+        for pid in ranks:
+            os.kill(int(pid), signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, out + err
+    assert "stopped on request after step" in out and "checkpoint " in out
+    stopped_at = int(out.split("stopped on request after step ")[1].split(";")[0])
+    assert (tmp_path / "run" / "ckpt" / f"step_{stopped_at:08d}.h5").exists()
+    assert not (tmp_path / "run" / "model.h5").exists()
+
+
+def test_full_disk_fails_the_save_and_keeps_earlier_checkpoints(small_dataset, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip()}")
+    try:
+        run_dir = mount / "run"
+        first = mpirun(2, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
+                                            train={"max_steps": 10}), timeout=120)
+        assert first.returncode == 0, first.output
+        good = run_dir / "ckpt" / "step_00000010.h5"
+        before = good.read_bytes()
+        with open(mount / "filler", "wb") as fh:       # fill the disk to the last byte
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+        full = mpirun(2, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir,
+                                           train={"max_steps": 20}), "--resume", "auto", timeout=120)
+        assert full.returncode not in (0, None), full.output
+        assert "No space left on device" in full.stderr or "could not be written" in full.stderr, full.output
+        assert good.read_bytes() == before
+        assert granger("inspect", good, "--verify").returncode == 0
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
