@@ -243,3 +243,59 @@ def main_calibrate(comm, args):
             print(f"{format_size(n):>8}: {fastest}")
         print(f"wrote {path}")
     return 0
+
+
+def main_checkpoint(comm, args):
+    """The ``bench checkpoint`` command: save bandwidth against ``dd ... conv=fsync``."""
+    import shutil
+    import subprocess
+
+    from granger_mpi import checkpoint
+    from granger_mpi.models import Model
+    rank, size = comm.Get_rank(), comm.Get_size()
+    work = Path(args.dir) / f"p{size}"
+    if rank == 0:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    comm.Barrier()
+    rows = []
+    for mib in args.sizes:
+        # params + velocity = 8 bytes per parameter: one 1024 x k layer and a tiny output
+        k = max(1, (mib << 20) // 8 // 1025)
+        model = Model("mlp", (1024, k, 1), "relu", "regression")
+        params = np.random.default_rng(0).random(model.layout.size).astype(np.float32)
+        state = checkpoint.TrainState(params, params.copy(), 0, 0, 0)
+        nbytes = 2 * params.nbytes
+        for rep in range(args.reps):
+            state.step = rep + 1
+            comm.Barrier()
+            t0 = time.perf_counter()
+            checkpoint.save(comm, work / f"{mib}", model, state, job_json="{}", seed=0, keep_last=1)
+            comm.Barrier()
+            ours = time.perf_counter() - t0
+            dd_seconds = np.zeros(1)
+            if rank == 0:
+                target = work / "dd.bin"
+                t0 = time.perf_counter()
+                subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=4M",
+                                f"count={max(1, nbytes >> 22)}", "conv=fsync"],
+                               check=True, capture_output=True)
+                dd_seconds[0] = (time.perf_counter() - t0) * nbytes / (max(1, nbytes >> 22) << 22)
+                target.unlink()
+            comm.Bcast(dd_seconds, root=0)
+            rows.append({"ranks": size, "mib": nbytes / 2**20, "rep": rep, "save_s": ours,
+                         "dd_s": float(dd_seconds[0])})
+        shutil.rmtree(work / f"{mib}", ignore_errors=True) if rank == 0 else None
+    if rank == 0:
+        write_csv(rows, Path(args.out) / f"checkpoint_p{size}.csv")
+        print(f"checkpoint save vs dd conv=fsync, P = {size}, median of {args.reps}")
+        print(f"{'state':>10} {'save s':>9} {'GB/s':>7} {'dd s':>9} {'GB/s':>7} {'save/dd':>8}")
+        for mib in sorted({r["mib"] for r in rows}):
+            mine = [r for r in rows if r["mib"] == mib]
+            save_s = float(np.median([r["save_s"] for r in mine]))
+            dd_s = float(np.median([r["dd_s"] for r in mine]))
+            gb = mib * 2**20 / 1e9
+            print(f"{mib:>7.0f} MiB {save_s:>9.3f} {gb / save_s:>7.2f} {dd_s:>9.3f} {gb / dd_s:>7.2f} "
+                  f"{dd_s / save_s:>7.0%}")
+        shutil.rmtree(work, ignore_errors=True)
+    return 0

@@ -29,19 +29,20 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import partition
-from granger_mpi.errors import UserError
+from granger_mpi.errors import UserError, WriteError, describe_io_error
 from granger_mpi.h5files import open_for_reading
 from granger_mpi.runtime import agree
 
 FORMAT = "granger-mpi checkpoint"
 NAME = re.compile(r"^step_(\d{8})\.h5$")
-CRASH_HOOK = "GRANGER_TEST_CRASH_IN_CHECKPOINT"   # tests: SIGKILL rank 0 mid-save at this step
+# Fault injection for tests, by step number: SIGKILL rank 0 in the middle of the save, or
+# make the last rank's write fail as on a full disk.
+CRASH_HOOK = "GRANGER_TEST_CRASH_IN_CHECKPOINT"
+ENOSPC_HOOK = "GRANGER_TEST_ENOSPC_IN_CHECKPOINT"
 
 
-class CheckpointError(UserError):
+class CheckpointError(WriteError):
     """A checkpoint could not be written or read; earlier checkpoints are untouched."""
-
-    exit_code = 1
 
 
 @dataclass
@@ -129,37 +130,57 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
                         dset[lo:hi] = array[lo:hi]
                 if os.environ.get(CRASH_HOOK) == str(state.step) and rank == 0:
                     os.kill(os.getpid(), 9)
-            except OSError as exc:
+                if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
+                    raise OSError(28, "No space left on device")
+            except (OSError, RuntimeError) as exc:
                 failed = exc
             f.attrs["complete"] = 1
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         failed = failed or exc
-    flags = np.array([0 if failed is None else 1], np.int64)
-    comm.Allreduce(MPI.IN_PLACE, flags)
+    def report_write():
+        if failed is not None:
+            raise CheckpointError(f"checkpoint at step {state.step} could not be written to "
+                                  f"{tmp} ({describe_io_error(failed)}); earlier checkpoints "
+                                  f"are untouched")
+    try:
+        agree(comm, report_write)
+    except UserError:
+        if rank == 0:
+            tmp.unlink(missing_ok=True)
+        raise
 
     def publish():
-        if flags[0]:
-            if rank == 0:
+        if rank == 0:
+            try:
+                _fsync_path(tmp)
+                tmp.replace(final)
+                _fsync_path(directory)
+            except OSError as exc:
                 tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"checkpoint at step {state.step} could not be written to "
-                                  f"{tmp} ({failed or 'failed on another rank'}); earlier "
-                                  f"checkpoints are untouched")
-        if rank != 0:
-            return
-        try:
-            _fsync_path(tmp)
-            tmp.replace(final)
-            _fsync_path(directory)
-            problems = verify(final)
-            if problems:
-                raise CheckpointError(f"checkpoint {final} failed verification after writing: "
-                                      f"{problems[0]}")
-            _update_index(directory, state.step, keep_last)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"checkpoint at step {state.step}: {exc}; earlier checkpoints "
-                                  f"are untouched") from None
+                raise CheckpointError(f"checkpoint at step {state.step}: {describe_io_error(exc)}; "
+                                      f"earlier checkpoints are untouched") from None
     agree(comm, publish)
+
+    def check():   # read back from the file system, each rank a share of the datasets
+        problems = verify(final, part=(rank, size))
+        if problems:
+            raise CheckpointError(f"checkpoint {final} failed verification after writing: "
+                                  f"{problems[0]}; earlier checkpoints are untouched")
+    try:
+        agree(comm, check)
+    except UserError:
+        if rank == 0:
+            final.unlink(missing_ok=True)
+        raise
+
+    def index():
+        if rank == 0:
+            try:
+                _update_index(directory, state.step, keep_last)
+            except OSError as exc:
+                raise CheckpointError(f"checkpoint {final} was written but the index "
+                                      f"{directory / 'latest'} was not: {describe_io_error(exc)}") from None
+    agree(comm, index)
     return final
 
 
@@ -182,9 +203,14 @@ def _update_index(directory, step, keep_last):
             (directory / file_name(s)).unlink(missing_ok=True)
 
 
-def verify(path):
-    """Problems found in a checkpoint file (empty when it is good). Reads every dataset."""
+def verify(path, part=None):
+    """Problems found in a checkpoint file (empty when it is good).
+
+    Reads every dataset, or with ``part=(i, n)`` every n-th one starting at the i-th (so
+    that n ranks share the work).
+    """
     problems = []
+    seen = [0]
     try:
         with open_for_reading(path, "checkpoint") as f:
             if f.attrs.get("format") != FORMAT:
@@ -194,6 +220,10 @@ def verify(path):
 
             def check(name, obj):
                 if isinstance(obj, h5py.Dataset):
+                    index = seen[0]
+                    seen[0] += 1
+                    if part is not None and index % part[1] != part[0]:
+                        return
                     if "crc32" not in obj.attrs:
                         problems.append(f"/{name}: no crc32 attribute")
                     elif crc32(obj[...]) != int(obj.attrs["crc32"]):

@@ -160,6 +160,12 @@ def cmd_bench_calibrate(args):
     return bench.main_calibrate(_world(), args)
 
 
+def cmd_bench_checkpoint(args):
+    """Checkpoint write bandwidth against dd with fsync."""
+    from granger_mpi import bench
+    return bench.main_checkpoint(_world(), args)
+
+
 def build_parser():
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -259,6 +265,17 @@ def build_parser():
     p.add_argument("--max-bytes", type=int, default=64 << 20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None, help="calibration file to update (default as above)")
+
+    p = bench_sub.add_parser(
+        "checkpoint", help="checkpoint save bandwidth against dd conv=fsync",
+        description="Save checkpoints of --sizes MiB of state (parameters + optimizer) into --dir "
+                    "and, in the same run, write as many bytes with dd conv=fsync; print both.")
+    p.set_defaults(func=cmd_bench_checkpoint)
+    p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 256, 1024],
+                   help="state sizes in MiB, comma-separated (default 1,16,256,1024)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--dir", default="runs/bench-checkpoint", help="where to write (same disk as dd)")
+    p.add_argument("--out", default="docs/bench", help="folder for the CSV")
 
     p = add("doctor", cmd_doctor, "check the installation: MPI, parallel HDF5, numba, ULFM",
             "Print the MPI library and HDF5 actually loaded, numba's threading layer and "

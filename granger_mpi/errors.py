@@ -19,3 +19,18 @@ class UserError(Exception):
     def __init__(self, message, *, agreed=False):
         super().__init__(message)
         self.agreed = agreed
+
+
+class WriteError(UserError):
+    """An output could not be written (a full disk, permissions): exit code 1, one line."""
+
+    exit_code = EXIT_FAILURE
+
+
+def describe_io_error(exc):
+    """The useful part of an OSError or of HDF5's long RuntimeError text."""
+    import re
+    found = re.search(r"error message = '([^']*)'", str(exc))
+    if found:
+        return found.group(1)
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

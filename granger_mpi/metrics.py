@@ -6,6 +6,8 @@ import time
 import h5py
 import numpy as np
 
+from granger_mpi.errors import WriteError, describe_io_error
+
 FIELDS = {  # name: dtype
     "step": np.int64, "epoch": np.int64, "loss": np.float64, "accuracy": np.float64,
     "grad_norm": np.float64, "learning_rate": np.float64, "step_time_s": np.float64,
@@ -45,23 +47,31 @@ class MetricsFile:
             self.flush()
 
     def flush(self):
-        """Write buffered rows to the file."""
+        """Write buffered rows to the file (``WriteError`` naming it if that fails)."""
         count = len(self._rows["step"])
         if not count:
             return
-        for name, values in self._rows.items():
-            dset = self._file[name]
-            start = dset.shape[0]
-            dset.resize(start + count, axis=0)
-            dset[start:] = np.asarray(values, FIELDS[name])
-            values.clear()
-        self._file.flush()
+        try:
+            for name, values in self._rows.items():
+                dset = self._file[name]
+                start = dset.shape[0]
+                dset.resize(start + count, axis=0)
+                dset[start:] = np.asarray(values, FIELDS[name])
+                values.clear()
+            self._file.flush()
+        except (OSError, RuntimeError) as exc:
+            raise WriteError(f"cannot write metrics to {self.path}: {describe_io_error(exc)}") from None
 
     def close(self):
-        """Flush and close."""
+        """Flush and close (the file is closed even when the flush fails)."""
         if self._file.id.valid:
-            self.flush()
-            self._file.close()
+            try:
+                self.flush()
+            finally:
+                try:
+                    self._file.close()
+                except (OSError, RuntimeError):
+                    pass   # the flush above has already raised the error worth reporting
 
 
 def format_duration(seconds):

@@ -26,7 +26,7 @@ def agree(comm, fn, *args, **kwargs):
 
     Collective over ``comm``. Ranks that validate the same input normally fail alike; this
     makes sure that when only some do, the others do not go on into a collective and hang.
-    The message raised everywhere is the lowest failing rank's.
+    The error raised everywhere carries the lowest failing rank's message and exit code.
     """
     error = None
     result = None
@@ -40,8 +40,12 @@ def agree(comm, fn, *args, **kwargs):
     first = int(failing[0])
     if first == comm.Get_size():
         return result
+    code = np.array([error.exit_code if rank == first else 0], np.int64)
+    comm.Bcast(code, root=first)
     message = bcast_text(comm, str(error) if rank == first else "", first)
-    raise UserError(message, agreed=True)
+    agreed = UserError(message, agreed=True)
+    agreed.exit_code = int(code[0])
+    raise agreed
 
 
 def say(comm, message, *, file=sys.stdout):
