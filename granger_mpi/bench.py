@@ -270,7 +270,8 @@ def main_checkpoint(comm, args):
             state.step = rep + 1
             comm.Barrier()
             t0 = time.perf_counter()
-            checkpoint.save(comm, work / f"{mib}", model, state, job_json="{}", seed=0, keep_last=1)
+            checkpoint.save(comm, work / f"{mib}", model, state, job_json="{}", seed=0, keep_last=1,
+                            verify_after_write=not args.no_verify)
             comm.Barrier()
             ours = time.perf_counter() - t0
             dd_seconds = np.zeros(1)
@@ -288,7 +289,8 @@ def main_checkpoint(comm, args):
         shutil.rmtree(work / f"{mib}", ignore_errors=True) if rank == 0 else None
     if rank == 0:
         write_csv(rows, Path(args.out) / f"checkpoint_p{size}.csv")
-        print(f"checkpoint save vs dd conv=fsync, P = {size}, median of {args.reps}")
+        print(f"checkpoint save vs dd conv=fsync, P = {size}, median of {args.reps}"
+              f"{', no read-back verification' if args.no_verify else ''}")
         print(f"{'state':>10} {'save s':>9} {'GB/s':>7} {'dd s':>9} {'GB/s':>7} {'save/dd':>8}")
         for mib in sorted({r["mib"] for r in rows}):
             mine = [r for r in rows if r["mib"] == mib]

@@ -275,6 +275,7 @@ def build_parser():
                    help="state sizes in MiB, comma-separated (default 1,16,256,1024)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dir", default="runs/bench-checkpoint", help="where to write (same disk as dd)")
+    p.add_argument("--no-verify", action="store_true", help="skip the read-back verification")
     p.add_argument("--out", default="docs/bench", help="folder for the CSV")
 
     p = add("doctor", cmd_doctor, "check the installation: MPI, parallel HDF5, numba, ULFM",

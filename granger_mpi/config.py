@@ -98,6 +98,7 @@ class CheckpointConfig:
     every_seconds: float | None = _spec(None, kind=float, min=0, exclusive_min=True)
     keep_last: int = _spec(3, kind=int, min=1)
     at_end: bool = _spec(True, kind=bool)
+    verify_after_write: bool = _spec(True, kind=bool)
 
 
 @dataclass(frozen=True, kw_only=True)

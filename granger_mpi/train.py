@@ -230,7 +230,8 @@ def train(comm, job, info, model, *, resume=None, log=print):
                                          next_index % per_epoch)
         saved = checkpoint.save(comm, run_dir, model, position, job_json=job.to_json(),
                                 seed=job.train.seed, keep_last=ckpt.keep_last,
-                                extra_attrs={"n_rows": info.n_rows})
+                                extra_attrs={"n_rows": info.n_rows},
+                                verify_after_write=ckpt.verify_after_write)
         last_save = time.perf_counter()
         if rank == 0:
             log(f"checkpoint {saved} (step {next_index})")
