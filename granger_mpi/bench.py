@@ -288,7 +288,7 @@ def main_checkpoint(comm, args):
                          "dd_s": float(dd_seconds[0])})
         shutil.rmtree(work / f"{mib}", ignore_errors=True) if rank == 0 else None
     if rank == 0:
-        write_csv(rows, Path(args.out) / f"checkpoint_p{size}.csv")
+        write_csv(rows, Path(args.out) / f"checkpoint{'_noverify' if args.no_verify else ''}_p{size}.csv")
         print(f"checkpoint save vs dd conv=fsync, P = {size}, median of {args.reps}"
               f"{', no read-back verification' if args.no_verify else ''}")
         print(f"{'state':>10} {'save s':>9} {'GB/s':>7} {'dd s':>9} {'GB/s':>7} {'save/dd':>8}")
