@@ -293,6 +293,8 @@ def train(comm, job, info, model, *, resume=None, log=print):
                     metrics_file.flush()
                 save(done)
             if stats[STOP] > 0:
+                if rank == 0 and stop_file.exists():
+                    stop_file.unlink()    # honoured; a resumed run must not stop again at once
                 stopped = True
                 break
     finally:

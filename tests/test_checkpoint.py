@@ -268,3 +268,30 @@ def test_a_failed_write_on_one_rank_fails_the_save_on_all(small_dataset, tmp_pat
     assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", "step_00000010.h5"]
     assert json.loads((run_dir / "ckpt" / "latest").read_text())["step"] == 10
     assert granger("inspect", run_dir / "ckpt" / "step_00000010.h5", "--verify").returncode == 0
+
+
+def test_stop_file_saves_and_stops_then_resume_finishes_identically(straight, small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "STOP").touch()
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir)
+    stopped = mpirun(2, "train", job, timeout=120)
+    assert stopped.returncode == 3, stopped.output
+    assert "stopped on request after step 1;" in stopped.stdout
+    assert (run_dir / "ckpt" / "step_00000001.h5").exists() and not (run_dir / "STOP").exists()
+    resumed = mpirun(2, "train", job, "--resume", "auto", timeout=120)
+    assert resumed.returncode == 0, resumed.output
+    assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(straight[2]))
+
+
+def test_timed_checkpoints(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 30},
+                   checkpoint={"every_seconds": 0.2, "keep_last": 2, "at_end": False})
+    run = mpirun(2, "train", job, timeout=120)
+    assert run.returncode == 0, run.output
+    saves = [line for line in run.stdout.splitlines() if line.startswith("checkpoint ")]
+    assert len(saves) >= 2, run.stdout[-2000:]
+    kept = sorted(p.name for p in (run_dir / "ckpt").glob("step_*.h5"))
+    assert len(kept) == 2                                      # keep_last prunes the rest
+    assert json.loads((run_dir / "ckpt" / "latest").read_text())["latest"] == kept[-1]
