@@ -241,9 +241,8 @@ def train(comm, job, info, model, *, resume=None, log=print):
                                  start_step=state.step, prefetch_steps=job.data.prefetch_steps,
                                  memory_budget_bytes=int(job.data.memory_budget_mb * 2**20))
     row_log = _open_row_log(rank)
-    requests = Requests()
+    requests = Requests().__enter__()
     try:
-        requests.__enter__()
         for step_index, (epoch, step, batch_len, rows, X, y) in enumerate(stream, start=state.step):
             t0 = time.perf_counter()
             if row_log is not None:
@@ -292,7 +291,7 @@ def train(comm, job, info, model, *, resume=None, log=print):
                 if metrics_file is not None:
                     metrics_file.flush()
                 save(done)
-            if stats[STOP] > 0:
+            if stats[STOP] > 0 and done < total_steps:
                 if rank == 0 and stop_file.exists():
                     stop_file.unlink()    # honoured; a resumed run must not stop again at once
                 stopped = True
@@ -309,9 +308,8 @@ def train(comm, job, info, model, *, resume=None, log=print):
     seconds = time.perf_counter() - started
     model_path = run_dir / "model.h5"
     if stopped:
-        say_stop = f"stopped on request after step {step_index + 1}; resume with --resume auto"
         if rank == 0:
-            log(say_stop)
+            log(f"stopped on request after step {step_index + 1}; resume with --resume auto")
         return TrainResult(step_index + 1, loss, accuracy, model_path, run_dir / "metrics.h5",
                            seconds=seconds, stopped=True, checkpoint=saved)
     if ckpt.at_end and step_index + 1 > state.step:

@@ -22,7 +22,7 @@ def test_every_algorithm_matches_mpi_allreduce(ranks, ranks_per_node):
     run = run_command([*MPIRUN, "-n", str(ranks), PYTHON, PROGRAMS / "check_collectives.py", *args],
                       timeout=240)
     assert run.returncode == 0, run.output
-    assert f"checked P={ranks}: 0 failure(s)" in run.stdout
+    assert f"checked P={ranks} on 1 node(s)" in run.stdout and ": 0 failure(s)" in run.stdout
 
 
 def test_buffers_longer_than_the_count_limit_are_split():

@@ -14,6 +14,7 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import collectives
+from granger_mpi.collectives import shm
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
@@ -21,6 +22,14 @@ ranks_per_node = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] != "-" el
 largest = int(sys.argv[2]) if len(sys.argv) > 2 else 2**20 + 3
 SIZES = sorted({0, 1, max(size - 1, 0), size, 1000, largest})
 failures = []
+# 'shm' works only when every rank shares one node; across hosts it must refuse, not hang.
+ALGORITHMS = [a for a in collectives.ALGORITHMS if a != "shm" or shm.on_one_node(comm)]
+if "shm" not in ALGORITHMS:
+    try:
+        collectives.allreduce(comm, np.ones(4), algorithm="shm")
+        failures.append(f"shm did not refuse a communicator spanning several nodes on rank {rank}")
+    except ValueError:
+        pass
 
 
 def agreed_crc(buf):
@@ -41,7 +50,7 @@ for dtype in (np.float32, np.float64):
             magnitude = np.abs(x)
             comm.Allreduce(MPI.IN_PLACE, magnitude, op=MPI.SUM)
             shared = collectives.allocate(comm, n, dtype)
-            for algorithm in collectives.ALGORITHMS:
+            for algorithm in ALGORITHMS:
                 got = x.copy()
                 collectives.allreduce(comm, got, algorithm=algorithm, ranks_per_node=ranks_per_node)
                 again = x.copy()
@@ -81,6 +90,9 @@ counts = np.array([len(failures)], np.int64)
 comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
 for line in failures[:20]:
     print(f"FAIL {line}", flush=True)
+nodes = np.array([1 if comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank() == 0 else 0], np.int64)
+comm.Allreduce(MPI.IN_PLACE, nodes, op=MPI.SUM)
 if rank == 0:
-    print(f"checked P={size}: {counts[0]} failure(s)", flush=True)
+    print(f"checked P={size} on {nodes[0]} node(s), {', '.join(ALGORITHMS)}: {counts[0]} failure(s)",
+          flush=True)
 sys.exit(1 if counts[0] else 0)
