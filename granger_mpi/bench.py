@@ -125,12 +125,22 @@ def format_size(nbytes):
     return f"{nbytes} B"
 
 
-def table(rows):
-    """Median microseconds per size and implementation, and each one's speed-up over native."""
+def bandwidth_bound_us(nbytes, ranks, bits_per_s):
+    """The least time any allreduce can take on links of ``bits_per_s``: 2(P-1)/P n / rate."""
+    return 2 * (ranks - 1) / ranks * nbytes * 8 / bits_per_s * 1e6
+
+
+def table(rows, link_bits_per_s=None):
+    """Median microseconds per size and implementation, and each one's speed-up over native.
+
+    With ``link_bits_per_s``, also the bandwidth bound and how far the best is above it.
+    """
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     sizes = list(dict.fromkeys(r["bytes"] for r in rows))
     by = {(r["impl"], r["bytes"]): r for r in rows}
     head = f"{'size':>8} " + " ".join(f"{i:>12}" for i in impls) + "   best hand-written vs native"
+    if link_bits_per_s:
+        head += "   bound us  best/bound"
     lines = [head]
     for n in sizes:
         cells = " ".join(f"{by[(i, n)]['median_us']:>12.1f}" for i in impls)
@@ -139,6 +149,9 @@ def table(rows):
         if hand and "native" in impls:
             best = min(hand, key=lambda i: by[(i, n)]["median_us"])
             note = f"   {best} {by[('native', n)]['median_us'] / by[(best, n)]['median_us']:.2f}x"
+            if link_bits_per_s:
+                bound = bandwidth_bound_us(n, rows[0]["ranks"], link_bits_per_s)
+                note += f"   {bound:>9.1f}  {by[(best, n)]['median_us'] / bound:>9.2f}"
         lines.append(f"{format_size(n):>8} {cells}{note}")
     return "\n".join(lines)
 
@@ -185,11 +198,11 @@ def main_allreduce(comm, args):
                          torch=args.torch, ranks_per_node=args.ranks_per_node)
     if comm.Get_rank() == 0:
         out = Path(args.out)
-        stem = f"allreduce_p{comm.Get_size()}"
+        stem = f"allreduce_p{comm.Get_size()}{args.tag}"
         write_csv(rows, out / f"{stem}.csv")
         plot(rows, out / f"{stem}.png", f"allreduce, P = {comm.Get_size()}, float32")
         print(f"allreduce, P = {comm.Get_size()}, median us per call ({args.rounds} rounds)")
-        print(table(rows))
+        print(table(rows, args.link_rate))
         print(f"wrote {out / (stem + '.csv')} and {out / (stem + '.png')}")
     return 0
 

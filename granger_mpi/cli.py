@@ -255,6 +255,10 @@ def build_parser():
     p.add_argument("--ranks-per-node", type=int, default=None,
                    help="emulate nodes of this many ranks for 'hierarchical'")
     p.add_argument("--out", default="docs/bench", help="folder for CSV and PNG (default docs/bench)")
+    p.add_argument("--tag", default="", help="suffix for the CSV/PNG names, e.g. _net1g")
+    p.add_argument("--link-rate", type=float, default=None, metavar="BITS_PER_S",
+                   help="link rate of a network-bound run (e.g. 1e9): adds the bandwidth bound "
+                        "2(P-1)/P n / rate to the table")
 
     p = bench_sub.add_parser(
         "calibrate", help="measure the algorithms for 'auto' at this number of ranks",
