@@ -52,6 +52,8 @@ def cmd_train(args):
     comm = _world().Dup()
     job = agree(comm, config.load, args.job)
     info, model = train.prepare(comm, job, overwrite=args.overwrite, resume=args.resume)
+    if args.overwrite and args.resume is None:
+        train.discard_previous_run(comm, job)
     result = train.train(comm, job, info, model, resume=args.resume, log=lambda m: say(comm, m))
     if result.stopped:
         comm.Free()
@@ -187,7 +189,7 @@ def build_parser():
             "are relative to the job file. Writes RUN_DIR/model.h5, metrics.h5 and job.toml.")
     p.add_argument("job", type=Path, help="job file (TOML)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the results of an earlier run in the same run_dir")
+                   help="replace the results (and checkpoints) of an earlier run in the same run_dir")
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue from a checkpoint: 'auto' takes the newest one in RUN_DIR/ckpt "
                         "that verifies (or starts fresh if there is none), PATH a given file")

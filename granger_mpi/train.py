@@ -7,6 +7,7 @@ allreduce and every rank sees the same numbers.
 
 import json
 import os
+import shutil
 import signal
 import time
 import zlib
@@ -95,6 +96,15 @@ def prepare(comm, job, overwrite=False, resume=None):
                             f"choose another run_dir or pass --overwrite")
         return info, model
     return agree(comm, check)
+
+
+def discard_previous_run(comm, job):
+    """Remove an earlier run's checkpoints and STOP file (``--overwrite``), so that a later
+    ``--resume auto`` can never pick up a checkpoint of the run this one replaced."""
+    if comm.Get_rank() == 0:
+        shutil.rmtree(checkpoint.checkpoint_dir(job.output.run_dir), ignore_errors=True)
+        (job.output.run_dir / "STOP").unlink(missing_ok=True)
+    comm.Barrier()
 
 
 def warm_kernels(comm, model, info):
