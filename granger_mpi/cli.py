@@ -17,6 +17,7 @@ exit codes:
      and nothing was written
   3  stopped on request (SIGTERM to the ranks, or a file RUN_DIR/STOP) after writing a
      checkpoint; continue with --resume auto
+  4  supervise gave up: the run kept failing and --max-restarts were used up
 
 Run under MPI as `mpirun -n 4 granger-mpi train job.toml`; commands also run without mpirun
 (one rank). Signals (to mpirun, which forwards them, or to every rank): SIGUSR1 saves a
@@ -144,6 +145,14 @@ def cmd_inspect(args):
     return inspect.main(args)
 
 
+def cmd_supervise(args):
+    """Run a training job under mpirun and restart it from checkpoints until it completes."""
+    from granger_mpi import supervise
+    return supervise.supervise(args.job, args.ranks, mpirun=args.mpirun, mpirun_args=args.mpirun_arg,
+                               train_args=["--overwrite"] if args.overwrite else [],
+                               max_restarts=args.max_restarts, backoff_s=args.backoff)
+
+
 def cmd_doctor(args):
     """Check the installation and print what is loaded."""
     from granger_mpi import doctor
@@ -228,6 +237,19 @@ def build_parser():
                    help="auto: classification when every target is a non-negative integer")
     p.add_argument("--x-key", default="X", help="features array in a .npz (default X)")
     p.add_argument("--y-key", default="y", help="targets array in a .npz (default y)")
+
+    p = add("supervise", cmd_supervise, "run a training job and restart it from checkpoints until done",
+            "Start `mpirun -n N granger-mpi train JOB`; when the run fails (a lost rank or node), "
+            "start it again with --resume auto, up to --max-restarts times with doubling backoff. "
+            "Success is the run's own completion record (RUN_DIR/COMPLETE), not mpirun's exit code. "
+            "Run it outside mpirun.")
+    p.add_argument("job", type=Path, help="job file (TOML)")
+    p.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks")
+    p.add_argument("--max-restarts", type=int, default=3)
+    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first restart")
+    p.add_argument("--mpirun", default="mpirun", help="launcher (default: mpirun on PATH)")
+    p.add_argument("--mpirun-arg", action="append", default=[], help="extra launcher argument (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="first attempt replaces an earlier run")
 
     p = add("inspect", cmd_inspect, "describe, verify or compare checkpoints (no MPI needed)",
             "Show a checkpoint's step, epoch, world size, config and tensors (shape, dtype, norm, "

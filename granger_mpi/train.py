@@ -104,6 +104,7 @@ def discard_previous_run(comm, job):
     if comm.Get_rank() == 0:
         shutil.rmtree(checkpoint.checkpoint_dir(job.output.run_dir), ignore_errors=True)
         (job.output.run_dir / "STOP").unlink(missing_ok=True)
+        (job.output.run_dir / "COMPLETE").unlink(missing_ok=True)
     comm.Barrier()
 
 
@@ -327,6 +328,9 @@ def train(comm, job, info, model, *, resume=None, log=print):
     if rank == 0:
         modelfile.save(model_path, model, params,
                        attrs={"job": job.to_json(), "step": step_index + 1, "world_size": size})
+        from granger_mpi.supervise import write_completion
+        write_completion(run_dir, {"steps": step_index + 1, "world_size": size,
+                                   "model": str(model_path), "finished_at": time.time()})
     result = TrainResult(step_index + 1, loss, accuracy, model_path, run_dir / "metrics.h5",
                          seconds=seconds, checkpoint=saved)
     if job.data.test_path is not None:

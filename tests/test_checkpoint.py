@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import MPIRUN, PYTHON, _env, granger, mpirun, read_params, write_job
+from conftest import MPIRUN, PYTHON, _env, granger, mpirun, read_params, run_command, write_job
 
 
 def job_file(path, dataset, run_dir, **sections):
@@ -295,3 +295,40 @@ def test_timed_checkpoints(small_dataset, tmp_path):
     kept = sorted(p.name for p in (run_dir / "ckpt").glob("step_*.h5"))
     assert len(kept) == 2                                      # keep_last prunes the rest
     assert json.loads((run_dir / "ckpt" / "latest").read_text())["latest"] == kept[-1]
+
+
+def test_supervise_restarts_after_a_killed_rank_and_ends_bitwise_identical(straight, small_dataset,
+                                                                           tmp_path):
+    """A rank is SIGKILLed from outside after the first checkpoint; the supervisor restarts
+    the job from it and the final parameters equal an undisturbed run's."""
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, checkpoint={"every_steps": 10},
+                   train={"epochs": 3}, output={"progress_interval_s": 0.0})
+    cmd = [PYTHON, "-m", "granger_mpi", "supervise", str(job), "-n", "2", "--backoff", "0.1",
+           "--mpirun", str(MPIRUN[0])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), start_new_session=True)
+    try:
+        lines = wait_for_line(proc, "checkpoint ", timeout=60)
+        ranks = subprocess.run(["pgrep", "-f", f"^{PYTHON} -m granger_mpi train {job}"],
+                               capture_output=True, text=True).stdout.split()
+        assert len(ranks) == 2, ranks
+        os.kill(int(ranks[1]), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines) + out
+    assert proc.returncode == 0, out[-3000:]
+    assert "supervise: the run failed" in out and "restart 1/3" in out
+    assert "resuming from" in out
+    assert json.loads((run_dir / "COMPLETE").read_text())["steps"] == 96
+    assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(straight[2]))
+
+
+def test_supervise_passes_bad_input_on_without_restarting(tmp_path, small_dataset):
+    job = job_file(tmp_path / "a.toml", small_dataset, tmp_path / "run",
+                   optimizer={"learning_rate": -1.0})
+    run = run_command([PYTHON, "-m", "granger_mpi", "supervise", job, "-n", "2", "--mpirun",
+                       MPIRUN[0]], timeout=60)
+    assert run.returncode == 2 and "restart" not in run.stdout, run.output

@@ -1,0 +1,82 @@
+"""``granger-mpi supervise``: rerun a training job from its newest good checkpoint until it
+completes (the restart path of fault tolerance, for an MPI without ULFM or past its limits).
+
+Success is read from the run's own completion record (``RUN_DIR/COMPLETE``, written by
+``train`` after the model is saved), never from mpirun's exit code alone: Open MPI's
+mpirun can exit 0 after ranks were lost (DESIGN.md §5).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from granger_mpi import config
+from granger_mpi.errors import EXIT_BAD_INPUT, EXIT_GAVE_UP, EXIT_STOPPED, UserError
+
+COMPLETE = "COMPLETE"
+
+
+def write_completion(run_dir, record):
+    """Atomically record that a run finished (rank 0, after model.h5 is written)."""
+    tmp = Path(run_dir) / (COMPLETE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(Path(run_dir) / COMPLETE)
+
+
+def completion(run_dir):
+    """The completion record of a run, or None."""
+    try:
+        return json.loads((Path(run_dir) / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def launcher(name):
+    """The mpirun to use: a path, or a name found on PATH or beside this Python."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        raise UserError(f"--mpirun {name}: not found (give a path)")
+    return found
+
+
+def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=(), max_restarts=3,
+              backoff_s=1.0, out=print):
+    """Run ``mpirun -n ranks granger-mpi train JOB`` until the run completes; the exit code.
+
+    After a failure the job is started again with ``--resume auto`` (newest checkpoint that
+    verifies), at most ``max_restarts`` times, waiting ``backoff_s`` doubled each time.
+    Bad input (2) and a requested stop (3) are passed on at once; giving up exits 4.
+    """
+    job = config.load(job_path)
+    run_dir = job.output.run_dir
+    base = [launcher(mpirun), *mpirun_args, "-n", str(ranks), sys.executable, "-m", "granger_mpi",
+            "train", str(job_path)]
+    restarts = 0
+    extra = list(train_args)
+    while True:
+        started = time.time()
+        code = subprocess.call(base + extra, env=dict(os.environ, GRANGER_ATTEMPT=str(restarts + 1)))
+        record = completion(run_dir)
+        if record is not None and record.get("finished_at", 0) >= started:
+            if code != 0:
+                out(f"supervise: mpirun exited {code}, but the run recorded its completion: done")
+            return 0
+        if code == EXIT_BAD_INPUT:
+            return code
+        if code == EXIT_STOPPED:
+            out("supervise: the run stopped on request after a checkpoint; not restarting")
+            return code
+        if restarts >= max_restarts:
+            out(f"supervise: giving up: the run failed {restarts + 1} time(s) (last exit code {code}), "
+                f"--max-restarts {max_restarts}")
+            return EXIT_GAVE_UP
+        wait = backoff_s * 2 ** restarts
+        restarts += 1
+        out(f"supervise: the run failed (exit code {code}); restart {restarts}/{max_restarts} from the "
+            f"newest good checkpoint in {wait:.1f} s")
+        time.sleep(wait)
+        extra = [a for a in train_args if a != "--overwrite"] + ["--resume", "auto"]
