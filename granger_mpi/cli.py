@@ -55,18 +55,32 @@ def cmd_train(args):
     info, model = train.prepare(comm, job, overwrite=args.overwrite, resume=args.resume)
     if args.overwrite and args.resume is None:
         train.discard_previous_run(comm, job)
-    result = train.train(comm, job, info, model, resume=args.resume, log=lambda m: say(comm, m))
+    log = lambda message: print(message, flush=True)   # train logs from its rank 0 only
+    result = train.train(comm, job, info, model, resume=args.resume, log=log)
+    comm = result.comm
     if result.stopped:
-        comm.Free()
-        return EXIT_STOPPED
+        return _leave(comm, result, EXIT_STOPPED)
     acc = "" if result.final_accuracy is None else f", accuracy {100 * result.final_accuracy:.2f}% (last batch)"
     say(comm, f"done: {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.4f}{acc}")
     if result.test_loss is not None:
         test_acc = "" if result.test_accuracy is None else f", accuracy {100 * result.test_accuracy:.2f}%"
         say(comm, f"test set {job.data.test_path}: loss {result.test_loss:.6f}{test_acc}")
     say(comm, f"model:   {result.model_path}\nmetrics: {result.metrics_path}")
+    return _leave(comm, result, 0)
+
+
+def _leave(comm, result, code):
+    """Exit code of a finished run; after lost ranks, leave without MPI_Finalize.
+
+    Finalize can hang once peers have died (seen across hosts, DESIGN.md §5); the run's
+    completion is already recorded, so the process ends here, output flushed.
+    """
+    if result.ranks_lost:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     comm.Free()
-    return 0
+    return code
 
 
 def cmd_evaluate(args):

@@ -102,6 +102,21 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FaultConfig:
+    """``[fault]``: what to do when ranks die.
+
+    ``mode``: ``auto`` uses ULFM (revoke, shrink, carry on) when a probe at start-up finds
+    it working in this job, else leaves failures to ``granger-mpi supervise`` (restart from
+    the newest checkpoint); ``ulfm`` or ``restart`` force one. Below ``min_ranks`` survivors,
+    or past ``max_failures`` lost ranks in all, the run saves a checkpoint and stops (exit 1).
+    """
+
+    mode: str = _spec("auto", kind=str, choices=("auto", "ulfm", "restart"))
+    min_ranks: int = _spec(1, kind=int, min=1)
+    max_failures: int = _spec(3, kind=int, min=0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """A whole job file."""
 
@@ -112,6 +127,7 @@ class JobConfig:
     output: OutputConfig
     collectives: CollectivesConfig = CollectivesConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    fault: FaultConfig = FaultConfig()
     source: Path | None = None
     text: str = ""  # the job file as written, kept with the outputs
 

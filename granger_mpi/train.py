@@ -43,6 +43,8 @@ class TrainResult:
     seconds: float = 0.0
     stopped: bool = False            # stopped on request after a checkpoint
     checkpoint: Path | None = None   # the last checkpoint written
+    comm: object = None              # the communicator the run ended on (shrunk after failures)
+    ranks_lost: int = 0
 
 
 class Requests:
@@ -129,12 +131,15 @@ def warm_kernels(comm, model, info):
 
 
 def _open_row_log(rank):
-    """With ``GRANGER_ROW_LOG=DIR``, each rank appends the rows it used, a line per step
-    (``epoch step row row ...``), so that tests can count every sample's uses."""
+    """With ``GRANGER_ROW_LOG=DIR``, each rank appends the rows of every step it starts
+    (``epoch step generation row row ...``), for tests to count. ``generation`` counts the
+    failures survived: a step redone after a roll-back is counted from its newest
+    generation only, and a step that completed before a failure from all its ranks."""
     directory = os.environ.get("GRANGER_ROW_LOG")
     if not directory:
         return None
-    return open(Path(directory) / f"rows-{os.getpid()}-rank{rank}.txt", "a")
+    # Line-buffered: a rank that is killed must not lose the rows of steps it completed.
+    return open(Path(directory) / f"rows-{os.getpid()}-rank{rank}.txt", "a", buffering=1)
 
 
 def _first_bad_row(info, X, y):
@@ -162,6 +167,84 @@ def find_resume(comm, job, resume, log):
         return str(resume)
     text = bcast_text(comm, agree(comm, choose), 0)
     return Path(text) if text else None
+
+
+class RankFailure(Exception):
+    """Ranks died and the run cannot go on (ULFM missing or the job's [fault] limits hit)."""
+
+
+FAILURE_CLASSES = None
+
+
+def _is_rank_failure(exc):
+    global FAILURE_CLASSES
+    if FAILURE_CLASSES is None:
+        FAILURE_CLASSES = {getattr(MPI, name) for name in
+                           ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
+                           if hasattr(MPI, name)}
+    return exc.Get_error_class() in FAILURE_CLASSES
+
+
+def fault_mode(comm, job, log):
+    """True for ULFM (revoke/shrink/carry on), False for restart; decided by a real probe."""
+    from granger_mpi.doctor import probe_ulfm
+    works, detail = probe_ulfm()
+    flags = np.array([1 if works else 0], np.int64)
+    comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MIN)
+    works = bool(flags[0])
+    if job.fault.mode == "ulfm" and not works:
+        raise UserError(f"[fault].mode = 'ulfm' but ULFM does not work in this job: {detail}",
+                        agreed=True)
+    ulfm = works and job.fault.mode != "restart"
+    if comm.Get_rank() == 0:
+        log(f"fault tolerance: {'ULFM (revoke, shrink, carry on)' if ulfm else 'restart from checkpoints'}"
+            f"{'' if works or job.fault.mode == 'restart' else ' (' + detail + ')'}")
+    return ulfm
+
+
+def _reopen_metrics(run_dir, job, resume_step, log):
+    """Metrics after a failure: the file cut back to ``resume_step``; if the old rank 0 died
+    while writing it and left it unreadable, it is kept aside and a new one started."""
+    path = run_dir / "metrics.h5"
+    try:
+        return metrics.MetricsFile(path, job.output.metrics_flush_steps, resume_step=resume_step)
+    except (OSError, RuntimeError, KeyError) as exc:
+        aside = path.with_name(f"metrics.damaged-{int(time.time())}.h5")
+        path.replace(aside)
+        log(f"metrics file {path} unreadable after the failure ({exc}); kept as {aside}, "
+            f"starting a new one at step {resume_step}")
+        return metrics.MetricsFile(path, job.output.metrics_flush_steps)
+
+
+def _recover(comm, job, exc, completed, params, velocity, before, step_index, lost_before, log):
+    """Revoke, shrink, agree on the last step every survivor completed, roll back to it.
+
+    Returns ``(new communicator, step to continue from, ranks lost now)``. Raises
+    ``RankFailure`` when the job's [fault] limits are passed.
+    """
+    started = time.perf_counter()
+    try:
+        comm.Revoke()
+    except MPI.Exception:
+        pass   # already revoked by another survivor
+    new = comm.Shrink()
+    new.Set_errhandler(MPI.ERRORS_RETURN)
+    lost = comm.Get_size() - new.Get_size()
+    agreed = np.array([completed], np.int64)
+    new.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MIN)
+    if completed > agreed[0]:       # this rank applied the step the others did not finish
+        np.copyto(params, before[0])
+        np.copyto(velocity, before[1])
+    check_replicas_identical(new, params, "parameters after a rank failure and roll-back")
+    if new.Get_rank() == 0:
+        log(f"rank failure at step {step_index} ({exc.Get_error_string().strip()}): {lost} rank(s) "
+            f"lost; {new.Get_size()} continue from step {int(agreed[0])} "
+            f"(revoke+shrink+agree {time.perf_counter() - started:.3f} s)")
+    total = lost_before + lost
+    if new.Get_size() < job.fault.min_ranks or total > job.fault.max_failures:
+        raise RankFailure(f"{total} rank(s) lost in all, {new.Get_size()} left: past [fault] limits "
+                          f"(min_ranks {job.fault.min_ranks}, max_failures {job.fault.max_failures})")
+    return new, int(agreed[0]), lost
 
 
 def _check_compatible(path, attrs, job, info):
@@ -198,11 +281,19 @@ def train(comm, job, info, model, *, resume=None, log=print):
             _check_compatible(source, attrs, job, info)
             return loaded, attrs
         state, attrs = agree(comm, load)
-        log(f"resuming from {source}: step {state.step} (epoch {state.epoch}, step "
-            f"{state.step_in_epoch}), saved by {int(attrs['world_size'])} rank(s)")
+        if rank == 0:
+            log(f"resuming from {source}: step {state.step} (epoch {state.epoch}, step "
+                f"{state.step_in_epoch}), saved by {int(attrs['world_size'])} rank(s)")
     params, velocity = state.params, state.velocity
     n_params = params.size
-    exchange = collectives.allocate(comm, n_params + N_STATS, np.float32)
+    ulfm = fault_mode(comm, job, log)
+    if ulfm:
+        # A plain buffer: shared windows are not fault tolerant (DESIGN.md §8), and the state
+        # before the latest update is kept so survivors can roll back to a common step.
+        exchange = np.zeros(n_params + N_STATS, np.float32)
+        before = (params.copy(), velocity.copy())
+    else:
+        exchange = collectives.allocate(comm, n_params + N_STATS, np.float32)
     grad, stats = exchange[:n_params], exchange[n_params:]
     lr = np.float32(job.optimizer.learning_rate)
     momentum = np.float32(job.optimizer.momentum)
@@ -253,11 +344,19 @@ def train(comm, job, info, model, *, resume=None, log=print):
                                  memory_budget_bytes=int(job.data.memory_budget_mb * 2**20))
     row_log = _open_row_log(rank)
     requests = Requests().__enter__()
+    completed = state.step    # steps whose update this rank has applied
+    ranks_lost = generation = 0
+    batches = iter(stream)
     try:
-        for step_index, (epoch, step, batch_len, rows, X, y) in enumerate(stream, start=state.step):
+        while True:
+            try:
+                epoch, step, batch_len, rows, X, y = next(batches)
+            except StopIteration:
+                break
+            step_index = epoch * per_epoch + step
             t0 = time.perf_counter()
-            if row_log is not None:
-                row_log.write(f"{epoch} {step} {' '.join(map(str, rows))}\n")
+            if row_log is not None:   # generation: how many failures this world has survived
+                row_log.write(f"{epoch} {step} {generation} {' '.join(map(str, rows))}\n")
             bad = _first_bad_row(info, X, y) if rows.size else -1
             if bad >= 0:
                 exchange[:] = 0
@@ -280,11 +379,39 @@ def train(comm, job, info, model, *, resume=None, log=print):
             stats[SAVE] = 1 if requests.save else 0
             stats[STOP] = 1 if requests.stop else 0
             requests.save = requests.stop = False
-            collectives.allreduce(comm, exchange, algorithm=algorithm,
-                                  ranks_per_node=job.collectives.ranks_per_node)
+            try:
+                collectives.allreduce(comm, exchange, algorithm=algorithm,
+                                      ranks_per_node=job.collectives.ranks_per_node)
+            except MPI.Exception as exc:
+                if not (ulfm and _is_rank_failure(exc)):
+                    raise
+                comm, completed, lost = _recover(comm, job, exc, completed, params, velocity,
+                                                 before, step_index, ranks_lost, log)
+                ranks_lost += lost
+                generation += 1
+                rank, size = comm.Get_rank(), comm.Get_size()
+                stream.close()
+                stream = dataset.BatchStream(
+                    info, job.train.global_batch, job.train.seed, size, rank,
+                    epochs=job.train.epochs, max_steps=job.train.max_steps, start_step=completed,
+                    prefetch_steps=job.data.prefetch_steps,
+                    memory_budget_bytes=int(job.data.memory_budget_mb * 2**20))
+                batches = iter(stream)
+                if rank == 0:
+                    if metrics_file is not None:
+                        metrics_file.close()
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    metrics_file = _reopen_metrics(run_dir, job, completed, log)
+                    progress = progress or metrics.Progress(total_steps - completed,
+                                                            job.output.progress_interval_s)
+                continue
             if stats[BAD] > 0:
                 _report_bad_row(comm, info, rows[bad] if bad >= 0 else None, epoch, step)
+            if ulfm:
+                np.copyto(before[0], params)
+                np.copyto(before[1], velocity)
             optim.sgd_momentum(params, grad, velocity, lr, momentum, weight_decay)
+            completed = step_index + 1
             loss = float(stats[LOSS])
             accuracy = float(stats[CORRECT]) if classification else None
             if rank == 0:
@@ -322,7 +449,8 @@ def train(comm, job, info, model, *, resume=None, log=print):
         if rank == 0:
             log(f"stopped on request after step {step_index + 1}; resume with --resume auto")
         return TrainResult(step_index + 1, loss, accuracy, model_path, run_dir / "metrics.h5",
-                           seconds=seconds, stopped=True, checkpoint=saved)
+                           seconds=seconds, stopped=True, checkpoint=saved, comm=comm,
+                           ranks_lost=ranks_lost)
     if ckpt.at_end and step_index + 1 > state.step:
         save(step_index + 1)
     if rank == 0:
@@ -330,9 +458,10 @@ def train(comm, job, info, model, *, resume=None, log=print):
                        attrs={"job": job.to_json(), "step": step_index + 1, "world_size": size})
         from granger_mpi.supervise import write_completion
         write_completion(run_dir, {"steps": step_index + 1, "world_size": size,
-                                   "model": str(model_path), "finished_at": time.time()})
+                                   "ranks_lost": ranks_lost, "model": str(model_path),
+                                   "finished_at": time.time()})
     result = TrainResult(step_index + 1, loss, accuracy, model_path, run_dir / "metrics.h5",
-                         seconds=seconds, checkpoint=saved)
+                         seconds=seconds, checkpoint=saved, comm=comm, ranks_lost=ranks_lost)
     if job.data.test_path is not None:
         test_info = dataset.open_info(job.data.test_path)
         result.test_loss, result.test_accuracy = evaluate(comm, model, params, test_info)

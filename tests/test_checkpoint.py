@@ -55,11 +55,19 @@ def test_stop_and_resume_is_bitwise_identical(straight, small_dataset, tmp_path,
 
 
 def count_rows(log_dir):
-    uses = Counter()
+    """``Counter`` of (epoch, row) uses; a step redone after a roll-back counts only from
+    its latest generation (the survivors' redo), never twice."""
+    steps = {}
     for path in log_dir.glob("rows-*.txt"):
         for line in path.read_text().splitlines():
-            epoch, _, *rows = line.split()
-            uses.update((int(epoch), int(r)) for r in rows)
+            epoch, step, generation, *rows = map(int, line.split())
+            steps.setdefault((epoch, step), []).append((generation, rows))
+    uses = Counter()
+    for (epoch, _), entries in steps.items():
+        newest = max(generation for generation, _ in entries)
+        for generation, rows in entries:
+            if generation == newest:
+                uses.update((epoch, row) for row in rows)
     return uses
 
 
