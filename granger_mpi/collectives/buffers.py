@@ -91,6 +91,17 @@ def largest_power_of_two(p):
     return 1 << (p.bit_length() - 1)
 
 
+def folded_index(rank, size):
+    """``rank``'s index among the ``p2`` ranks that go on after a fold, or -1 if it sits out.
+
+    Of the first ``2 * (size - p2)`` ranks, the even ones sit out and the odd ones go on.
+    """
+    extra = size - largest_power_of_two(size)
+    if rank < 2 * extra:
+        return -1 if rank % 2 == 0 else rank // 2
+    return rank - extra
+
+
 def fold_in(comm, buf, work, tag):
     """Fold a non-power-of-two world onto its largest power of two ``p2``.
 
@@ -98,16 +109,14 @@ def fold_in(comm, buf, work, tag):
     one after it, which adds it in. Returns this rank's index among the ``p2`` ranks that go
     on, or -1 for a rank that sits out until ``fold_out``.
     """
-    rank, size = comm.Get_rank(), comm.Get_size()
-    extra = size - largest_power_of_two(size)
-    if rank < 2 * extra:
-        if rank % 2 == 0:
-            comm.Send(buf, rank + 1, tag)
-            return -1
+    rank = comm.Get_rank()
+    index = folded_index(rank, comm.Get_size())
+    if index < 0:
+        comm.Send(buf, rank + 1, tag)
+    elif rank < 2 * (comm.Get_size() - largest_power_of_two(comm.Get_size())):
         comm.Recv(work[:buf.size], rank - 1, tag)
         np.add(buf, work[:buf.size], out=buf)
-        return rank // 2
-    return rank - extra
+    return index
 
 
 def fold_out(comm, buf, tag):

@@ -9,8 +9,8 @@ choice for latency-bound sizes, so the per-call Python work is kept to a cached 
 
 import numpy as np
 
-from granger_mpi.collectives.buffers import (TAG_RD, cache, fold_in, fold_out, folded_rank,
-                                             largest_power_of_two, scratch)
+from granger_mpi.collectives.buffers import (TAG_RD, cache, fold_in, fold_out, folded_index,
+                                             folded_rank, largest_power_of_two, scratch)
 
 
 def _partners(comm):
@@ -18,13 +18,9 @@ def _partners(comm):
     store = cache(comm)
     partners = store.get("rd-partners")
     if partners is None:
-        size, rank = comm.Get_size(), comm.Get_rank()
+        size = comm.Get_size()
         p2 = largest_power_of_two(size)
-        extra = size - p2
-        if rank < 2 * extra and rank % 2 == 0:
-            index = -1
-        else:
-            index = rank // 2 if rank < 2 * extra else rank - extra
+        index = folded_index(comm.Get_rank(), size)
         partners = [] if index < 0 else [folded_rank(comm, index ^ (1 << k))
                                          for k in range(p2.bit_length() - 1)]
         store["rd-partners"] = partners = (p2 == size, partners)
