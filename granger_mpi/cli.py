@@ -18,6 +18,9 @@ exit codes:
   3  stopped on request (SIGTERM to the ranks, or a file RUN_DIR/STOP) after writing a
      checkpoint; continue with --resume auto
   4  supervise gave up: the run kept failing and --max-restarts were used up
+  5  ranks died past the [fault] limits (or ULFM is off); a checkpoint was kept: restart
+     with --resume auto (supervise does)
+  6  the watchdog found a step, checkpoint or recovery stuck, reported it and aborted
 
 Run under MPI as `mpirun -n 4 granger-mpi train job.toml`; commands also run without mpirun
 (one rank). Signals (to mpirun, which forwards them, or to every rank): SIGUSR1 saves a
@@ -47,17 +50,22 @@ def _world():
 
 def cmd_train(args):
     """Train a model as the job file says."""
-    from granger_mpi import config, train
-    from granger_mpi.errors import EXIT_STOPPED
+    from granger_mpi import config, faults, train
+    from granger_mpi.errors import EXIT_RANKS_LOST, EXIT_STOPPED
     from granger_mpi.runtime import agree, say
     comm = _world().Dup()
+    injections = agree(comm, lambda: [faults.parse(text) for text in args.inject_failure])
     job = agree(comm, config.load, args.job)
     info, model = train.prepare(comm, job, overwrite=args.overwrite, resume=args.resume)
     if args.overwrite and args.resume is None:
         train.discard_previous_run(comm, job)
     log = lambda message: print(message, flush=True)   # train logs from its rank 0 only
-    result = train.train(comm, job, info, model, resume=args.resume, log=log)
+    world = _world()
+    result = train.train(comm, job, info, model, resume=args.resume, log=log,
+                         injections=injections, abort=world.Abort)
     comm = result.comm
+    if result.limit_reason:
+        return _leave(comm, result, EXIT_RANKS_LOST)
     if result.stopped:
         return _leave(comm, result, EXIT_STOPPED)
     acc = "" if result.final_accuracy is None else f", accuracy {100 * result.final_accuracy:.2f}% (last batch)"
@@ -81,6 +89,31 @@ def _leave(comm, result, code):
         os._exit(code)
     comm.Free()
     return code
+
+
+def cmd_status(args):
+    """Per-rank state of a run."""
+    import json
+    import time
+
+    from granger_mpi import status
+    from granger_mpi.errors import UserError
+    if args.json:
+        records = status.read_all(args.run_dir)
+        if not records:
+            raise UserError(f"{args.run_dir}: no status files in {status.status_dir(args.run_dir)}")
+        print(json.dumps(records, indent=1))
+        return 0
+    while True:
+        text, live = status.table(args.run_dir)
+        if text is None:
+            raise UserError(f"{args.run_dir}: no status files in {status.status_dir(args.run_dir)} "
+                            f"(not a run directory, or the run has not started)")
+        print(text, flush=True)
+        if args.watch is None or not live:
+            return 0 if live else 1
+        time.sleep(args.watch)
+        print()
 
 
 def cmd_evaluate(args):
@@ -216,6 +249,22 @@ def build_parser():
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue from a checkpoint: 'auto' takes the newest one in RUN_DIR/ckpt "
                         "that verifies (or starts fresh if there is none), PATH a given file")
+    p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
+                   help="make a rank fail on purpose, for tests and demos (repeatable): "
+                        "rank=R,step=S[,mode=exit|kill9|hang][,at=compute|allreduce|checkpoint]; "
+                        "R is the rank in MPI_COMM_WORLD, S the step index (for at=checkpoint "
+                        "the checkpoint of S completed steps); default mode kill9, at compute")
+
+    p = add("status", cmd_status, "per-rank state of a run, live or after it ended (no MPI needed)",
+            "Print who is alive, each rank's state (IDLE, TRAINING, AGGREGATING, CHECKPOINTING, "
+            "FAILED, RECOVERING), step, time in that state and last heartbeat, from the files "
+            "RUN_DIR/status/rank-N.json that every rank refreshes each [fault].status_interval_s. "
+            "A rank without a heartbeat for 3 intervals shows as LOST?. Exit code 0 while the run "
+            "is live, 1 when no rank is running, 2 when there is no status to show.")
+    p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
+    p.add_argument("--watch", type=float, metavar="SECONDS", default=None,
+                   help="print the table again every SECONDS until no rank is running")
+    p.add_argument("--json", action="store_true", help="every rank's record as JSON")
 
     p = add("evaluate", cmd_evaluate, "loss and accuracy of a saved model on a dataset")
     p.add_argument("model", type=Path, help="model file written by train (RUN_DIR/model.h5)")

@@ -103,17 +103,27 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FaultConfig:
-    """``[fault]``: what to do when ranks die.
+    """``[fault]``: what to do when ranks die or hang.
 
     ``mode``: ``auto`` uses ULFM (revoke, shrink, carry on) when a probe at start-up finds
     it working in this job, else leaves failures to ``granger-mpi supervise`` (restart from
     the newest checkpoint); ``ulfm`` or ``restart`` force one. Below ``min_ranks`` survivors,
-    or past ``max_failures`` lost ranks in all, the run saves a checkpoint and stops (exit 1).
+    or past ``max_failures`` lost ranks in all or ``max_failures_per_node`` on one host, the
+    run stops with exit code 5: ``on_limit = "stop"`` saves a checkpoint first, ``"abort"``
+    leaves at once (the newest periodic checkpoint stays). The watchdog aborts the job (exit
+    code 6) when a step lasts longer than ``step_timeout_s`` (0: automatic, 50x the median
+    step and at least 60 s) or a checkpoint or recovery longer than ``checkpoint_timeout_s``.
+    Every rank writes ``RUN_DIR/status/rank-N.json`` every ``status_interval_s``.
     """
 
     mode: str = _spec("auto", kind=str, choices=("auto", "ulfm", "restart"))
     min_ranks: int = _spec(1, kind=int, min=1)
     max_failures: int = _spec(3, kind=int, min=0)
+    max_failures_per_node: int = _spec(3, kind=int, min=0)
+    on_limit: str = _spec("stop", kind=str, choices=("stop", "abort"))
+    step_timeout_s: float = _spec(0.0, kind=float, min=0)
+    checkpoint_timeout_s: float = _spec(600.0, kind=float, min=0, exclusive_min=True)
+    status_interval_s: float = _spec(1.0, kind=float, min=0.05)
 
 
 @dataclass(frozen=True, kw_only=True)

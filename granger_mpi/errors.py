@@ -5,6 +5,8 @@ EXIT_FAILURE = 1      # an internal error, a failed check, a rank that crashed
 EXIT_BAD_INPUT = 2    # bad job file, dataset, argument or run directory; nothing was written
 EXIT_STOPPED = 3      # stopped on request (SIGTERM, STOP file) after writing a checkpoint
 EXIT_GAVE_UP = 4      # supervise: the run kept failing and the restarts are used up
+EXIT_RANKS_LOST = 5   # ranks died past the [fault] limits (or without ULFM); checkpoint kept
+EXIT_HUNG = 6         # the watchdog found a step, checkpoint or recovery stuck, and aborted
 
 
 class UserError(Exception):

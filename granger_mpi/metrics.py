@@ -13,6 +13,12 @@ FIELDS = {  # name: dtype
     "grad_norm": np.float64, "learning_rate": np.float64, "step_time_s": np.float64,
     "samples_per_s": np.float64,
 }
+# Rare events (a rank failure and its recovery), written at once to the group ``events``.
+EVENT_FIELDS = {
+    "time": np.float64, "step": np.int64, "kind": h5py.string_dtype(), "ranks_lost": np.int64,
+    "world_size": np.int64, "detect_s": np.float64, "recovery_s": np.float64,
+    "first_step_s": np.float64,
+}
 
 
 class MetricsFile:
@@ -38,6 +44,20 @@ class MetricsFile:
                 self._file.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
         for key, value in (attrs or {}).items():
             self._file.attrs[key] = value
+
+    def event(self, **row):
+        """Record one event now (every field of ``EVENT_FIELDS``); kept across resumes."""
+        try:
+            group = self._file.require_group("events")
+            for name, dtype in EVENT_FIELDS.items():
+                if name not in group:
+                    group.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(64,))
+                dset = group[name]
+                dset.resize(dset.shape[0] + 1, axis=0)
+                dset[-1] = row[name]
+            self._file.flush()
+        except (OSError, RuntimeError) as exc:
+            raise WriteError(f"cannot write metrics to {self.path}: {describe_io_error(exc)}") from None
 
     def append(self, **row):
         """Add one step's values (every field of ``FIELDS``)."""

@@ -9,8 +9,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import checkpoint, collectives, dataset, metrics, modelfile, models, partition
+from granger_mpi import (checkpoint, collectives, dataset, faults, metrics, modelfile, models,
+                         partition, status)
 from granger_mpi.errors import UserError
 from granger_mpi.kernels import checks, optim
 from granger_mpi.runtime import agree, bcast_text
@@ -45,6 +48,7 @@ class TrainResult:
     checkpoint: Path | None = None   # the last checkpoint written
     comm: object = None              # the communicator the run ended on (shrunk after failures)
     ranks_lost: int = 0
+    limit_reason: str | None = None  # stopped because ranks died past the [fault] limits
 
 
 class Requests:
@@ -169,20 +173,23 @@ def find_resume(comm, job, resume, log):
     return Path(text) if text else None
 
 
-class RankFailure(Exception):
-    """Ranks died and the run cannot go on (ULFM missing or the job's [fault] limits hit)."""
-
-
 FAILURE_CLASSES = None
 
 
-def _is_rank_failure(exc):
+def _is_rank_failure(exc, comm):
+    """Whether an MPI error means a peer died (some ranks see only MPI_ERR_OTHER from a
+    collective that a dead rank broke, so ULFM's list of failed ranks is asked as well)."""
     global FAILURE_CLASSES
     if FAILURE_CLASSES is None:
         FAILURE_CLASSES = {getattr(MPI, name) for name in
                            ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
                            if hasattr(MPI, name)}
-    return exc.Get_error_class() in FAILURE_CLASSES
+    if exc.Get_error_class() in FAILURE_CLASSES:
+        return True
+    try:
+        return comm.Get_failed().Get_size() > 0
+    except (MPI.Exception, NotImplementedError):
+        return False
 
 
 def fault_mode(comm, job, log):
@@ -216,35 +223,68 @@ def _reopen_metrics(run_dir, job, resume_step, log):
         return metrics.MetricsFile(path, job.output.metrics_flush_steps)
 
 
-def _recover(comm, job, exc, completed, params, velocity, before, step_index, lost_before, log):
+def _recover(comm, completed, params, velocity, before, idents):
     """Revoke, shrink, agree on the last step every survivor completed, roll back to it.
 
-    Returns ``(new communicator, step to continue from, ranks lost now)``. Raises
-    ``RankFailure`` when the job's [fault] limits are passed.
+    ``idents`` are the world ranks of ``comm``'s ranks. Returns ``(new communicator, step to
+    continue from, world ranks of the survivors)``; a failure during the recovery itself
+    shrinks again.
     """
-    started = time.perf_counter()
-    try:
-        comm.Revoke()
-    except MPI.Exception:
-        pass   # already revoked by another survivor
-    new = comm.Shrink()
-    new.Set_errhandler(MPI.ERRORS_RETURN)
-    lost = comm.Get_size() - new.Get_size()
-    agreed = np.array([completed], np.int64)
-    new.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MIN)
-    if completed > agreed[0]:       # this rank applied the step the others did not finish
-        np.copyto(params, before[0])
-        np.copyto(velocity, before[1])
-    check_replicas_identical(new, params, "parameters after a rank failure and roll-back")
-    if new.Get_rank() == 0:
-        log(f"rank failure at step {step_index} ({exc.Get_error_string().strip()}): {lost} rank(s) "
-            f"lost; {new.Get_size()} continue from step {int(agreed[0])} "
-            f"(revoke+shrink+agree {time.perf_counter() - started:.3f} s)")
-    total = lost_before + lost
-    if new.Get_size() < job.fault.min_ranks or total > job.fault.max_failures:
-        raise RankFailure(f"{total} rank(s) lost in all, {new.Get_size()} left: past [fault] limits "
-                          f"(min_ranks {job.fault.min_ranks}, max_failures {job.fault.max_failures})")
-    return new, int(agreed[0]), lost
+    while True:
+        try:
+            comm.Revoke()
+        except MPI.Exception:
+            pass   # already revoked by another survivor
+        new = comm.Shrink()
+        new.Set_errhandler(MPI.ERRORS_RETURN)
+        try:
+            me = np.array([idents[comm.Get_rank()]], np.int64)
+            survivors = np.empty(new.Get_size(), np.int64)
+            new.Allgather(me, survivors)
+            agreed = np.array([completed], np.int64)
+            new.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MIN)
+            if completed > agreed[0]:   # this rank applied the step the others did not finish
+                np.copyto(params, before[0])
+                np.copyto(velocity, before[1])
+                completed = int(agreed[0])
+            check_replicas_identical(new, params, "parameters after a rank failure and roll-back")
+            return new, int(agreed[0]), survivors.tolist()
+        except MPI.Exception as exc:
+            if not _is_rank_failure(exc, new):
+                raise
+            idents = [idents[r] for r in _translate(new, comm)]
+            comm = new     # another rank died while recovering: shrink again
+
+
+def _translate(new, old):
+    """Ranks in ``old`` of every rank of ``new``."""
+    return MPI.Group.Translate_ranks(new.Get_group(), list(range(new.Get_size())), old.Get_group())
+
+
+def _hosts(comm):
+    """Host name of every rank of ``comm`` (buffer calls, no pickle)."""
+    mine = np.zeros(64, np.uint8)
+    name = socket.gethostname().encode()[:64]
+    mine[:len(name)] = np.frombuffer(name, np.uint8)
+    every = np.empty((comm.Get_size(), 64), np.uint8)
+    comm.Allgather(mine, every)
+    return [row.tobytes().rstrip(b"\0").decode() for row in every]
+
+
+def _past_limits(fault, size, lost, hosts):
+    """Why the run must stop after losing world ranks ``lost`` (None if it may go on)."""
+    if size < fault.min_ranks:
+        return f"{size} rank(s) left, [fault].min_ranks is {fault.min_ranks}"
+    if len(lost) > fault.max_failures:
+        return f"{len(lost)} rank(s) lost in all, [fault].max_failures is {fault.max_failures}"
+    if not lost:
+        return None
+    per_host = Counter(hosts[r] for r in lost)
+    host, count = per_host.most_common(1)[0]
+    if count > fault.max_failures_per_node:
+        return (f"{count} rank(s) lost on host {host}, [fault].max_failures_per_node is "
+                f"{fault.max_failures_per_node}")
+    return None
 
 
 def _check_compatible(path, attrs, job, info):
@@ -262,14 +302,17 @@ def _check_compatible(path, attrs, job, info):
                         f"{info.path} has {info.n_rows}")
 
 
-def train(comm, job, info, model, *, resume=None, log=print):
+def train(comm, job, info, model, *, resume=None, log=print, injections=(), abort=None):
     """Run the job on ``comm``; rank 0 writes ``model.h5`` and ``metrics.h5``.
 
     Collective over ``comm``. Parameters stay bitwise identical on every rank (checked at
     the end); the same job at the same world size gives bitwise identical results, also
-    when it is stopped and resumed (``resume``: "auto" or a checkpoint path).
+    when it is stopped and resumed (``resume``: "auto" or a checkpoint path). Under ULFM,
+    rank failures are survived (see ``recover`` below). ``injections`` are planned failures
+    (``faults.Injection``); ``abort(code)`` ends the whole job (the hang watchdog's exit).
     """
     rank, size = comm.Get_rank(), comm.Get_size()
+    idents = list(range(size))     # world rank of each rank of ``comm``: kept across shrinks
     run_dir = job.output.run_dir
     warm_kernels(comm, model, info)
     state = checkpoint.TrainState(model.init_params(job.train.seed), None, 0, 0, 0)
@@ -287,18 +330,30 @@ def train(comm, job, info, model, *, resume=None, log=print):
     params, velocity = state.params, state.velocity
     n_params = params.size
     ulfm = fault_mode(comm, job, log)
+    algorithm = job.collectives.algorithm
     if ulfm:
-        # A plain buffer: shared windows are not fault tolerant (DESIGN.md §8), and the state
-        # before the latest update is kept so survivors can roll back to a common step.
+        if algorithm not in collectives.FAULT_TOLERANT + ("auto",):
+            raise UserError(f"[collectives].algorithm = {algorithm!r} uses shared-memory windows, "
+                            f"which ULFM cannot repair after a failure; use one of "
+                            f"{', '.join(collectives.FAULT_TOLERANT)} or auto, or [fault].mode = "
+                            f"'restart'", agreed=True)
+        # A plain buffer (shared windows are not fault tolerant, DESIGN.md §8), and the state
+        # before the latest update, so survivors can roll back to a common step.
         exchange = np.zeros(n_params + N_STATS, np.float32)
         before = (params.copy(), velocity.copy())
     else:
         exchange = collectives.allocate(comm, n_params + N_STATS, np.float32)
+        before = None
     grad, stats = exchange[:n_params], exchange[n_params:]
+
+    def choose_algorithm():
+        if ulfm and job.collectives.algorithm == "auto":
+            return collectives.auto.choose(comm, exchange.nbytes, collectives.FAULT_TOLERANT)
+        return job.collectives.algorithm
+    algorithm = choose_algorithm()
     lr = np.float32(job.optimizer.learning_rate)
     momentum = np.float32(job.optimizer.momentum)
     weight_decay = np.float32(job.optimizer.weight_decay)
-    algorithm = job.collectives.algorithm
 
     per_epoch = partition.steps_per_epoch(info.n_rows, job.train.global_batch)
     total_steps = per_epoch * job.train.epochs
@@ -306,167 +361,259 @@ def train(comm, job, info, model, *, resume=None, log=print):
         total_steps = min(total_steps, job.train.max_steps)
     classification = info.task == "classification"
 
-    metrics_file = progress = None
+    hosts = _hosts(comm)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "job.toml").write_text(job.text)
-        metrics_file = metrics.MetricsFile(run_dir / "metrics.h5", job.output.metrics_flush_steps,
-                                           {"job": job.to_json(), "world_size": size},
-                                           resume_step=state.step if source else None)
-        progress = metrics.Progress(total_steps - state.step, job.output.progress_interval_s)
-        log(f"training {model.kind} {list(model.sizes)} ({n_params:,} parameters) on "
-            f"{info.path} ({info.n_rows:,} rows, {info.task}) with {size} rank(s), "
-            f"global batch {job.train.global_batch}, {total_steps} steps, allreduce {algorithm}")
-
-    started = last_save = time.perf_counter()
-    loss = accuracy = float("nan")
-    step_index = state.step - 1
-    stopped = False
-    saved = None
-    ckpt = job.checkpoint
-    stop_file = run_dir / "STOP"
-
-    def save(next_index):
-        nonlocal saved, last_save
-        position = checkpoint.TrainState(params, velocity, next_index, next_index // per_epoch,
-                                         next_index % per_epoch)
-        saved = checkpoint.save(comm, run_dir, model, position, job_json=job.to_json(),
-                                seed=job.train.seed, keep_last=ckpt.keep_last,
-                                extra_attrs={"n_rows": info.n_rows},
-                                verify_after_write=ckpt.verify_after_write)
-        last_save = time.perf_counter()
-        if rank == 0:
-            log(f"checkpoint {saved} (step {next_index})")
-
-    stream = dataset.BatchStream(info, job.train.global_batch, job.train.seed, size, rank,
-                                 epochs=job.train.epochs, max_steps=job.train.max_steps,
-                                 start_step=state.step, prefetch_steps=job.data.prefetch_steps,
-                                 memory_budget_bytes=int(job.data.memory_budget_mb * 2**20))
-    row_log = _open_row_log(rank)
-    requests = Requests().__enter__()
-    completed = state.step    # steps whose update this rank has applied
-    ranks_lost = generation = 0
-    batches = iter(stream)
+        status.clear(run_dir, size)
+    comm.Barrier()
+    fault = job.fault
+    rank_status = status.RankStatus(
+        run_dir, rank, size, "ulfm" if ulfm else "restart", interval_s=fault.status_interval_s,
+        step_timeout_s=fault.step_timeout_s, slow_timeout_s=fault.checkpoint_timeout_s,
+        abort=abort or comm.Abort).start()
     try:
-        while True:
-            try:
-                epoch, step, batch_len, rows, X, y = next(batches)
-            except StopIteration:
-                break
-            step_index = epoch * per_epoch + step
-            t0 = time.perf_counter()
-            if row_log is not None:   # generation: how many failures this world has survived
-                row_log.write(f"{epoch} {step} {generation} {' '.join(map(str, rows))}\n")
-            bad = _first_bad_row(info, X, y) if rows.size else -1
-            if bad >= 0:
-                exchange[:] = 0
-                stats[BAD] = 1
-            else:
-                scale = np.float32(1.0 / batch_len)
-                if rows.size:
-                    loss_sum, correct = model.loss_grad(params, X, y, scale, grad)
-                else:
-                    grad[:] = 0
-                    loss_sum, correct = 0.0, 0
-                stats[LOSS] = loss_sum / batch_len
-                stats[CORRECT] = correct / batch_len
-                stats[BAD] = 0
+        injector = faults.Injector(injections, rank)
+
+        metrics_file = progress = None
+        if rank == 0:
+            (run_dir / "job.toml").write_text(job.text)
+            metrics_file = metrics.MetricsFile(run_dir / "metrics.h5", job.output.metrics_flush_steps,
+                                               {"job": job.to_json(), "world_size": size},
+                                               resume_step=state.step if source else None)
+            progress = metrics.Progress(total_steps - state.step, job.output.progress_interval_s)
+            log(f"training {model.kind} {list(model.sizes)} ({n_params:,} parameters) on "
+                f"{info.path} ({info.n_rows:,} rows, {info.task}) with {size} rank(s), "
+                f"global batch {job.train.global_batch}, {total_steps} steps, allreduce {algorithm}")
+
+        started = last_save = time.perf_counter()
+        loss = accuracy = float("nan")
+        step_index = state.step - 1
+        stopped = False
+        limit_reason = None      # why the run stopped after losing ranks
+        saved = None
+        ckpt = job.checkpoint
+        stop_file = run_dir / "STOP"
+
+        def open_stream(start_step):
+            return dataset.BatchStream(info, job.train.global_batch, job.train.seed, size, rank,
+                                       epochs=job.train.epochs, max_steps=job.train.max_steps,
+                                       start_step=start_step, prefetch_steps=job.data.prefetch_steps,
+                                       memory_budget_bytes=int(job.data.memory_budget_mb * 2**20))
+
+        stream = open_stream(state.step)
+        batches = iter(stream)
+        row_log = _open_row_log(rank)
+        requests = Requests().__enter__()
+        completed = state.step    # steps whose update this rank has applied
+        lost_ranks = []           # world ranks lost so far
+        generation = 0            # failures survived (for the row log)
+        pending_event = None      # a recovery waiting for its first completed step
+
+        def recover(exc, where):
+            """After a rank failure: a working communicator, rolled back to a common step, the
+            rest of the epoch re-split among the survivors. Returns why the run must stop now
+            (the [fault] limits), or None to carry on."""
+            nonlocal comm, rank, size, idents, completed, generation, stream, batches
+            nonlocal metrics_file, progress, algorithm, pending_event
+            detected, entered = time.time(), rank_status.since
+            rank_status.set(status.RECOVERING, note=f"rank failure during {where}")
+            old_size = size
+            comm, completed, idents = _recover(comm, completed, params, velocity, before, idents)
+            rank, size = comm.Get_rank(), comm.Get_size()
+            gone = sorted(set(range(len(hosts))) - set(idents) - set(lost_ranks))
+            lost_ranks.extend(gone)
+            generation += 1
+            rank_status.ranks_alive, rank_status.failures = size, len(lost_ranks)
+            recovery_s = time.time() - detected
+            algorithm = choose_algorithm()
             if rank == 0:
-                if ckpt.every_seconds is not None and time.perf_counter() - last_save >= ckpt.every_seconds:
-                    requests.save = True
-                if stop_file.exists():
-                    requests.save = requests.stop = True
-            stats[SAVE] = 1 if requests.save else 0
-            stats[STOP] = 1 if requests.stop else 0
-            requests.save = requests.stop = False
-            try:
-                collectives.allreduce(comm, exchange, algorithm=algorithm,
-                                      ranks_per_node=job.collectives.ranks_per_node)
-            except MPI.Exception as exc:
-                if not (ulfm and _is_rank_failure(exc)):
-                    raise
-                comm, completed, lost = _recover(comm, job, exc, completed, params, velocity,
-                                                 before, step_index, ranks_lost, log)
-                ranks_lost += lost
-                generation += 1
-                rank, size = comm.Get_rank(), comm.Get_size()
+                status.mark_failed(run_dir, gone, f"lost at step {step_index} ({where})", step_index)
+                log(f"rank failure at step {step_index} during {where} "
+                    f"({exc.Get_error_string().strip()}): {old_size - size} rank(s) lost "
+                    f"(world ranks {gone}); {size} continue from step {completed} "
+                    f"(revoke+shrink+agree {recovery_s:.3f} s)")
+                if metrics_file is not None:
+                    metrics_file.close()
+                metrics_file = _reopen_metrics(run_dir, job, completed, log)
+                progress = progress or metrics.Progress(total_steps - completed,
+                                                        job.output.progress_interval_s)
+            pending_event = dict(time=detected, step=completed, kind=f"rank failure ({where})",
+                                 ranks_lost=len(gone), world_size=size,
+                                 detect_s=detected - entered,
+                                 recovery_s=recovery_s)
+            if stream is not None:
                 stream.close()
-                stream = dataset.BatchStream(
-                    info, job.train.global_batch, job.train.seed, size, rank,
-                    epochs=job.train.epochs, max_steps=job.train.max_steps, start_step=completed,
-                    prefetch_steps=job.data.prefetch_steps,
-                    memory_budget_bytes=int(job.data.memory_budget_mb * 2**20))
+                stream = open_stream(completed)
                 batches = iter(stream)
-                if rank == 0:
-                    if metrics_file is not None:
-                        metrics_file.close()
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    metrics_file = _reopen_metrics(run_dir, job, completed, log)
-                    progress = progress or metrics.Progress(total_steps - completed,
-                                                            job.output.progress_interval_s)
-                continue
-            if stats[BAD] > 0:
-                _report_bad_row(comm, info, rows[bad] if bad >= 0 else None, epoch, step)
-            if ulfm:
-                np.copyto(before[0], params)
-                np.copyto(before[1], velocity)
-            optim.sgd_momentum(params, grad, velocity, lr, momentum, weight_decay)
-            completed = step_index + 1
-            loss = float(stats[LOSS])
-            accuracy = float(stats[CORRECT]) if classification else None
+            return _past_limits(fault, size, lost_ranks, hosts)
+
+        def guarded(fn, where):
+            """``fn()``; under ULFM a rank failure inside it is recovered from and ``fn`` rerun.
+            Returns (result, why the run must stop or None)."""
+            while True:
+                try:
+                    return fn(), None
+                except MPI.Exception as exc:
+                    if not (ulfm and _is_rank_failure(exc, comm)):
+                        raise
+                    reason = recover(exc, where)
+                    if reason:
+                        return None, reason
+
+        def save(next_index, on_written=None):
+            nonlocal saved, last_save
+            rank_status.set(status.CHECKPOINTING, note=f"checkpoint at step {next_index}")
+            position = checkpoint.TrainState(params, velocity, next_index, next_index // per_epoch,
+                                             next_index % per_epoch)
+            saved = checkpoint.save(comm, run_dir, model, position, job_json=job.to_json(),
+                                    seed=job.train.seed, keep_last=ckpt.keep_last,
+                                    extra_attrs={"n_rows": info.n_rows},
+                                    verify_after_write=ckpt.verify_after_write, on_written=on_written)
+            last_save = time.perf_counter()
             if rank == 0:
-                step_time = time.perf_counter() - t0
-                metrics_file.append(step=step_index, epoch=epoch, loss=loss,
-                                    accuracy=np.nan if accuracy is None else accuracy,
-                                    grad_norm=float(np.sqrt(optim.sum_of_squares(grad))),
-                                    learning_rate=float(lr), step_time_s=step_time,
-                                    samples_per_s=batch_len / max(step_time, 1e-12))
-                progress.update(step_index - state.step, epoch, job.train.epochs, loss, accuracy,
-                                batch_len, force=step_index + 1 == total_steps)
-            done = step_index + 1
-            periodic = ckpt.every_steps is not None and done % ckpt.every_steps == 0
-            if (stats[SAVE] > 0 or stats[STOP] > 0 or periodic) and done < total_steps:
+                log(f"checkpoint {saved} (step {next_index})")
+
+        def stop_past_limits(reason):
+            if rank == 0:
+                log(f"stopping: {reason}" + (f"; saving a checkpoint at step {completed}"
+                                             if fault.on_limit == "stop" else ""))
+            if fault.on_limit == "stop":
                 if metrics_file is not None:
                     metrics_file.flush()
-                save(done)
-            if stats[STOP] > 0 and done < total_steps:
-                if rank == 0 and stop_file.exists():
-                    stop_file.unlink()    # honoured; a resumed run must not stop again at once
-                stopped = True
-                break
-    finally:
-        requests.__exit__()
-        stream.close()
-        if row_log is not None:
-            row_log.close()
-        if metrics_file is not None:
-            metrics_file.close()
+                save(completed)
 
-    check_replicas_identical(comm, params, "parameters at the end of training")
-    seconds = time.perf_counter() - started
-    model_path = run_dir / "model.h5"
-    if stopped:
+        try:
+            while True:
+                try:
+                    epoch, step, batch_len, rows, X, y = next(batches)
+                except StopIteration:
+                    break
+                step_index = epoch * per_epoch + step
+                t0 = time.perf_counter()
+                rank_status.set(status.TRAINING, step_index)
+                injector.at_compute(step_index)
+                if row_log is not None:   # generation: how many failures this world has survived
+                    row_log.write(f"{epoch} {step} {generation} {' '.join(map(str, rows))}\n")
+                bad = _first_bad_row(info, X, y) if rows.size else -1
+                if bad >= 0:
+                    exchange[:] = 0
+                    stats[BAD] = 1
+                else:
+                    scale = np.float32(1.0 / batch_len)
+                    if rows.size:
+                        loss_sum, correct = model.loss_grad(params, X, y, scale, grad)
+                    else:
+                        grad[:] = 0
+                        loss_sum, correct = 0.0, 0
+                    stats[LOSS] = loss_sum / batch_len
+                    stats[CORRECT] = correct / batch_len
+                    stats[BAD] = 0
+                if rank == 0:
+                    if ckpt.every_seconds is not None and time.perf_counter() - last_save >= ckpt.every_seconds:
+                        requests.save = True
+                    if stop_file.exists():
+                        requests.save = requests.stop = True
+                stats[SAVE] = 1 if requests.save else 0
+                stats[STOP] = 1 if requests.stop else 0
+                requests.save = requests.stop = False
+                rank_status.set(status.AGGREGATING)
+                injector.arm_allreduce(step_index)
+                try:
+                    collectives.allreduce(comm, exchange, algorithm=algorithm,
+                                          ranks_per_node=job.collectives.ranks_per_node)
+                except MPI.Exception as exc:
+                    if not (ulfm and _is_rank_failure(exc, comm)):
+                        raise
+                    limit_reason = recover(exc, f"the allreduce ({algorithm})")
+                    if limit_reason:
+                        break
+                    continue
+                if stats[BAD] > 0:
+                    _report_bad_row(comm, info, rows[bad] if bad >= 0 else None, epoch, step)
+                if ulfm:
+                    np.copyto(before[0], params)
+                    np.copyto(before[1], velocity)
+                optim.sgd_momentum(params, grad, velocity, lr, momentum, weight_decay)
+                completed = step_index + 1
+                loss = float(stats[LOSS])
+                accuracy = float(stats[CORRECT]) if classification else None
+                if rank == 0:
+                    step_time = time.perf_counter() - t0
+                    metrics_file.append(step=step_index, epoch=epoch, loss=loss,
+                                        accuracy=np.nan if accuracy is None else accuracy,
+                                        grad_norm=float(np.sqrt(optim.sum_of_squares(grad))),
+                                        learning_rate=float(lr), step_time_s=step_time,
+                                        samples_per_s=batch_len / max(step_time, 1e-12))
+                    progress.update(step_index - state.step, epoch, job.train.epochs, loss, accuracy,
+                                    batch_len, force=step_index + 1 == total_steps)
+                if pending_event is not None:
+                    if rank == 0:
+                        pending_event["first_step_s"] = time.time() - pending_event["time"]
+                        metrics_file.event(**pending_event)
+                        log(f"first step after the failure completed {pending_event['first_step_s']:.3f} s "
+                            f"after it was detected")
+                    pending_event = None
+                done = step_index + 1
+                periodic = ckpt.every_steps is not None and done % ckpt.every_steps == 0
+                if (stats[SAVE] > 0 or stats[STOP] > 0 or periodic) and done < total_steps:
+                    if metrics_file is not None:
+                        metrics_file.flush()
+                    _, limit_reason = guarded(
+                        lambda: save(done, injector.checkpoint_hook(done)), "a checkpoint")
+                    if limit_reason:
+                        break
+                if stats[STOP] > 0 and done < total_steps:
+                    if rank == 0 and stop_file.exists():
+                        stop_file.unlink()    # honoured; a resumed run must not stop again at once
+                    stopped = True
+                    break
+            if limit_reason:
+                stop_past_limits(limit_reason)
+        finally:
+            requests.__exit__()
+            stream.close()
+            stream = None
+            if row_log is not None:
+                row_log.close()
+            if metrics_file is not None:
+                metrics_file.close()
+                metrics_file = None
+
+        def finish():
+            check_replicas_identical(comm, params, "parameters at the end of training")
+            if ckpt.at_end and completed > state.step and (saved is None or saved.name != checkpoint.file_name(completed)):
+                save(completed)
+        if not (stopped or limit_reason):
+            _, limit_reason = guarded(finish, "the end of training")
+            if limit_reason:
+                stop_past_limits(limit_reason)
+        seconds = time.perf_counter() - started
+        model_path = run_dir / "model.h5"
+        result = TrainResult(completed, loss, accuracy, model_path, run_dir / "metrics.h5",
+                             seconds=seconds, checkpoint=saved, comm=comm, ranks_lost=len(lost_ranks))
+        if stopped or limit_reason:
+            rank_status.close(note=limit_reason or "stopped on request")
+            if rank == 0 and stopped:
+                log(f"stopped on request after step {completed}; resume with --resume auto")
+            result.stopped, result.limit_reason = True, limit_reason
+            return result
         if rank == 0:
-            log(f"stopped on request after step {step_index + 1}; resume with --resume auto")
-        return TrainResult(step_index + 1, loss, accuracy, model_path, run_dir / "metrics.h5",
-                           seconds=seconds, stopped=True, checkpoint=saved, comm=comm,
-                           ranks_lost=ranks_lost)
-    if ckpt.at_end and step_index + 1 > state.step:
-        save(step_index + 1)
-    if rank == 0:
-        modelfile.save(model_path, model, params,
-                       attrs={"job": job.to_json(), "step": step_index + 1, "world_size": size})
-        from granger_mpi.supervise import write_completion
-        write_completion(run_dir, {"steps": step_index + 1, "world_size": size,
-                                   "ranks_lost": ranks_lost, "model": str(model_path),
-                                   "finished_at": time.time()})
-    result = TrainResult(step_index + 1, loss, accuracy, model_path, run_dir / "metrics.h5",
-                         seconds=seconds, checkpoint=saved, comm=comm, ranks_lost=ranks_lost)
-    if job.data.test_path is not None:
-        test_info = dataset.open_info(job.data.test_path)
-        result.test_loss, result.test_accuracy = evaluate(comm, model, params, test_info)
-    comm.Barrier()
-    return result
+            modelfile.save(model_path, model, params,
+                           attrs={"job": job.to_json(), "step": completed, "world_size": size})
+            from granger_mpi.supervise import write_completion
+            write_completion(run_dir, {"steps": completed, "world_size": size,
+                                       "ranks_lost": len(lost_ranks), "lost_world_ranks": lost_ranks,
+                                       "model": str(model_path), "finished_at": time.time()})
+        if job.data.test_path is not None:
+            test_info = dataset.open_info(job.data.test_path)
+            scores, _ = guarded(lambda: evaluate(comm, model, params, test_info), "the test evaluation")
+            result.test_loss, result.test_accuracy = scores or (None, None)
+        rank_status.close()
+        result.comm = comm
+        return result
+    except BaseException as exc:
+        rank_status.close(status.FAILED, note=f"{type(exc).__name__}: {exc}"[:200])
+        raise
 
 
 def _report_bad_row(comm, info, local_row, epoch, step):

@@ -92,7 +92,8 @@ def test_resume_at_another_world_size_uses_every_sample_once(small_dataset, tmp_
 def test_sigkill_during_a_save_falls_back_to_the_previous_checkpoint(straight, small_dataset, tmp_path):
     run_dir = tmp_path / "run"
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, checkpoint={"every_steps": 10})
-    crashed = mpirun(2, "train", job, timeout=120, env={"GRANGER_TEST_CRASH_IN_CHECKPOINT": "20"})
+    crashed = mpirun(2, "train", job, "--inject-failure", "rank=0,step=20,mode=kill9,at=checkpoint",
+                     timeout=120)
     assert crashed.returncode != 0, crashed.output
     assert (run_dir / "ckpt" / "step_00000020.h5.tmp").exists()      # the torn file
     assert not (run_dir / "ckpt" / "step_00000020.h5").exists()

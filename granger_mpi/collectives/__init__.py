@@ -20,6 +20,9 @@ import numpy as np
 from granger_mpi.collectives import auto, hierarchical, native, rd, rhd, ring, shm
 
 ALGORITHMS = ("native", "ring", "rhd", "rd", "shm", "hierarchical", "auto")
+# Those that survive a rank failure under ULFM (an error, not a hang): point-to-point and
+# MPI's own. ``shm`` and ``hierarchical`` use shared-memory windows, which ULFM cannot repair.
+FAULT_TOLERANT = ("native", "ring", "rhd", "rd")
 OPS = ("sum", "mean")
 _IMPLEMENTATIONS = {"native": native.allreduce, "ring": ring.allreduce, "rhd": rhd.allreduce,
                     "rd": rd.allreduce, "shm": shm.allreduce,

@@ -91,17 +91,20 @@ def _document(comm):
     return store["auto-doc"]
 
 
-def choose(comm, nbytes):
-    """Name of the algorithm for an allreduce of ``nbytes`` on ``comm`` (collective once)."""
+def choose(comm, nbytes, candidates=CANDIDATES):
+    """Name of the algorithm for an allreduce of ``nbytes`` on ``comm`` (collective once).
+
+    ``candidates`` narrows the choice (under ULFM: the algorithms without shared memory).
+    """
     decisions = cache(comm).setdefault("auto-decisions", {})
-    choice = decisions.get(nbytes)
+    choice = decisions.get((nbytes, candidates))
     if choice is not None:
         return choice
     size = comm.Get_size()
     one_node = shm.on_one_node(comm)
     doc = _document(comm)
     table = doc["tables"].get(table_key(size, one_node))
-    allowed = [a for a in CANDIDATES if one_node or a != "shm"]
+    allowed = [a for a in candidates if one_node or a != "shm"]
     if table:
         nearest = min(range(len(table["bytes"])),
                       key=lambda i: abs(math.log2(max(nbytes, 1)) - math.log2(table["bytes"][i])))
@@ -111,7 +114,7 @@ def choose(comm, nbytes):
         times = {a: model_seconds(a, nbytes, size, doc["model"]) * 1e6 for a in allowed}
         source = "alpha-beta-gamma model"
     choice = min(times, key=times.get)
-    decisions[nbytes] = choice
+    decisions[(nbytes, candidates)] = choice
     if comm.Get_rank() == 0:
         log.info("allreduce auto: %d bytes on %d ranks -> %s (%s, predicted %.1f us)",
                  nbytes, size, choice, source, times[choice])

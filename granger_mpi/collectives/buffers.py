@@ -23,6 +23,18 @@ PIPELINE_ELEMENTS = 1 << 21
 
 _keyval = None
 
+# Fault injection (granger_mpi.faults): called once, then cleared, after the next
+# point-to-point exchange of a hand-written algorithm, so a rank can die mid-collective.
+after_exchange = None
+
+
+def exchanged():
+    """Run and clear the ``after_exchange`` hook (one attribute test when none is set)."""
+    global after_exchange
+    if after_exchange is not None:
+        hook, after_exchange = after_exchange, None
+        hook()
+
 
 def cache(comm):
     """The dict cached on ``comm`` (created on first use)."""
@@ -67,6 +79,7 @@ def sendrecv_add(comm, buf, send, dest, recv, source, work, tag):
     if max(s_hi - s_lo, r_hi - r_lo) <= PIPELINE_ELEMENTS:
         comm.Sendrecv(buf[s_lo:s_hi], dest, tag, work[:r_hi - r_lo], source, tag)
         np.add(buf[r_lo:r_hi], work[:r_hi - r_lo], out=buf[r_lo:r_hi])
+        exchanged()
         return
     pieces = range(0, r_hi - r_lo, PIPELINE_ELEMENTS)
     receives = [comm.Irecv(work[o:min(r_hi - r_lo, o + PIPELINE_ELEMENTS)], source, tag) for o in pieces]
@@ -77,6 +90,7 @@ def sendrecv_add(comm, buf, send, dest, recv, source, work, tag):
         hi = min(r_hi, r_lo + o + PIPELINE_ELEMENTS)
         np.add(buf[r_lo + o:hi], work[o:hi - r_lo], out=buf[r_lo + o:hi])
     MPI.Request.Waitall(sends)
+    exchanged()
 
 
 def sendrecv_copy(comm, buf, send, dest, recv, source, tag):
@@ -84,6 +98,7 @@ def sendrecv_copy(comm, buf, send, dest, recv, source, tag):
     s_lo, s_hi = send
     r_lo, r_hi = recv
     comm.Sendrecv(buf[s_lo:s_hi], dest, tag, buf[r_lo:r_hi], source, tag)
+    exchanged()
 
 
 def largest_power_of_two(p):

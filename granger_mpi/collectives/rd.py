@@ -9,8 +9,9 @@ choice for latency-bound sizes, so the per-call Python work is kept to a cached 
 
 import numpy as np
 
-from granger_mpi.collectives.buffers import (TAG_RD, cache, fold_in, fold_out, folded_index,
-                                             folded_rank, largest_power_of_two, scratch)
+from granger_mpi.collectives.buffers import (TAG_RD, cache, exchanged, fold_in, fold_out,
+                                             folded_index, folded_rank, largest_power_of_two,
+                                             scratch)
 
 
 def _partners(comm):
@@ -35,9 +36,11 @@ def allreduce(comm, buf):
         for partner in partners:
             comm.Sendrecv(buf, partner, TAG_RD, work, partner, TAG_RD)
             np.add(buf, work, out=buf)
+            exchanged()
         return
     if fold_in(comm, buf, work, TAG_RD) >= 0:
         for partner in partners:
             comm.Sendrecv(buf, partner, TAG_RD, work, partner, TAG_RD)
             np.add(buf, work, out=buf)
+            exchanged()
     fold_out(comm, buf, TAG_RD)

@@ -1,0 +1,109 @@
+"""Fault injection for tests and demos: ``--inject-failure rank=R,step=S,mode=M[,at=A]``.
+
+A rank (numbered in ``MPI_COMM_WORLD``, so the number survives shrinks) fails on purpose
+when it reaches step ``S``:
+
+- ``mode``: ``exit`` (leaves at once with exit code 1, without ``MPI_Finalize``, like a
+  crash), ``kill9`` (SIGKILL to itself, like the OOM killer) or ``hang`` (stops making
+  progress but stays alive, like a rank stuck on a dead file system; the watchdog's case);
+- ``at``: ``compute`` (before its gradient is exchanged; default), ``allreduce`` (inside
+  the hand-written allreduce, after its first point-to-point exchange, so its peers are
+  mid-collective) or ``checkpoint`` (after writing its share of the checkpoint at step
+  ``S``, before the file is closed).
+
+Each injection fires once per process. The line it prints first (``inject: ...`` with a
+wall-clock time) lets benchmarks measure detection and recovery from the moment of failure.
+"""
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from granger_mpi.collectives import buffers
+from granger_mpi.errors import UserError
+
+MODES = ("exit", "kill9", "hang")
+PLACES = ("compute", "allreduce", "checkpoint")
+
+
+@dataclass(frozen=True)
+class Injection:
+    """One planned failure."""
+
+    rank: int
+    step: int
+    mode: str = "kill9"
+    at: str = "compute"
+
+    def __str__(self):
+        return f"rank={self.rank},step={self.step},mode={self.mode},at={self.at}"
+
+
+def parse(text):
+    """``"rank=2,step=30,mode=kill9,at=allreduce"`` -> ``Injection`` (``UserError`` if bad)."""
+    fields = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in ("rank", "step", "mode", "at"):
+            raise UserError(f"--inject-failure {text!r}: expected rank=R,step=S[,mode={'|'.join(MODES)}]"
+                            f"[,at={'|'.join(PLACES)}], got {item!r}")
+        fields[key.strip()] = value.strip()
+    if "rank" not in fields or "step" not in fields:
+        raise UserError(f"--inject-failure {text!r}: rank= and step= are required")
+    try:
+        rank, step = int(fields["rank"]), int(fields["step"])
+    except ValueError:
+        raise UserError(f"--inject-failure {text!r}: rank and step must be integers") from None
+    mode, at = fields.get("mode", "kill9"), fields.get("at", "compute")
+    if mode not in MODES or at not in PLACES or rank < 0 or step < 0:
+        raise UserError(f"--inject-failure {text!r}: mode is one of {', '.join(MODES)}, at one of "
+                        f"{', '.join(PLACES)}; rank and step are >= 0")
+    return Injection(rank, step, mode, at)
+
+
+def fail(injection, out=sys.stderr):
+    """Fail now, as ``injection.mode`` says (``hang`` never returns)."""
+    print(f"inject: rank {injection.rank} {injection.mode} at step {injection.step} "
+          f"({injection.at}) t={time.time():.6f}", file=out, flush=True)
+    if injection.mode == "kill9":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if injection.mode == "exit":
+        os._exit(1)
+    while True:          # hang: alive, holding no lock the watchdog thread needs
+        time.sleep(3600)
+
+
+class Injector:
+    """The injections planned for this process (``world_rank``), fired where they belong."""
+
+    def __init__(self, injections, world_rank):
+        self.pending = [i for i in injections if i.rank == world_rank]
+
+    def _take(self, step, at):
+        for injection in self.pending:
+            if injection.step == step and injection.at == at:
+                self.pending.remove(injection)
+                return injection
+        return None
+
+    def at_compute(self, step):
+        """Called before the step's gradient exchange."""
+        if self.pending:
+            injection = self._take(step, "compute")
+            if injection:
+                fail(injection)
+
+    def arm_allreduce(self, step):
+        """Called before the step's allreduce: fail after its first point-to-point exchange."""
+        if not self.pending:
+            return
+        injection = self._take(step, "allreduce")
+        if injection:
+            buffers.after_exchange = lambda: fail(injection)
+
+    def checkpoint_hook(self, step):
+        """A callable for ``checkpoint.save(on_written=...)`` at ``step``, or None."""
+        injection = self._take(step, "checkpoint") if self.pending else None
+        return (lambda: fail(injection)) if injection else None
