@@ -475,8 +475,9 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
 
         def stop_past_limits(reason):
             if rank == 0:
-                log(f"stopping: {reason}" + (f"; saving a checkpoint at step {completed}"
-                                             if fault.on_limit == "stop" else ""))
+                log(f"stopping (exit code 5): {reason}; " + (
+                    f"saving a checkpoint at step {completed}; continue with --resume auto"
+                    if fault.on_limit == "stop" else "continue with --resume auto"))
             if fault.on_limit == "stop":
                 if metrics_file is not None:
                     metrics_file.flush()
