@@ -200,6 +200,18 @@ def cmd_supervise(args):
                                max_restarts=args.max_restarts, backoff_s=args.backoff)
 
 
+def cmd_run(args):
+    """Start mpirun with the flags the job's fault mode needs."""
+    from granger_mpi import launch
+    train_args = (["--overwrite"] if args.overwrite else []) + \
+        (["--resume", args.resume] if args.resume else []) + \
+        [f"--inject-failure={spec}" for spec in args.inject_failure]
+    return launch.run(args.job, args.ranks, mpirun=args.mpirun, hostfile=args.hostfile,
+                      detector_timeout_s=args.detector_timeout, mpirun_args=args.mpirun_arg,
+                      train_args=train_args, max_restarts=args.max_restarts,
+                      backoff_s=args.backoff, dry_run=args.dry_run)
+
+
 def cmd_doctor(args):
     """Check the installation and print what is loaded."""
     from granger_mpi import doctor
@@ -313,6 +325,33 @@ def build_parser():
     p.add_argument("--mpirun", default="mpirun", help="launcher (default: mpirun on PATH)")
     p.add_argument("--mpirun-arg", action="append", default=[], help="extra launcher argument (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="first attempt replaces an earlier run")
+
+    p = add("run", cmd_run, "launch a training job with mpirun and the right fault-tolerance flags",
+            "Build and run `mpirun ... granger-mpi train JOB`: with [fault].mode auto or ulfm it "
+            "adds the flags ULFM needs (--with-ft ulfm --mca pml ob1 --mca btl tcp,self) and, "
+            "with --detector-timeout, Open MPI's heartbeat failure detector; as root it adds "
+            "--allow-run-as-root, and --oversubscribe when there are more ranks than cores and "
+            "no hostfile. With --max-restarts it runs under `supervise`: a failed run starts "
+            "again from its newest good checkpoint. Run it outside mpirun (inside an sbatch "
+            "script too: mpirun picks up the allocation).")
+    p.add_argument("job", type=Path, help="job file (TOML)")
+    p.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks")
+    p.add_argument("--hostfile", type=Path, help="Open MPI hostfile (default: this machine, "
+                                                 "or the Slurm allocation)")
+    p.add_argument("--detector-timeout", type=float, metavar="SECONDS", default=None,
+                   help="declare a silent peer dead after SECONDS (heartbeat detector; for "
+                        "lost nodes; a killed process is seen at once without it)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart from the newest checkpoint after a failure, up to this many "
+                        "times (default 0: run once, exit with mpirun's code)")
+    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first restart")
+    p.add_argument("--mpirun", default="mpirun", help="launcher (default: mpirun on PATH)")
+    p.add_argument("--mpirun-arg", action="append", default=[], help="extra launcher argument (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in run_dir")
+    p.add_argument("--resume", metavar="auto|PATH", help="as for train")
+    p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
+                   help="as for train (first attempt only)")
+    p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
 
     p = add("inspect", cmd_inspect, "describe, verify or compare checkpoints (no MPI needed)",
             "Show a checkpoint's step, epoch, world size, config and tensors (shape, dtype, norm, "

@@ -36,8 +36,12 @@ def completion(run_dir):
 
 
 def launcher(name):
-    """The mpirun to use: a path, or a name found on PATH or beside this Python."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    """The mpirun to use: a path, or a name found beside this Python or else on PATH.
+
+    Beside this Python first: the Open MPI that mpi4py was built for lives in the same
+    environment, while PATH may hold another (Debian's Open MPI 4 comes with parallel HDF5).
+    """
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if found is None:
         raise UserError(f"--mpirun {name}: not found (give a path)")
     return found
@@ -79,4 +83,19 @@ def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=()
         out(f"supervise: the run failed (exit code {code}); restart {restarts}/{max_restarts} from the "
             f"newest good checkpoint in {wait:.1f} s")
         time.sleep(wait)
-        extra = [a for a in train_args if a != "--overwrite"] + ["--resume", "auto"]
+        extra = _for_restart(train_args) + ["--resume", "auto"]
+
+
+def _for_restart(train_args):
+    """A restart keeps its predecessor's results and fails only where it was asked to once."""
+    kept, skip = [], False
+    for arg in train_args:
+        if skip or arg == "--overwrite":
+            skip = False
+            continue
+        if arg == "--inject-failure":
+            skip = True
+            continue
+        if not arg.startswith("--inject-failure="):
+            kept.append(arg)
+    return kept
