@@ -40,11 +40,6 @@ NAME = re.compile(r"^step_(\d{8})\.h5$")
 ENOSPC_HOOK = "GRANGER_TEST_ENOSPC_IN_CHECKPOINT"
 
 
-# Files left open after a peer died mid-save, by temporary name (see the Barrier in save):
-# kept alive for good, never closed, and a retry after recovery writes under a new name.
-_held_open = {}
-
-
 class CheckpointError(WriteError):
     """A checkpoint could not be written or read; earlier checkpoints are untouched."""
 
@@ -93,7 +88,7 @@ def _fsync_path(path):
 
 
 def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attrs=None,
-         verify_after_write=True, on_written=None):
+         verify_after_write=True, on_written=None, single_writer=False):
     """Write ``state`` as a new checkpoint; collective over ``comm``. Returns its path.
 
     ``verify_after_write`` reads the file back and checks every checksum before ``latest``
@@ -103,14 +98,16 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     Raises ``CheckpointError`` on every rank if any part fails (a full disk, say); the
     checkpoints written before are left as they were. ``on_written`` is called after this
     rank's writes, before the file is closed (fault injection).
+
+    ``single_writer``: rank 0 writes the whole file with serial HDF5 (every rank holds all
+    of the state) while the others only agree. For ULFM runs: when a peer died inside
+    parallel HDF5's collective calls, the survivors' HDF5 crashed at its next call, even on
+    another file; this way no MPI call runs inside HDF5, and a failure surfaces as an MPI
+    error on ``comm`` that the survivors recover from and then save again.
     """
     directory = checkpoint_dir(run_dir)
     final = directory / file_name(state.step)
     tmp = final.with_name(final.name + ".tmp")
-    retry = 0
-    while tmp in _held_open:   # HDF5 still holds that name open
-        retry += 1
-        tmp = final.with_name(f"{final.name}.{retry}.tmp")
     rank, size = comm.Get_rank(), comm.Get_size()
     tensors = _tensors(model, state)
     # Checksums are computed from memory, split over the ranks, then shared.
@@ -123,47 +120,24 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
         if rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
     agree(comm, prepare)
-    failed = f = None
+    attrs = {"format": FORMAT, "step": state.step, "epoch": state.epoch,
+             "step_in_epoch": state.step_in_epoch, "world_size": size, "seed": seed,
+             "model": json.dumps(model.spec()), "job": job_json,
+             "versions": json.dumps(_versions()), **(extra_attrs or {})}
+    failed = None
     try:
-        f = h5py.File(tmp, "w", driver="mpio", comm=comm)
-        datasets = []
-        for (path, array), checksum in zip(tensors, sums):
-            dset = f.create_dataset(path, array.shape, array.dtype, fill_time="never")
-            dset.attrs["crc32"] = int(checksum)
-            datasets.append(dset)
-        attrs = {"format": FORMAT, "step": state.step, "epoch": state.epoch,
-                 "step_in_epoch": state.step_in_epoch, "world_size": size, "seed": seed,
-                 "model": json.dumps(model.spec()), "job": job_json,
-                 "versions": json.dumps(_versions()), **(extra_attrs or {})}
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        try:
-            for dset, (_, array) in zip(datasets, tensors):
-                lo, hi = partition.rank_bounds(array.shape[0], size, rank)
-                if hi > lo:
-                    dset[lo:hi] = array[lo:hi]
-            if on_written is not None:
-                on_written()
-            if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
-                raise OSError(28, "No space left on device")
-        except (OSError, RuntimeError) as exc:
-            failed = exc
-        f.attrs["complete"] = 1
+        if not single_writer:
+            with h5py.File(tmp, "w", driver="mpio", comm=comm) as f:
+                failed = _write(f, tensors, sums, attrs, rank, size, on_written)
+                if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
+                    failed = OSError(28, "No space left on device")
+        elif rank == 0:
+            with h5py.File(tmp, "w") as f:
+                failed = _write(f, tensors, sums, attrs, 0, 1, on_written)
+        elif on_written is not None:
+            on_written()
     except (OSError, RuntimeError) as exc:
         failed = failed or exc
-    # Ask MPI before HDF5's collective close: if a peer died mid-save, that close fails in a
-    # way that crashes every later HDF5 call of this process. The file is then held open for
-    # good and the MPI error goes up, for the caller to recover from (ULFM) or die of.
-    try:
-        comm.Barrier()
-    except MPI.Exception:
-        _held_open[tmp] = f
-        raise
-    if f is not None:
-        try:
-            f.close()
-        except (OSError, RuntimeError) as exc:
-            failed = failed or exc
     def report_write():
         if failed is not None:
             raise CheckpointError(f"checkpoint at step {state.step} could not be written to "
@@ -182,8 +156,6 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
                 _fsync_path(tmp)
                 tmp.replace(final)
                 _fsync_path(directory)
-                for stale in directory.glob(final.name + ".*tmp"):   # left by a failed try
-                    stale.unlink(missing_ok=True)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise CheckpointError(f"checkpoint at step {state.step}: {describe_io_error(exc)}; "
@@ -212,6 +184,33 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
                                       f"{directory / 'latest'} was not: {describe_io_error(exc)}") from None
     agree(comm, index)
     return final
+
+
+def _write(f, tensors, sums, attrs, rank, size, on_written):
+    """Create every dataset (collective under mpio) and write this rank's rows of each.
+
+    Returns the OSError/RuntimeError of a failed write (the file is still closed
+    collectively), or None.
+    """
+    datasets = []
+    for (path, array), checksum in zip(tensors, sums):
+        dset = f.create_dataset(path, array.shape, array.dtype, fill_time="never")
+        dset.attrs["crc32"] = int(checksum)
+        datasets.append(dset)
+    for key, value in attrs.items():
+        f.attrs[key] = value
+    failed = None
+    try:
+        for dset, (_, array) in zip(datasets, tensors):
+            lo, hi = partition.rank_bounds(array.shape[0], size, rank)
+            if hi > lo:
+                dset[lo:hi] = array[lo:hi]
+        if on_written is not None:
+            on_written()
+    except (OSError, RuntimeError) as exc:
+        failed = exc
+    f.attrs["complete"] = 1
+    return failed
 
 
 def _versions():

@@ -8,7 +8,7 @@ when it reaches step ``S``:
   progress but stays alive, like a rank stuck on a dead file system; the watchdog's case);
 - ``at``: ``compute`` (before its gradient is exchanged; default), ``allreduce`` (inside
   the hand-written allreduce, after its first point-to-point exchange, so its peers are
-  mid-collective) or ``checkpoint`` (after writing its share of the checkpoint at step
+  mid-collective; with ``native``, just before entering ``MPI_Allreduce``) or ``checkpoint`` (after writing its share of the checkpoint at step
   ``S``, before the file is closed).
 
 Each injection fires once per process. The line it prints first (``inject: ...`` with a
@@ -95,11 +95,14 @@ class Injector:
             if injection:
                 fail(injection)
 
-    def arm_allreduce(self, step):
-        """Called before the step's allreduce: fail after its first point-to-point exchange."""
+    def arm_allreduce(self, step, algorithm):
+        """Called before the step's allreduce: fail after its first point-to-point exchange
+        (with ``native``, whose insides are MPI's, just before entering it)."""
         if not self.pending:
             return
         injection = self._take(step, "allreduce")
+        if injection and algorithm == "native":
+            fail(injection)
         if injection:
             buffers.after_exchange = lambda: fail(injection)
 

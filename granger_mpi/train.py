@@ -432,6 +432,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                     f"({exc.Get_error_string().strip()}): {old_size - size} rank(s) lost "
                     f"(world ranks {gone}); {size} continue from step {completed} "
                     f"(revoke+shrink+agree {recovery_s:.3f} s)")
+            if rank == 0 and stream is not None:    # still training: metrics go on
                 if metrics_file is not None:
                     metrics_file.close()
                 metrics_file = _reopen_metrics(run_dir, job, completed, log)
@@ -468,7 +469,8 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             saved = checkpoint.save(comm, run_dir, model, position, job_json=job.to_json(),
                                     seed=job.train.seed, keep_last=ckpt.keep_last,
                                     extra_attrs={"n_rows": info.n_rows},
-                                    verify_after_write=ckpt.verify_after_write, on_written=on_written)
+                                    verify_after_write=ckpt.verify_after_write,
+                                    on_written=on_written, single_writer=ulfm)
             last_save = time.perf_counter()
             if rank == 0:
                 log(f"checkpoint {saved} (step {next_index})")
@@ -518,7 +520,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                 stats[STOP] = 1 if requests.stop else 0
                 requests.save = requests.stop = False
                 rank_status.set(status.AGGREGATING)
-                injector.arm_allreduce(step_index)
+                injector.arm_allreduce(step_index, algorithm)
                 try:
                     collectives.allreduce(comm, exchange, algorithm=algorithm,
                                           ranks_per_node=job.collectives.ranks_per_node)

@@ -131,6 +131,7 @@ def fold_in(comm, buf, work, tag):
     elif rank < 2 * (comm.Get_size() - largest_power_of_two(comm.Get_size())):
         comm.Recv(work[:buf.size], rank - 1, tag)
         np.add(buf, work[:buf.size], out=buf)
+    exchanged()
     return index
 
 
