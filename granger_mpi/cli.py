@@ -350,7 +350,8 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in run_dir")
     p.add_argument("--resume", metavar="auto|PATH", help="as for train")
     p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
-                   help="as for train (first attempt only)")
+                   help="as for train; each restart drops the earliest-step one (taken to "
+                        "be what ended the run before)")
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
 
     p = add("inspect", cmd_inspect, "describe, verify or compare checkpoints (no MPI needed)",

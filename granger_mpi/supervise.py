@@ -87,15 +87,19 @@ def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=()
 
 
 def _for_restart(train_args):
-    """A restart keeps its predecessor's results and fails only where it was asked to once."""
-    kept, skip = [], False
-    for arg in train_args:
-        if skip or arg == "--overwrite":
-            skip = False
+    """The arguments of a restart: keep the predecessor's results (no ``--overwrite``), and of
+    the injected failures drop the earliest one, which is taken to be what ended that run."""
+    from granger_mpi.faults import parse
+    kept, specs, args = [], [], iter(train_args)
+    for arg in args:
+        if arg == "--overwrite":
             continue
         if arg == "--inject-failure":
-            skip = True
-            continue
-        if not arg.startswith("--inject-failure="):
+            specs.append(next(args))
+        elif arg.startswith("--inject-failure="):
+            specs.append(arg.split("=", 1)[1])
+        else:
             kept.append(arg)
-    return kept
+    if specs:
+        specs.remove(min(specs, key=lambda spec: parse(spec).step))
+    return kept + [f"--inject-failure={spec}" for spec in specs]

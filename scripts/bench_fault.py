@@ -1,0 +1,173 @@
+"""Fault benchmarks: recovery time under ULFM at P = 2, 4, 8, and the time to finish a job
+with 0, 1 and 2 failures under ULFM and under restart-from-checkpoint.
+
+Failures are real (``--inject-failure ...,mode=kill9``: the rank SIGKILLs itself and prints
+the wall-clock time first). Recovery is measured from that moment: detection (until a
+survivor's MPI call fails), revoke+shrink+agree, and the first completed step after it,
+from the events the survivors record in metrics.h5. Writes docs/bench/fault_*.csv and .png.
+P = 8 on a 2-core machine is oversubscribed (4 ranks per core); ULFM runs use TCP even
+between ranks of one machine (DESIGN.md §5).
+"""
+
+import argparse
+import csv
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".venv" / "bin"
+MPIRUN = [str(ROOT / "scripts" / "mpirun")]
+# Oversubscribed ranks must yield the core while they wait, or busy-polling ranks starve the
+# ones with work (the restart runs use shared memory, the ULFM runs TCP).
+ENV = dict(os.environ, OMPI_MCA_mpi_yield_when_idle="1")
+ULFM = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self"]
+
+JOB = """
+[data]
+path = "{data}"
+[model]
+kind = "mlp"
+hidden = [128, 64]
+[optimizer]
+learning_rate = 0.05
+momentum = 0.9
+[train]
+global_batch = 256
+epochs = {epochs}
+seed = 1
+[collectives]
+algorithm = "auto"
+[checkpoint]
+every_steps = 100
+[fault]
+mode = "{mode}"
+[output]
+run_dir = "{run}"
+progress_interval_s = 1000.0
+"""
+
+
+def train(tmp, data, name, ranks, mode, injections, epochs):
+    """Run one job; returns (wall seconds, stdout+stderr, run directory)."""
+    run_dir = tmp / name
+    job = tmp / f"{name}.toml"
+    job.write_text(JOB.format(data=data, run=run_dir, epochs=epochs, mode=mode))
+    inject = [f"--inject-failure=rank={r},step={s},mode=kill9" for r, s in injections]
+    if mode == "ulfm":
+        cmd = [*MPIRUN, "-n", str(ranks), *ULFM, str(BIN / "granger-mpi"), "train", str(job), *inject]
+    else:   # the restart path: granger-mpi run under supervise, no ULFM
+        cmd = [str(BIN / "granger-mpi"), "run", str(job), "-n", str(ranks), "--max-restarts", "3",
+               "--backoff", "0", "--mpirun", str(ROOT / "scripts" / "mpirun"), *inject]
+    started = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    seconds = time.perf_counter() - started
+    text = out.stdout + out.stderr
+    if not (run_dir / "COMPLETE").exists():
+        sys.exit(f"{name}: the run did not complete (exit {out.returncode}):\n{text[-3000:]}")
+    return seconds, text, run_dir
+
+
+def recovery(text, run_dir):
+    """(detection, revoke+shrink+agree, failure to first completed step after it) in s."""
+    killed = float(re.search(r"inject: .* t=([\d.]+)", text).group(1))
+    with h5py.File(run_dir / "metrics.h5", "r") as f:
+        events = f["events"]
+        detected, shrink, first = (float(events[k][0]) for k in ("time", "recovery_s", "first_step_s"))
+    return detected - killed, shrink, detected + first - killed
+
+
+def summary(values):
+    return statistics.median(values), min(values), max(values)
+
+
+def plot(rows, impact, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    ps = sorted({r["ranks"] for r in rows})
+    for key, label in (("detect_s", "detection"), ("shrink_s", "revoke+shrink+agree"),
+                       ("first_step_s", "failure -> first step after")):
+        med = [statistics.median(r[key] for r in rows if r["ranks"] == p) for p in ps]
+        left.plot(ps, med, "o-", label=label)
+    left.set(xlabel="ranks (P = 8 oversubscribed on 2 cores)", ylabel="seconds (median)",
+             title="ULFM recovery after a SIGKILLed rank", xticks=ps)
+    left.legend()
+    labels = [f"{m}\n{n} failure(s)" for m, n, _ in impact]
+    right.bar(range(len(impact)), [statistics.median(s) for _, _, s in impact],
+              yerr=[[statistics.median(s) - min(s) for _, _, s in impact],
+                    [max(s) - statistics.median(s) for _, _, s in impact]], capsize=4,
+              color=["tab:blue" if m == "ulfm" else "tab:orange" for m, _, _ in impact])
+    right.set_xticks(range(len(impact)), labels, fontsize=8)
+    right.set(ylabel="seconds to finish (median, min-max)", title="Fault impact, P = 4")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "train.h5"
+        subprocess.run([*MPIRUN, "-n", "2", str(BIN / "granger-mpi"), "make-dataset", str(data),
+                        "--rows", "20000", "--features", "32", "--classes", "10", "--seed", "3"],
+                       check=True, capture_output=True)
+        rows = []
+        for rep in range(args.reps):
+            for ranks in (2, 4, 8):
+                _, text, run_dir = train(tmp, data, f"rec-{ranks}-{rep}", ranks, "ulfm",
+                                         [(ranks - 1, 200)], epochs=4)
+                detect, shrink, first = recovery(text, run_dir)
+                rows.append({"ranks": ranks, "rep": rep, "detect_s": detect, "shrink_s": shrink,
+                             "first_step_s": first})
+                print(f"P={ranks} rep {rep}: detection {detect:.3f} s, revoke+shrink+agree "
+                      f"{shrink:.3f} s, failure -> first step after {first:.3f} s", flush=True)
+        with open(args.out / "fault_recovery.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        plans = {0: [], 1: [(3, 250)], 2: [(3, 250), (2, 550)]}
+        impact = []
+        for mode in ("ulfm", "restart"):
+            for failures, plan in plans.items():
+                seconds = []
+                for rep in range(args.reps):
+                    s, _, _ = train(tmp, data, f"imp-{mode}-{failures}-{rep}", 4, mode, plan, epochs=10)
+                    seconds.append(s)
+                impact.append((mode, failures, seconds))
+                print(f"{mode} with {failures} failure(s): " + ", ".join(f"{s:.1f}" for s in seconds)
+                      + " s", flush=True)
+        with open(args.out / "fault_impact.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["mode", "failures", "rep", "seconds"])
+            for mode, failures, seconds in impact:
+                writer.writerows([mode, failures, rep, s] for rep, s in enumerate(seconds))
+    plot(rows, impact, args.out / "fault.png")
+    print("\n| P | detection s | revoke+shrink+agree s | failure -> first step after s |")
+    print("|---|---|---|---|")
+    for ranks in (2, 4, 8):
+        cells = [summary([r[k] for r in rows if r["ranks"] == ranks])
+                 for k in ("detect_s", "shrink_s", "first_step_s")]
+        print(f"| {ranks} | " + " | ".join(f"{m:.3f} ({lo:.3f}-{hi:.3f})" for m, lo, hi in cells) + " |")
+    base = {mode: statistics.median(s) for mode, n, s in impact if n == 0}
+    print("\n| mode | failures | seconds to finish, median (min-max) | vs no failure |")
+    print("|---|---|---|---|")
+    for mode, failures, seconds in impact:
+        m, lo, hi = summary(seconds)
+        print(f"| {mode} | {failures} | {m:.1f} ({lo:.1f}-{hi:.1f}) | {m / base[mode]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
