@@ -98,6 +98,9 @@ def slurm(tmp_path_factory):
                 pytest.skip(f"Slurm could not be installed here:\n{started.stdout}{started.stderr}")
             pytest.fail(f"scripts/local-slurm start failed:\n{started.stdout}{started.stderr}\n"
                         f"{cluster.logs()}")
+        again = subprocess.run([str(LOCAL_SLURM), "start"], capture_output=True, text=True,
+                               env=_env(cluster.env), timeout=60)       # idempotent
+        assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
         yield cluster
     finally:
         stopped = subprocess.run([str(LOCAL_SLURM), "stop"], capture_output=True, text=True,
