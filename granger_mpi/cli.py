@@ -55,7 +55,7 @@ def cmd_train(args):
     from granger_mpi.runtime import agree, say
     comm = _world().Dup()
     injections = agree(comm, lambda: [faults.parse(text) for text in args.inject_failure])
-    job = agree(comm, config.load, args.job)
+    job = agree(comm, config.load, args.job, args.run_dir)
     info, model = train.prepare(comm, job, overwrite=args.overwrite, resume=args.resume)
     if args.overwrite and args.resume is None:
         train.discard_previous_run(comm, job)
@@ -261,6 +261,9 @@ def build_parser():
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue from a checkpoint: 'auto' takes the newest one in RUN_DIR/ckpt "
                         "that verifies (or starts fresh if there is none), PATH a given file")
+    p.add_argument("--run-dir", type=Path, metavar="DIR",
+                   help="write the run here instead of the job file's [output].run_dir "
+                        "(jobs/train.sbatch keys it by the Slurm job name)")
     p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
                    help="make a rank fail on purpose, for tests and demos (repeatable): "
                         "rank=R,step=S[,mode=exit|kill9|hang][,at=compute|allreduce|checkpoint]; "

@@ -250,8 +250,12 @@ def _check_job(job):
                         f"{', '.join(map(repr, collectives.ALGORITHMS))}; got {job.collectives.algorithm!r}")
 
 
-def load(path):
-    """Read and check a job file."""
+def load(path, run_dir=None):
+    """Read and check a job file; ``run_dir`` (if given) replaces ``[output].run_dir``.
+
+    A relative ``run_dir`` is taken relative to the working directory (it comes from the
+    command line, not from the job file).
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -259,4 +263,10 @@ def load(path):
         raise UserError(f"job file {path} not found") from None
     except OSError as exc:
         raise UserError(f"job file {path}: {exc.strerror}") from None
-    return parse(text, source=path)
+    job = parse(text, source=path)
+    if run_dir is not None:
+        if not str(run_dir):
+            raise UserError("--run-dir must be a non-empty path")
+        output = dataclasses.replace(job.output, run_dir=Path(run_dir).expanduser().resolve())
+        job = dataclasses.replace(job, output=output)
+    return job

@@ -74,3 +74,13 @@ def test_missing_job_file(tmp_path):
 def test_missing_section(job_dir):
     with pytest.raises(UserError, match=r"missing section \[optimizer\]"):
         parse(job_dir, GOOD.replace("[optimizer]\nlearning_rate = 0.1\nmomentum = 0.9\n", ""))
+
+
+def test_run_dir_from_the_command_line_replaces_the_job_files(job_dir, tmp_path, monkeypatch):
+    path = job_dir / "job.toml"
+    path.write_text(GOOD)
+    monkeypatch.chdir(tmp_path)
+    job = config.load(path, run_dir="runs/slurm-name")  # relative to the working directory
+    assert job.output.run_dir == tmp_path / "runs" / "slurm-name"
+    assert job.data.path == job_dir / "train.h5" and job.text == GOOD
+    assert config.load(path).output.run_dir == job_dir / "runs" / "x"
