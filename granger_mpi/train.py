@@ -464,6 +464,9 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
         def save(next_index, on_written=None):
             nonlocal saved, last_save
             rank_status.set(status.CHECKPOINTING, note=f"checkpoint at step {next_index}")
+            # A USR1 that reached this rank a step later than the others is served by this
+            # save too; left set, it would ask for a second checkpoint at the next step.
+            requests.save = False
             position = checkpoint.TrainState(params, velocity, next_index, next_index // per_epoch,
                                              next_index % per_epoch)
             saved = checkpoint.save(comm, run_dir, model, position, job_json=job.to_json(),
