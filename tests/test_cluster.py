@@ -3,14 +3,21 @@
 Skipped, with the reason shown, where namespaces cannot be made (not root, no iproute2).
 """
 
+import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
+import h5py
 import pytest
 
-from conftest import PYTHON, ROOT, run_command
+from conftest import PYTHON, ROOT, _env, run_command
+from test_checkpoint import job_file, wait_for_line
+from test_fault import assert_every_sample_once
 
 CLUSTER = ROOT / "scripts" / "cluster"
 PROGRAM = ROOT / "tests" / "programs" / "check_collectives.py"
@@ -54,3 +61,94 @@ def test_cluster_refuses_names_it_did_not_make(cluster, tmp_path):
     status = subprocess.run([PYTHON, CLUSTER, "status"], env=cluster, capture_output=True, text=True,
                             timeout=30)
     assert status.returncode == 0 and status.stdout.count(" up") == 3
+
+
+def namespace_pids(cluster, host, pattern=None):
+    """Processes running inside an emulated host, optionally those whose command matches."""
+    name = f"{cluster['GRANGER_CLUSTER_PREFIX']}{host}"
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    if pattern is None:
+        return [int(p) for p in pids]
+    found = []
+    for pid in pids:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if pattern in command:
+            found.append(int(pid))
+    return found
+
+
+def start_training(cluster, job, log_dir, *extra, hosts=None):
+    """``scripts/cluster run --ft`` a training job across the hosts, output piped."""
+    cmd = [PYTHON, CLUSTER, "run", "--ft", *(["--hosts", str(hosts)] if hosts else []), "--",
+           "env", f"GRANGER_ROW_LOG={log_dir}", PYTHON, "-m", "granger_mpi", "train", str(job), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(cluster), start_new_session=True)
+
+
+def finish(proc, timeout):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"did not end by itself within {timeout} s\n{out[-4000:]}\n{err[-4000:]}")
+    return out, err
+
+
+def test_node_failure_under_ulfm_survivors_on_other_hosts_finish(cluster, small_dataset, tmp_path):
+    """Both ranks of host 3 are SIGKILLed mid-run (its daemon stays): the four ranks on hosts
+    1 and 2 shrink, re-split the epoch and finish; every sample once per epoch."""
+    run_dir, log_dir = tmp_path / "run", tmp_path / "rows"
+    log_dir.mkdir()
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 30},
+                   output={"progress_interval_s": 0.0}, collectives={"algorithm": "ring"})
+    proc = start_training(cluster, job, log_dir)
+    lines = wait_for_line(proc, "step 100/", timeout=120)
+    victims = namespace_pids(cluster, 3, "granger_mpi train")
+    assert len(victims) == 2, victims
+    killed = time.time()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out, err = finish(proc, 240)
+    out = "".join(lines) + out
+    assert (run_dir / "COMPLETE").exists(), f"{out[-4000:]}\n--- stderr ---\n{err[-4000:]}"
+    record = json.loads((run_dir / "COMPLETE").read_text())
+    assert record["world_size"] == 4 and sorted(record["lost_world_ranks"]) == [4, 5], record
+    assert_every_sample_once(log_dir, 30)
+    with h5py.File(run_dir / "metrics.h5", "r") as f:
+        detected = float(f["events"]["time"][0])
+        shrink = float(f["events"]["recovery_s"][:].sum())
+        first = detected + float(f["events"]["first_step_s"][-1]) - killed
+    print(f"host 3's ranks killed: detected after {detected - killed:.3f} s, revoke+shrink+agree "
+          f"{shrink:.3f} s, first step after {first:.3f} s; {out.count('rank failure at')} recoveries")
+
+
+def test_whole_host_loss_ends_the_job_and_restart_resumes_on_the_others(cluster, small_dataset,
+                                                                       tmp_path):
+    """Host 3 vanishes, daemon and all: the job must end by itself (no Finalize hang); the
+    restart on hosts 1 and 2 resumes from the newest good checkpoint and finishes."""
+    run_dir, log_dir = tmp_path / "run", tmp_path / "rows"
+    log_dir.mkdir()
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 30},
+                   output={"progress_interval_s": 0.0}, checkpoint={"every_steps": 50})
+    proc = start_training(cluster, job, log_dir)
+    lines = wait_for_line(proc, "step 200/", timeout=120)
+    victims = namespace_pids(cluster, 3)
+    assert len(victims) >= 3, victims          # prted and two ranks
+    killed = time.time()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out, err = finish(proc, 120)
+    ended = time.time() - killed
+    assert not (run_dir / "COMPLETE").exists()
+    print(f"whole host lost: the job ended by itself {ended:.1f} s later (mpirun exit {proc.returncode})")
+    resumed = start_training(cluster, job, log_dir, "--resume", "auto", hosts=2)
+    out, err = finish(resumed, 240)
+    assert (run_dir / "COMPLETE").exists(), f"{out[-4000:]}\n--- stderr ---\n{err[-4000:]}"
+    record = json.loads((run_dir / "COMPLETE").read_text())
+    assert record["world_size"] == 4 and record["steps"] == 30 * 32, record
+    step = int(re.search(r"resuming from \S+: step (\d+)", out).group(1))
+    assert step >= 200 and step % 50 == 0, out[-3000:]
