@@ -1,0 +1,70 @@
+"""Pure bookkeeping of fault tolerance: limits, injection specs, the status table."""
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from granger_mpi import faults, status
+from granger_mpi.errors import UserError
+from granger_mpi.supervise import _for_restart
+from granger_mpi.train import _past_limits
+
+
+def limits(**kw):
+    return SimpleNamespace(**{"min_ranks": 1, "max_failures": 3, "max_failures_per_node": 3, **kw})
+
+
+def test_limits_total_per_node_and_min_ranks():
+    hosts = ["a", "a", "a", "a", "b", "b", "b", "b"]
+    assert _past_limits(limits(), 6, [1, 5], hosts) is None
+    assert "max_failures is 3" in _past_limits(limits(), 4, [0, 1, 4, 5], hosts)
+    assert "on host a" in _past_limits(limits(max_failures=8, max_failures_per_node=1), 6, [0, 1], hosts)
+    assert _past_limits(limits(max_failures=8, max_failures_per_node=1), 6, [0, 4], hosts) is None
+    assert "min_ranks is 7" in _past_limits(limits(min_ranks=7), 6, [0, 4], hosts)
+
+
+def test_injection_specs():
+    assert faults.parse("rank=2,step=30") == faults.Injection(2, 30, "kill9", "compute")
+    assert str(faults.parse("rank=0, step=5, mode=hang, at=checkpoint")) == \
+        "rank=0,step=5,mode=hang,at=checkpoint"
+    for bad in ("rank=2", "rank=x,step=1", "rank=1,step=1,mode=explode", "rank=1,step=1,where=x"):
+        with pytest.raises(UserError, match="--inject-failure"):
+            faults.parse(bad)
+
+
+def test_a_restart_drops_the_earliest_injection_and_overwrite():
+    args = ["--overwrite", "--inject-failure", "rank=1,step=90", "--inject-failure=rank=3,step=40"]
+    assert _for_restart(args) == ["--inject-failure=rank=1,step=90"]
+    assert _for_restart(_for_restart(args)) == []
+
+
+def test_status_table_marks_silent_ranks_lost(tmp_path):
+    now = time.time()
+    (tmp_path / "status").mkdir()
+    for rank, (state, updated) in enumerate([("AGGREGATING", now), ("TRAINING", now - 60),
+                                             ("FAILED", now - 5)]):
+        record = {"rank": rank, "world_size": 3, "host": "h", "pid": 100 + rank, "state": state,
+                  "step": 7, "since": now - 1, "updated": updated, "mode": "ulfm",
+                  "ranks_alive": 3, "failures": 0, "note": "", "interval_s": 1.0}
+        (tmp_path / "status" / f"rank-{rank:05d}.json").write_text(json.dumps(record))
+    text, live = status.table(tmp_path, now=now)
+    assert live
+    assert "1 of 3 rank(s) alive" in text and "2 rank(s) failed" in text
+    states = [line.split()[3] for line in text.splitlines()[2:]]
+    assert states == ["AGGREGATING", "LOST?", "FAILED"]
+
+
+def test_watchdog_limits(tmp_path):
+    watch = status.RankStatus(tmp_path, 0, 1, "restart", step_timeout_s=0, slow_timeout_s=100)
+    watch.set(status.TRAINING, 0)
+    assert watch.limit_s() == 100                 # too few steps timed yet
+    watch.step_times.extend([0.01] * 20)
+    assert watch.limit_s() == status.AUTO_FLOOR_S  # 50 x 10 ms is below the floor
+    watch.step_times.extend([2.0] * 40)
+    assert watch.limit_s() == 100.0               # 50 x median 2 s
+    watch.set(status.CHECKPOINTING)
+    assert watch.limit_s() == 100
+    watch.set(status.IDLE)
+    assert watch.limit_s() is None
