@@ -2,11 +2,13 @@
 
 Layout of ``RUN_DIR/ckpt/step_XXXXXXXX.h5`` (``h5ls -r`` and ``h5dump`` read it):
 
-* ``/params/<name>`` and ``/optimizer/velocity/<name>``: one dataset per named tensor;
-  each carries a ``crc32`` attribute of its bytes.
+* ``/params/<name>`` and ``/optimizer/<slot>/<name>``: one dataset per named tensor, where
+  the slots are the optimizer's state tensors (``velocity`` for SGD, ``m`` and ``v`` for
+  Adam/AdamW); each carries a ``crc32`` attribute of its bytes.
 * root attributes: ``format``, ``step`` (steps completed), ``epoch``, ``step_in_epoch``,
   ``world_size``, ``seed``, ``model`` and ``job`` (JSON), ``versions`` (JSON),
-  ``complete`` (written last).
+  ``optimizer_slots`` (JSON list), ``complete`` (written last). The optimizer's step
+  count is ``step`` (one update per step).
 
 How a save stays atomic (SCR, PyTorch DCP): every rank writes its rows of every tensor into
 ``step_XXXXXXXX.h5.tmp`` (independent writes into one file opened with the mpio driver;
@@ -50,10 +52,16 @@ class TrainState:
     """What a run needs to continue exactly where it stopped."""
 
     params: np.ndarray
-    velocity: np.ndarray
+    optimizer_state: np.ndarray   # len(optimizer_slots) flat tensors the size of params, end to end
     step: int            # steps completed since the start of the run
     epoch: int           # epoch of the next step
     step_in_epoch: int   # index of the next step inside its epoch
+    optimizer_slots: tuple = ("velocity",)
+
+    def slot(self, index):
+        """The ``index``-th optimizer state tensor, a flat view the size of ``params``."""
+        n = self.params.size
+        return self.optimizer_state[index * n:(index + 1) * n]
 
 
 def crc32(array):
@@ -74,7 +82,9 @@ def file_name(step):
 def _tensors(model, state):
     """``(dataset path, array)`` of everything saved, in a fixed order."""
     out = []
-    for group, flat in (("params", state.params), ("optimizer/velocity", state.velocity)):
+    groups = [("params", state.params)] + [(f"optimizer/{slot}", state.slot(i))
+                                           for i, slot in enumerate(state.optimizer_slots)]
+    for group, flat in groups:
         for name, view in model.layout.views(flat).items():
             out.append((f"{group}/{name}", view))
     return out
@@ -125,7 +135,8 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
             attrs = {"format": FORMAT, "step": state.step, "epoch": state.epoch,
                      "step_in_epoch": state.step_in_epoch, "world_size": size, "seed": seed,
                      "model": json.dumps(model.spec()), "job": job_json,
-                     "versions": json.dumps(_versions()), **(extra_attrs or {})}
+                     "versions": json.dumps(_versions()),
+                     "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
             for key, value in attrs.items():
                 f.attrs[key] = value
             try:
@@ -262,10 +273,12 @@ def newest_good(run_dir, report=print):
     return None
 
 
-def read(path, model):
+def read(path, model, optimizer_slots=("velocity",)):
     """The ``TrainState`` saved in ``path`` and its root attributes.
 
-    Every tensor's checksum is checked on the bytes as read, so the file is read once.
+    ``optimizer_slots`` are the state tensors the run's optimizer needs; a checkpoint of
+    another optimizer is refused, naming both. Every tensor's checksum is checked on the
+    bytes as read, so the file is read once.
     """
     with open_for_reading(path, "checkpoint") as f:
         if f.attrs.get("format") != FORMAT or f.attrs.get("complete") != 1:
@@ -276,9 +289,16 @@ def read(path, model):
             raise UserError(f"checkpoint {path} holds a different model ({differing[0]}: "
                             f"{saved.get(differing[0])} in the checkpoint, "
                             f"{model.spec()[differing[0]]} in the job)")
-        params = np.empty(model.layout.size, np.float32)
-        velocity = np.empty_like(params)
-        for flat, group in ((params, "params"), (velocity, "optimizer/velocity")):
+        saved_slots = tuple(json.loads(f.attrs.get("optimizer_slots", '["velocity"]')))
+        if saved_slots != tuple(optimizer_slots):
+            raise UserError(f"checkpoint {path} holds optimizer state {', '.join(saved_slots)}; "
+                            f"this job's optimizer needs {', '.join(optimizer_slots)}")
+        n = model.layout.size
+        params = np.empty(n, np.float32)
+        optimizer_state = np.empty(len(optimizer_slots) * n, np.float32)
+        groups = [(params, "params")] + [(optimizer_state[i * n:(i + 1) * n], f"optimizer/{slot}")
+                                         for i, slot in enumerate(optimizer_slots)]
+        for flat, group in groups:
             for name, view in model.layout.views(flat).items():
                 dset = f[f"{group}/{name}"]
                 dset.read_direct(view)
@@ -286,6 +306,6 @@ def read(path, model):
                     raise CheckpointError(f"checkpoint {path} is damaged: /{group}/{name}: "
                                           f"checksum mismatch")
         attrs = dict(f.attrs)
-    state = TrainState(params, velocity, int(attrs["step"]), int(attrs["epoch"]),
-                       int(attrs["step_in_epoch"]))
+    state = TrainState(params, optimizer_state, int(attrs["step"]), int(attrs["epoch"]),
+                       int(attrs["step_in_epoch"]), tuple(optimizer_slots))
     return state, attrs

@@ -137,3 +137,24 @@ def build(kind, hidden, activation, n_features, task, n_outputs):
     if kind == "mlp" and not hidden:
         raise ValueError("model kind 'mlp' needs at least one hidden layer size in 'hidden'")
     return Model(kind, (n_features, *hidden, 1 if kind == "logistic" else n_outputs), activation, task)
+
+
+def loss_grad_in_micro_batches(model, params, X, y, scale, grad, micro_batches, scratch):
+    """``model.loss_grad`` over the rows in ``micro_batches`` consecutive pieces, summed.
+
+    Gradient accumulation: each piece's gradient goes into ``scratch`` (same size as
+    ``grad``) and is added into ``grad``, so the activations of only one piece are alive
+    at a time. Same result as one call up to the order of the sums; deterministic.
+    """
+    n = X.shape[0]
+    pieces = min(micro_batches, n)
+    if pieces <= 1:
+        return model.loss_grad(params, X, y, scale, grad)
+    bounds = [n * i // pieces for i in range(pieces + 1)]
+    loss_sum, correct = model.loss_grad(params, X[:bounds[1]], y[:bounds[1]], scale, grad)
+    for lo, hi in zip(bounds[1:-1], bounds[2:]):
+        piece_loss, piece_correct = model.loss_grad(params, X[lo:hi], y[lo:hi], scale, scratch)
+        grad += scratch
+        loss_sum += piece_loss
+        correct += piece_correct
+    return loss_sum, correct

@@ -18,9 +18,10 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import checkpoint, collectives, dataset, metrics, modelfile, models, partition
+from granger_mpi import (checkpoint, collectives, dataset, metrics, modelfile, models, optimizer,
+                         partition, threads)
 from granger_mpi.errors import UserError
-from granger_mpi.kernels import checks, optim
+from granger_mpi.kernels import checks
 from granger_mpi.runtime import agree, bcast_text
 
 # After the gradient: loss / batch, correct / batch, rows with bad data, checkpoint asked
@@ -110,7 +111,7 @@ def discard_previous_run(comm, job):
     comm.Barrier()
 
 
-def warm_kernels(comm, model, info):
+def warm_kernels(comm, model, info, opt):
     """Compile (or load from cache) the kernels on rank 0 first, then the rest.
 
     Numba's on-disk cache is not safe against many processes compiling at once.
@@ -122,7 +123,7 @@ def warm_kernels(comm, model, info):
         grad = np.empty_like(params)
         model.loss_grad(params, X, y, np.float32(1.0), grad)
         _first_bad_row(info, X, y)
-        optim.sgd_momentum(params, grad, np.zeros_like(params), np.float32(0), np.float32(0), np.float32(0))
+        opt.warm()
     if comm.Get_rank() == 0:
         touch()
     comm.Barrier()
@@ -251,10 +252,10 @@ def _check_compatible(path, attrs, job, info):
     """Refuse a checkpoint made for another training problem, naming what differs."""
     saved = json.loads(attrs["job"])
     now = json.loads(job.to_json())
-    for section, key in (("train", "global_batch"), ("train", "seed"), ("optimizer", "name"),
-                         ("optimizer", "learning_rate"), ("optimizer", "momentum"),
-                         ("optimizer", "weight_decay")):
-        if saved[section][key] != now[section][key]:
+    # Every [optimizer] key shapes the updates (a key the saved job lacks had its default).
+    for section, key in (("train", "global_batch"), ("train", "seed"),
+                         *(("optimizer", k) for k in sorted(now["optimizer"]))):
+        if saved[section].get(key, now[section][key]) != now[section][key]:
             raise UserError(f"checkpoint {path} was made with [{section}].{key} = "
                             f"{saved[section][key]!r}, the job says {now[section][key]!r}")
     if int(attrs.get("n_rows", info.n_rows)) != info.n_rows:
@@ -271,39 +272,40 @@ def train(comm, job, info, model, *, resume=None, log=print):
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     run_dir = job.output.run_dir
-    warm_kernels(comm, model, info)
-    state = checkpoint.TrainState(model.init_params(job.train.seed), None, 0, 0, 0)
-    state.velocity = np.zeros_like(state.params)
+    n_threads = threads.configure(comm, job.train.threads_per_rank)
+    per_epoch = partition.steps_per_epoch(info.n_rows, job.train.global_batch)
+    total_steps = per_epoch * job.train.epochs
+    if job.train.max_steps is not None:
+        total_steps = min(total_steps, job.train.max_steps)
+    opt = optimizer.Optimizer(job.optimizer, model.layout.size, total_steps=total_steps,
+                              global_batch=job.train.global_batch)
+    warm_kernels(comm, model, info, opt)
+    state = checkpoint.TrainState(model.init_params(job.train.seed), opt.state, 0, 0, 0, opt.slots)
     source = find_resume(comm, job, resume, log) if resume is not None else None
     if source is not None:
         def load():
-            loaded, attrs = checkpoint.read(source, model)
+            loaded, attrs = checkpoint.read(source, model, opt.slots)
             _check_compatible(source, attrs, job, info)
             return loaded, attrs
         state, attrs = agree(comm, load)
         if rank == 0:
             log(f"resuming from {source}: step {state.step} (epoch {state.epoch}, step "
                 f"{state.step_in_epoch}), saved by {int(attrs['world_size'])} rank(s)")
-    params, velocity = state.params, state.velocity
+    params, opt_state = state.params, state.optimizer_state
+    opt.state = opt_state    # the optimizer's whole state (velocity, or Adam's m and v)
     n_params = params.size
     ulfm = fault_mode(comm, job, log)
     if ulfm:
         # A plain buffer: shared windows are not fault tolerant (DESIGN.md §8), and the state
         # before the latest update is kept so survivors can roll back to a common step.
         exchange = np.zeros(n_params + N_STATS, np.float32)
-        before = (params.copy(), velocity.copy())
+        before = (params.copy(), opt_state.copy())
     else:
         exchange = collectives.allocate(comm, n_params + N_STATS, np.float32)
     grad, stats = exchange[:n_params], exchange[n_params:]
-    lr = np.float32(job.optimizer.learning_rate)
-    momentum = np.float32(job.optimizer.momentum)
-    weight_decay = np.float32(job.optimizer.weight_decay)
+    micro_batches = job.train.accumulation_steps
+    micro_grad = np.empty(n_params, np.float32) if micro_batches > 1 else None
     algorithm = job.collectives.algorithm
-
-    per_epoch = partition.steps_per_epoch(info.n_rows, job.train.global_batch)
-    total_steps = per_epoch * job.train.epochs
-    if job.train.max_steps is not None:
-        total_steps = min(total_steps, job.train.max_steps)
     classification = info.task == "classification"
 
     metrics_file = progress = None
@@ -316,7 +318,8 @@ def train(comm, job, info, model, *, resume=None, log=print):
         progress = metrics.Progress(total_steps - state.step, job.output.progress_interval_s)
         log(f"training {model.kind} {list(model.sizes)} ({n_params:,} parameters) on "
             f"{info.path} ({info.n_rows:,} rows, {info.task}) with {size} rank(s), "
-            f"global batch {job.train.global_batch}, {total_steps} steps, allreduce {algorithm}")
+            f"global batch {job.train.global_batch}, {total_steps} steps, allreduce {algorithm}, "
+            f"optimizer {job.optimizer.name}, {n_threads} thread(s) per rank")
 
     started = last_save = time.perf_counter()
     loss = accuracy = float("nan")
@@ -328,8 +331,8 @@ def train(comm, job, info, model, *, resume=None, log=print):
 
     def save(next_index):
         nonlocal saved, last_save
-        position = checkpoint.TrainState(params, velocity, next_index, next_index // per_epoch,
-                                         next_index % per_epoch)
+        position = checkpoint.TrainState(params, opt_state, next_index, next_index // per_epoch,
+                                         next_index % per_epoch, opt.slots)
         saved = checkpoint.save(comm, run_dir, model, position, job_json=job.to_json(),
                                 seed=job.train.seed, keep_last=ckpt.keep_last,
                                 extra_attrs={"n_rows": info.n_rows},
@@ -364,7 +367,8 @@ def train(comm, job, info, model, *, resume=None, log=print):
             else:
                 scale = np.float32(1.0 / batch_len)
                 if rows.size:
-                    loss_sum, correct = model.loss_grad(params, X, y, scale, grad)
+                    loss_sum, correct = models.loss_grad_in_micro_batches(
+                        model, params, X, y, scale, grad, micro_batches, micro_grad)
                 else:
                     grad[:] = 0
                     loss_sum, correct = 0.0, 0
@@ -385,7 +389,7 @@ def train(comm, job, info, model, *, resume=None, log=print):
             except MPI.Exception as exc:
                 if not (ulfm and _is_rank_failure(exc)):
                     raise
-                comm, completed, lost = _recover(comm, job, exc, completed, params, velocity,
+                comm, completed, lost = _recover(comm, job, exc, completed, params, opt_state,
                                                  before, step_index, ranks_lost, log)
                 ranks_lost += lost
                 generation += 1
@@ -409,8 +413,9 @@ def train(comm, job, info, model, *, resume=None, log=print):
                 _report_bad_row(comm, info, rows[bad] if bad >= 0 else None, epoch, step)
             if ulfm:
                 np.copyto(before[0], params)
-                np.copyto(before[1], velocity)
-            optim.sgd_momentum(params, grad, velocity, lr, momentum, weight_decay)
+                np.copyto(before[1], opt_state)
+            grad_norm = opt.clip(grad)
+            lr = opt.step(params, grad, step_index)
             completed = step_index + 1
             loss = float(stats[LOSS])
             accuracy = float(stats[CORRECT]) if classification else None
@@ -418,8 +423,7 @@ def train(comm, job, info, model, *, resume=None, log=print):
                 step_time = time.perf_counter() - t0
                 metrics_file.append(step=step_index, epoch=epoch, loss=loss,
                                     accuracy=np.nan if accuracy is None else accuracy,
-                                    grad_norm=float(np.sqrt(optim.sum_of_squares(grad))),
-                                    learning_rate=float(lr), step_time_s=step_time,
+                                    grad_norm=grad_norm, learning_rate=lr, step_time_s=step_time,
                                     samples_per_s=batch_len / max(step_time, 1e-12))
                 progress.update(step_index - state.step, epoch, job.train.epochs, loss, accuracy,
                                 batch_len, force=step_index + 1 == total_steps)
