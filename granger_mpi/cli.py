@@ -123,6 +123,28 @@ def cmd_evaluate(args):
     return 0
 
 
+def cmd_predict(args):
+    """Predictions of a saved model or checkpoint for every row of a dataset, as HDF5."""
+    from granger_mpi import modelfile, predict
+    from granger_mpi.errors import UserError
+    from granger_mpi.runtime import agree, say
+    comm = _world().Dup()
+
+    def load():
+        model, params, _ = modelfile.load(args.model)
+        predict.check_features(args.dataset, model)
+        if not args.output.parent.is_dir():
+            raise UserError(f"output directory {args.output.parent} does not exist")
+        if args.output.resolve() in (args.model.resolve(), args.dataset.resolve()):
+            raise UserError(f"output {args.output} would overwrite an input")
+        return model, params
+    model, params = agree(comm, load)
+    n_rows = predict.write(comm, model, params, args.dataset, args.output, source=args.model)
+    say(comm, f"wrote {args.output}: predictions for {n_rows:,} rows of {args.dataset}")
+    comm.Free()
+    return 0
+
+
 def cmd_make_dataset(args):
     """Write a seeded synthetic dataset (in parallel under mpirun)."""
     from granger_mpi import dataset
@@ -236,8 +258,17 @@ def build_parser():
                         "that verifies (or starts fresh if there is none), PATH a given file")
 
     p = add("evaluate", cmd_evaluate, "loss and accuracy of a saved model on a dataset")
-    p.add_argument("model", type=Path, help="model file written by train (RUN_DIR/model.h5)")
+    p.add_argument("model", type=Path, help="model file written by train (RUN_DIR/model.h5) or a "
+                                            "checkpoint (RUN_DIR/ckpt/step_XXXXXXXX.h5)")
     p.add_argument("dataset", type=Path, help="dataset file (HDF5 with /X and /y)")
+
+    p = add("predict", cmd_predict, "write a saved model's predictions for a dataset to HDF5",
+            "Predict every row of DATASET with a model file or checkpoint and write OUTPUT.h5: "
+            "/outputs (logits or regression values) and, for classification, /labels and "
+            "/probabilities. Under mpirun every rank predicts and writes its share of the rows.")
+    p.add_argument("model", type=Path, help="model file (RUN_DIR/model.h5) or checkpoint")
+    p.add_argument("dataset", type=Path, help="dataset file (HDF5 with /X; /y is not needed)")
+    p.add_argument("output", type=Path, help="predictions file to write (.h5)")
 
     p = add("make-dataset", cmd_make_dataset, "write a seeded synthetic dataset",
             "Write a seeded synthetic classification (Gaussian mixture) or regression (linear "
