@@ -169,3 +169,16 @@ def test_logistic_regression_on_two_classes(tmp_path):
     assert evaluated.returncode == 0, evaluated.output
     assert f"accuracy {accuracy:.2f}%" in evaluated.stdout
     assert not math.isnan(accuracy)
+
+
+def test_threads_per_rank_default_shares_the_cores_and_the_setting_wins(small_dataset, tmp_path):
+    from granger_mpi.threads import default_threads
+    assert [default_threads(cores, ranks) for cores, ranks in ((2, 2), (2, 4), (16, 4), (8, 1))] == [1, 1, 4, 8]
+    import os
+    cores = len(os.sched_getaffinity(0))
+    shared = mpirun(2, "train", job(tmp_path, "shared", small_dataset, train={"max_steps": 2}))
+    assert shared.returncode == 0, shared.output
+    assert f"{max(1, cores // 2)} thread(s) per rank" in shared.stdout
+    alone = granger("train", job(tmp_path, "alone", small_dataset, train={"max_steps": 2, "threads_per_rank": 2}))
+    assert alone.returncode == 0, alone.output
+    assert "2 thread(s) per rank" in alone.stdout
