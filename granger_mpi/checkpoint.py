@@ -4,7 +4,10 @@ Layout of ``RUN_DIR/ckpt/step_XXXXXXXX.h5`` (``h5ls -r`` and ``h5dump`` read it)
 
 * ``/params/<name>`` and ``/optimizer/<slot>/<name>``: one dataset per named tensor, where
   the slots are the optimizer's state tensors (``velocity`` for SGD, ``m`` and ``v`` for
-  Adam/AdamW); each carries a ``crc32`` attribute of its bytes.
+  Adam/AdamW); each carries a ``crc32`` attribute of its bytes. A run with a sharded
+  optimizer (``[train].shard_optimizer``) writes each slot instead as one flat dataset
+  ``/optimizer/<slot>`` (all parameters, in the flat buffer's order), every rank its slab;
+  either layout resumes at any number of ranks, sharded or not.
 * root attributes: ``format``, ``step`` (steps completed), ``epoch``, ``step_in_epoch``,
   ``world_size``, ``seed``, ``model`` and ``job`` (JSON), ``versions`` (JSON),
   ``optimizer_slots`` (JSON list), ``complete`` (written last). The optimizer's step
@@ -57,10 +60,12 @@ class TrainState:
     epoch: int           # epoch of the next step
     step_in_epoch: int   # index of the next step inside its epoch
     optimizer_slots: tuple = ("velocity",)
+    optimizer_shard: tuple | None = None   # (lo, hi): optimizer_state covers params[lo:hi] only
 
     def slot(self, index):
-        """The ``index``-th optimizer state tensor, a flat view the size of ``params``."""
-        n = self.params.size
+        """The ``index``-th optimizer state tensor (flat; this rank's shard if sharded)."""
+        lo, hi = self.optimizer_shard or (0, self.params.size)
+        n = hi - lo
         return self.optimizer_state[index * n:(index + 1) * n]
 
 
@@ -82,12 +87,34 @@ def file_name(step):
 def _tensors(model, state):
     """``(dataset path, array)`` of everything saved, in a fixed order."""
     out = []
-    groups = [("params", state.params)] + [(f"optimizer/{slot}", state.slot(i))
-                                           for i, slot in enumerate(state.optimizer_slots)]
+    groups = [("params", state.params)]
+    if state.optimizer_shard is None:   # sharded state is written as slabs (_slabs)
+        groups += [(f"optimizer/{slot}", state.slot(i)) for i, slot in enumerate(state.optimizer_slots)]
     for group, flat in groups:
         for name, view in model.layout.views(flat).items():
             out.append((f"{group}/{name}", view))
     return out
+
+
+TAG_CRC_CHAIN = 0x6372
+
+
+def _chained_crc32(comm, arrays):
+    """CRC32 of each array's concatenation over the ranks in rank order (collective).
+
+    Each rank continues the checksums of the ranks before it over its own slabs (CRC32
+    runs on), so no rank needs the whole tensor; the last rank's result is broadcast.
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+    running = np.zeros(len(arrays), np.int64)
+    if rank > 0:
+        comm.Recv(running, source=rank - 1, tag=TAG_CRC_CHAIN)
+    for i, array in enumerate(arrays):
+        running[i] = zlib.crc32(np.ascontiguousarray(array).view(np.uint8), int(running[i]))
+    if rank < size - 1:
+        comm.Send(running, dest=rank + 1, tag=TAG_CRC_CHAIN)
+    comm.Bcast(running, root=size - 1)
+    return running
 
 
 def _fsync_path(path):
@@ -119,6 +146,10 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     for i in range(rank, len(tensors), size):
         sums[i] = crc32(tensors[i][1])
     comm.Allreduce(MPI.IN_PLACE, sums)
+    slabs = []   # (dataset path, this rank's slab); sharded optimizer state only
+    if state.optimizer_shard is not None:
+        slabs = [(f"optimizer/{slot}", state.slot(i)) for i, slot in enumerate(state.optimizer_slots)]
+        slab_sums = _chained_crc32(comm, [slab for _, slab in slabs])
 
     def prepare():
         if rank == 0:
@@ -132,6 +163,11 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
                 dset = f.create_dataset(path, array.shape, array.dtype, fill_time="never")
                 dset.attrs["crc32"] = int(checksum)
                 datasets.append(dset)
+            slab_datasets = []
+            for (path, _), checksum in zip(slabs, slab_sums if slabs else ()):
+                dset = f.create_dataset(path, (state.params.size,), np.float32, fill_time="never")
+                dset.attrs["crc32"] = int(checksum)
+                slab_datasets.append(dset)
             attrs = {"format": FORMAT, "step": state.step, "epoch": state.epoch,
                      "step_in_epoch": state.step_in_epoch, "world_size": size, "seed": seed,
                      "model": json.dumps(model.spec()), "job": job_json,
@@ -144,6 +180,10 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
                     lo, hi = partition.rank_bounds(array.shape[0], size, rank)
                     if hi > lo:
                         dset[lo:hi] = array[lo:hi]
+                for dset, (_, slab) in zip(slab_datasets, slabs):
+                    lo, hi = state.optimizer_shard
+                    if hi > lo:
+                        dset[lo:hi] = slab
                 if os.environ.get(CRASH_HOOK) == str(state.step) and rank == 0:
                     os.kill(os.getpid(), 9)
                 if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
@@ -299,6 +339,15 @@ def read(path, model, optimizer_slots=("velocity",)):
         groups = [(params, "params")] + [(optimizer_state[i * n:(i + 1) * n], f"optimizer/{slot}")
                                          for i, slot in enumerate(optimizer_slots)]
         for flat, group in groups:
+            if isinstance(f.get(group), h5py.Dataset):   # written by a sharded optimizer
+                dset = f[group]
+                if dset.shape != flat.shape:
+                    raise CheckpointError(f"checkpoint {path} is damaged: /{group} has shape "
+                                          f"{dset.shape}, expected {flat.shape}")
+                dset.read_direct(flat)
+                if crc32(flat) != int(dset.attrs.get("crc32", -1)):
+                    raise CheckpointError(f"checkpoint {path} is damaged: /{group}: checksum mismatch")
+                continue
             for name, view in model.layout.views(flat).items():
                 dset = f[f"{group}/{name}"]
                 dset.read_direct(view)

@@ -83,7 +83,8 @@ class TrainConfig:
     ``accumulation_steps`` splits each rank's rows of a step into that many micro-batches
     whose gradients are summed before the one exchange (less memory, same global batch).
     ``threads_per_rank`` (default: the node's cores shared by its ranks, at least 1) sets
-    BLAS and numba threads.
+    BLAS and numba threads. ``shard_optimizer`` keeps each rank's share of the optimizer
+    state only (ZeRO stage 1: reduce-scatter, update the shard, allgather the parameters).
     """
 
     global_batch: int = _spec(kind=int, min=1)
@@ -92,6 +93,7 @@ class TrainConfig:
     seed: int = _spec(0, kind=int, min=0, max=2**63 - 1)
     accumulation_steps: int = _spec(1, kind=int, min=1)
     threads_per_rank: int | None = _spec(None, kind=int, min=1, max=1024)
+    shard_optimizer: bool = _spec(False, kind=bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,6 +272,9 @@ def _check_job(job):
         raise UserError("[optimizer].step_size is needed for schedule = 'step'")
     if opt.schedule != "step" and opt.step_size is not None:
         raise UserError(f"[optimizer].step_size is only for schedule = 'step', not {opt.schedule!r}")
+    if job.train.shard_optimizer and job.fault.mode == "ulfm":
+        raise UserError("[train].shard_optimizer needs [fault].mode = 'restart' or 'auto': a lost "
+                        "rank's optimizer shard cannot be recovered in place")
     if opt.min_learning_rate > opt.learning_rate:
         raise UserError(f"[optimizer].min_learning_rate = {opt.min_learning_rate} is above "
                         f"learning_rate = {opt.learning_rate}")

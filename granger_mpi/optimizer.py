@@ -42,31 +42,61 @@ def learning_rate(cfg, step, total_steps, global_batch):
 
 
 class Optimizer:
-    """One optimizer over a flat parameter buffer of ``n_params`` elements."""
+    """One optimizer over a flat parameter buffer of ``n_params`` elements.
 
-    def __init__(self, cfg, n_params, *, total_steps, global_batch):
+    With ``shard=(lo, hi)`` (ZeRO stage 1, see ``granger_mpi.zero``) it keeps state for
+    ``params[lo:hi]`` only, and ``step``/``clip`` are given that slice.
+    """
+
+    def __init__(self, cfg, n_params, *, total_steps, global_batch, shard=None):
         self.cfg = cfg
         self.slots = SLOTS[cfg.name]
         self.n_params = n_params
+        self.shard = shard
+        lo, hi = shard if shard is not None else (0, n_params)
+        self.n_local = hi - lo
         self.total_steps = total_steps
         self.global_batch = global_batch
-        self.state = np.zeros(len(self.slots) * n_params, np.float32)
+        self.state = np.zeros(len(self.slots) * self.n_local, np.float32)
 
     def slot(self, name):
-        """The view of one state tensor (``velocity``, ``m``, ``v``) over all parameters."""
+        """The view of one state tensor (``velocity``, ``m``, ``v``) over this rank's parameters."""
         i = self.slots.index(name)
-        return self.state[i * self.n_params:(i + 1) * self.n_params]
+        return self.state[i * self.n_local:(i + 1) * self.n_local]
+
+    def adopt(self, full_state):
+        """Take over a whole saved state (every slot over all parameters); returns ``state``.
+
+        A sharded optimizer copies its shard out of it; an unsharded one keeps the array.
+        """
+        if self.shard is None:
+            self.state = full_state
+            return self.state
+        lo, hi = self.shard
+        n = self.n_params
+        for i in range(len(self.slots)):
+            self.state[i * self.n_local:(i + 1) * self.n_local] = full_state[i * n + lo:i * n + hi]
+        return self.state
 
     def learning_rate(self, step):
         """The rate used by (0-based) ``step``."""
         return learning_rate(self.cfg, step, self.total_steps, self.global_batch)
 
-    def clip(self, grad):
-        """Clip the summed gradient in place; returns its global norm before norm clipping."""
+    def clip(self, grad, comm=None):
+        """Clip the summed gradient in place; returns its global norm before norm clipping.
+
+        With ``comm``, ``grad`` is this rank's shard: the squares are summed over ``comm``
+        in rank order (collective), so every rank gets the same norm.
+        """
         cfg = self.cfg
         if cfg.clip_value is not None:
             optim.clip_by_value(grad, np.float32(cfg.clip_value))
-        norm = math.sqrt(optim.sum_of_squares(grad))
+        squares = optim.sum_of_squares(grad)
+        if comm is not None:
+            parts = np.empty(comm.Get_size(), np.float64)
+            comm.Allgather(np.array([squares], np.float64), parts)
+            squares = sum(parts.tolist())
+        norm = math.sqrt(squares)
         if cfg.clip_norm is not None and norm > cfg.clip_norm:
             optim.scale(grad, np.float32(cfg.clip_norm / (norm + 1e-6)))  # PyTorch's factor
         return norm

@@ -19,7 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import (checkpoint, collectives, dataset, metrics, modelfile, models, optimizer,
-                         partition, threads)
+                         partition, threads, zero)
 from granger_mpi.errors import UserError
 from granger_mpi.kernels import checks
 from granger_mpi.runtime import agree, bcast_text
@@ -277,10 +277,12 @@ def train(comm, job, info, model, *, resume=None, log=print):
     total_steps = per_epoch * job.train.epochs
     if job.train.max_steps is not None:
         total_steps = min(total_steps, job.train.max_steps)
+    sharded = job.train.shard_optimizer
+    shard = zero.shard_bounds(model.layout.size, model.layout.size + N_STATS, rank, size) if sharded else None
     opt = optimizer.Optimizer(job.optimizer, model.layout.size, total_steps=total_steps,
-                              global_batch=job.train.global_batch)
+                              global_batch=job.train.global_batch, shard=shard)
     warm_kernels(comm, model, info, opt)
-    state = checkpoint.TrainState(model.init_params(job.train.seed), opt.state, 0, 0, 0, opt.slots)
+    state = checkpoint.TrainState(model.init_params(job.train.seed), None, 0, 0, 0, opt.slots)
     source = find_resume(comm, job, resume, log) if resume is not None else None
     if source is not None:
         def load():
@@ -291,10 +293,15 @@ def train(comm, job, info, model, *, resume=None, log=print):
         if rank == 0:
             log(f"resuming from {source}: step {state.step} (epoch {state.epoch}, step "
                 f"{state.step_in_epoch}), saved by {int(attrs['world_size'])} rank(s)")
-    params, opt_state = state.params, state.optimizer_state
-    opt.state = opt_state    # the optimizer's whole state (velocity, or Adam's m and v)
+    params = state.params
+    # The optimizer's state (velocity, or Adam's m and v; this rank's shard if sharded).
+    opt_state = opt.state if state.optimizer_state is None else opt.adopt(state.optimizer_state)
     n_params = params.size
     ulfm = fault_mode(comm, job, log)
+    if ulfm and sharded:    # a dead rank's shard is gone: only a restart can bring it back
+        ulfm = False
+        if rank == 0:
+            log("fault tolerance: restart from checkpoints ([train].shard_optimizer)")
     if ulfm:
         # A plain buffer: shared windows are not fault tolerant (DESIGN.md §8), and the state
         # before the latest update is kept so survivors can roll back to a common step.
@@ -320,6 +327,8 @@ def train(comm, job, info, model, *, resume=None, log=print):
             f"{info.path} ({info.n_rows:,} rows, {info.task}) with {size} rank(s), "
             f"global batch {job.train.global_batch}, {total_steps} steps, allreduce {algorithm}, "
             f"optimizer {job.optimizer.name}, {n_threads} thread(s) per rank")
+        log(f"optimizer state: {opt.state.nbytes:,} bytes per rank"
+            + (f" (sharded over {size} ranks; {len(opt.slots) * n_params * 4:,} unsharded)" if sharded else ""))
 
     started = last_save = time.perf_counter()
     loss = accuracy = float("nan")
@@ -332,7 +341,7 @@ def train(comm, job, info, model, *, resume=None, log=print):
     def save(next_index):
         nonlocal saved, last_save
         position = checkpoint.TrainState(params, opt_state, next_index, next_index // per_epoch,
-                                         next_index % per_epoch, opt.slots)
+                                         next_index % per_epoch, opt.slots, shard)
         saved = checkpoint.save(comm, run_dir, model, position, job_json=job.to_json(),
                                 seed=job.train.seed, keep_last=ckpt.keep_last,
                                 extra_attrs={"n_rows": info.n_rows},
@@ -384,8 +393,11 @@ def train(comm, job, info, model, *, resume=None, log=print):
             stats[STOP] = 1 if requests.stop else 0
             requests.save = requests.stop = False
             try:
-                collectives.allreduce(comm, exchange, algorithm=algorithm,
-                                      ranks_per_node=job.collectives.ranks_per_node)
+                if sharded:   # the update happens inside, between reduce-scatter and allgather
+                    grad_norm, lr = zero.exchange_and_update(comm, opt, exchange, params, step_index)
+                else:
+                    collectives.allreduce(comm, exchange, algorithm=algorithm,
+                                          ranks_per_node=job.collectives.ranks_per_node)
             except MPI.Exception as exc:
                 if not (ulfm and _is_rank_failure(exc)):
                     raise
@@ -414,8 +426,9 @@ def train(comm, job, info, model, *, resume=None, log=print):
             if ulfm:
                 np.copyto(before[0], params)
                 np.copyto(before[1], opt_state)
-            grad_norm = opt.clip(grad)
-            lr = opt.step(params, grad, step_index)
+            if not sharded:
+                grad_norm = opt.clip(grad)
+                lr = opt.step(params, grad, step_index)
             completed = step_index + 1
             loss = float(stats[LOSS])
             accuracy = float(stats[CORRECT]) if classification else None

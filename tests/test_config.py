@@ -92,6 +92,8 @@ def test_new_optimizer_keys_parse(job_dir):
     (("epochs = 3", "epochs = 3\nthreads_per_rank = 0"), r"\[train\]\.threads_per_rank must be >= 1"),
     (("epochs = 3", "epochs = 3\nthreads_per_rank = 2.5"), r"\[train\]\.threads_per_rank must be int"),
     (('kind = "mlp"', 'kind = "mlp"\nactivation = "swish"'), r"\[model\]\.activation must be one of"),
+    (("epochs = 3", 'epochs = 3\nshard_optimizer = true\n[fault]\nmode = "ulfm"'),
+     r"\[train\]\.shard_optimizer needs \[fault\]\.mode = 'restart'"),
 ])
 def test_bad_job_names_the_key(job_dir, change, message):
     old, new = change
