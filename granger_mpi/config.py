@@ -85,6 +85,9 @@ class TrainConfig:
     ``threads_per_rank`` (default: the node's cores shared by its ranks, at least 1) sets
     BLAS and numba threads. ``shard_optimizer`` keeps each rank's share of the optimizer
     state only (ZeRO stage 1: reduce-scatter, update the shard, allgather the parameters).
+    ``strategy = "async"``: a parameter server (rank 0) and asynchronous workers, each
+    gradient weighted by ``staleness_weight`` (``inverse``: 1/(1+staleness), or
+    ``constant``) and dropped beyond ``max_staleness`` (see ``granger_mpi.async_sgd``).
     """
 
     global_batch: int = _spec(kind=int, min=1)
@@ -94,6 +97,9 @@ class TrainConfig:
     accumulation_steps: int = _spec(1, kind=int, min=1)
     threads_per_rank: int | None = _spec(None, kind=int, min=1, max=1024)
     shard_optimizer: bool = _spec(False, kind=bool)
+    strategy: str = _spec("sync", kind=str, choices=("sync", "async"))
+    staleness_weight: str = _spec("inverse", kind=str, choices=("inverse", "constant"))
+    max_staleness: int = _spec(8, kind=int, min=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,6 +281,12 @@ def _check_job(job):
     if job.train.shard_optimizer and job.fault.mode == "ulfm":
         raise UserError("[train].shard_optimizer needs [fault].mode = 'restart' or 'auto': a lost "
                         "rank's optimizer shard cannot be recovered in place")
+    if job.train.strategy == "async" and job.train.shard_optimizer:
+        raise UserError("[train].shard_optimizer is for strategy = 'sync' (the async server holds "
+                        "all optimizer state)")
+    if job.train.strategy == "async" and job.fault.mode == "ulfm":
+        raise UserError("[train].strategy = 'async' does not recover from rank failures; "
+                        "[fault].mode must be 'auto' or 'restart'")
     if opt.min_learning_rate > opt.learning_rate:
         raise UserError(f"[optimizer].min_learning_rate = {opt.min_learning_rate} is above "
                         f"learning_rate = {opt.learning_rate}")

@@ -270,9 +270,14 @@ def train(comm, job, info, model, *, resume=None, log=print):
     the end); the same job at the same world size gives bitwise identical results, also
     when it is stopped and resumed (``resume``: "auto" or a checkpoint path).
     """
+    n_threads = threads.configure(comm, job.train.threads_per_rank)
+    if job.train.strategy == "async":
+        if resume is not None:
+            raise UserError("--resume: [train].strategy = 'async' writes no checkpoints", agreed=True)
+        from granger_mpi import async_sgd
+        return async_sgd.train(comm, job, info, model, log=log)
     rank, size = comm.Get_rank(), comm.Get_size()
     run_dir = job.output.run_dir
-    n_threads = threads.configure(comm, job.train.threads_per_rank)
     per_epoch = partition.steps_per_epoch(info.n_rows, job.train.global_batch)
     total_steps = per_epoch * job.train.epochs
     if job.train.max_steps is not None:

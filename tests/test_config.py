@@ -94,6 +94,11 @@ def test_new_optimizer_keys_parse(job_dir):
     (('kind = "mlp"', 'kind = "mlp"\nactivation = "swish"'), r"\[model\]\.activation must be one of"),
     (("epochs = 3", 'epochs = 3\nshard_optimizer = true\n[fault]\nmode = "ulfm"'),
      r"\[train\]\.shard_optimizer needs \[fault\]\.mode = 'restart'"),
+    (("epochs = 3", 'epochs = 3\nstrategy = "gossip"'), r"\[train\]\.strategy must be one of"),
+    (("epochs = 3", 'epochs = 3\nstrategy = "async"\nshard_optimizer = true'),
+     r"\[train\]\.shard_optimizer is for strategy = 'sync'"),
+    (("epochs = 3", 'epochs = 3\nstaleness_weight = "exp"'), r"\[train\]\.staleness_weight must be one of"),
+    (("epochs = 3", "epochs = 3\nmax_staleness = -1"), r"\[train\]\.max_staleness must be >= 0"),
 ])
 def test_bad_job_names_the_key(job_dir, change, message):
     old, new = change
