@@ -2,11 +2,16 @@
 
 Layout of ``RUN_DIR/ckpt/step_XXXXXXXX.h5`` (``h5ls -r`` and ``h5dump`` read it):
 
-* ``/params/<name>`` and ``/optimizer/velocity/<name>``: one dataset per named tensor;
-  each carries a ``crc32`` attribute of its bytes.
+* ``/params/<name>`` and ``/optimizer/<slot>/<name>``: one dataset per named tensor, where
+  the slots are the optimizer's state tensors (``velocity`` for SGD, ``m`` and ``v`` for
+  Adam/AdamW); each carries a ``crc32`` attribute of its bytes. A run with a sharded
+  optimizer (``[train].shard_optimizer``) writes each slot instead as one flat dataset
+  ``/optimizer/<slot>`` (all parameters, in the flat buffer's order), every rank its slab;
+  either layout resumes at any number of ranks, sharded or not.
 * root attributes: ``format``, ``step`` (steps completed), ``epoch``, ``step_in_epoch``,
   ``world_size``, ``seed``, ``model`` and ``job`` (JSON), ``versions`` (JSON),
-  ``complete`` (written last).
+  ``optimizer_slots`` (JSON list), ``complete`` (written last). The optimizer's step
+  count is ``step`` (one update per step).
 
 How a save stays atomic (SCR, PyTorch DCP): every rank writes its rows of every tensor into
 ``step_XXXXXXXX.h5.tmp`` (independent writes into one file opened with the mpio driver;
@@ -49,10 +54,18 @@ class TrainState:
     """What a run needs to continue exactly where it stopped."""
 
     params: np.ndarray
-    velocity: np.ndarray
+    optimizer_state: np.ndarray   # len(optimizer_slots) flat tensors the size of params, end to end
     step: int            # steps completed since the start of the run
     epoch: int           # epoch of the next step
     step_in_epoch: int   # index of the next step inside its epoch
+    optimizer_slots: tuple = ("velocity",)
+    optimizer_shard: tuple | None = None   # (lo, hi): optimizer_state covers params[lo:hi] only
+
+    def slot(self, index):
+        """The ``index``-th optimizer state tensor (flat; this rank's shard if sharded)."""
+        lo, hi = self.optimizer_shard or (0, self.params.size)
+        n = hi - lo
+        return self.optimizer_state[index * n:(index + 1) * n]
 
 
 def crc32(array):
@@ -73,10 +86,34 @@ def file_name(step):
 def _tensors(model, state):
     """``(dataset path, array)`` of everything saved, in a fixed order."""
     out = []
-    for group, flat in (("params", state.params), ("optimizer/velocity", state.velocity)):
+    groups = [("params", state.params)]
+    if state.optimizer_shard is None:   # sharded state is written as slabs (_slabs)
+        groups += [(f"optimizer/{slot}", state.slot(i)) for i, slot in enumerate(state.optimizer_slots)]
+    for group, flat in groups:
         for name, view in model.layout.views(flat).items():
             out.append((f"{group}/{name}", view))
     return out
+
+
+TAG_CRC_CHAIN = 0x6372
+
+
+def _chained_crc32(comm, arrays):
+    """CRC32 of each array's concatenation over the ranks in rank order (collective).
+
+    Each rank continues the checksums of the ranks before it over its own slabs (CRC32
+    runs on), so no rank needs the whole tensor; the last rank's result is broadcast.
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+    running = np.zeros(len(arrays), np.int64)
+    if rank > 0:
+        comm.Recv(running, source=rank - 1, tag=TAG_CRC_CHAIN)
+    for i, array in enumerate(arrays):
+        running[i] = zlib.crc32(np.ascontiguousarray(array).view(np.uint8), int(running[i]))
+    if rank < size - 1:
+        comm.Send(running, dest=rank + 1, tag=TAG_CRC_CHAIN)
+    comm.Bcast(running, root=size - 1)
+    return running
 
 
 def _fsync_path(path):
@@ -115,6 +152,10 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     for i in range(rank, len(tensors), size):
         sums[i] = crc32(tensors[i][1])
     comm.Allreduce(MPI.IN_PLACE, sums)
+    slabs = []   # (dataset path, this rank's slab); sharded optimizer state only
+    if state.optimizer_shard is not None:
+        slabs = [(f"optimizer/{slot}", state.slot(i)) for i, slot in enumerate(state.optimizer_slots)]
+        slab_sums = _chained_crc32(comm, [slab for _, slab in slabs])
 
     def prepare():
         if rank == 0:
@@ -123,12 +164,15 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     attrs = {"format": FORMAT, "step": state.step, "epoch": state.epoch,
              "step_in_epoch": state.step_in_epoch, "world_size": size, "seed": seed,
              "model": json.dumps(model.spec()), "job": job_json,
-             "versions": json.dumps(_versions()), **(extra_attrs or {})}
+             "versions": json.dumps(_versions()),
+             "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
     failed = None
     try:
         if not single_writer:
             with h5py.File(tmp, "w", driver="mpio", comm=comm) as f:
-                failed = _write(f, tensors, sums, attrs, rank, size, on_written)
+                failed = _write(f, tensors, sums, attrs, rank, size, on_written,
+                                slabs, slab_sums if slabs else (), state.optimizer_shard,
+                                state.params.size)
                 if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
                     failed = OSError(28, "No space left on device")
         elif rank == 0:
@@ -186,8 +230,10 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     return final
 
 
-def _write(f, tensors, sums, attrs, rank, size, on_written):
-    """Create every dataset (collective under mpio) and write this rank's rows of each.
+def _write(f, tensors, sums, attrs, rank, size, on_written, slabs=(), slab_sums=(), shard=None,
+           slab_length=0):
+    """Create every dataset (collective under mpio) and write this rank's rows of each;
+    ``slabs`` are this rank's ``shard`` of sharded optimizer state, one dataset each.
 
     Returns the OSError/RuntimeError of a failed write (the file is still closed
     collectively), or None.
@@ -197,6 +243,11 @@ def _write(f, tensors, sums, attrs, rank, size, on_written):
         dset = f.create_dataset(path, array.shape, array.dtype, fill_time="never")
         dset.attrs["crc32"] = int(checksum)
         datasets.append(dset)
+    slab_datasets = []
+    for (path, _), checksum in zip(slabs, slab_sums):
+        dset = f.create_dataset(path, (slab_length,), np.float32, fill_time="never")
+        dset.attrs["crc32"] = int(checksum)
+        slab_datasets.append(dset)
     for key, value in attrs.items():
         f.attrs[key] = value
     failed = None
@@ -205,6 +256,10 @@ def _write(f, tensors, sums, attrs, rank, size, on_written):
             lo, hi = partition.rank_bounds(array.shape[0], size, rank)
             if hi > lo:
                 dset[lo:hi] = array[lo:hi]
+        for dset, (_, slab) in zip(slab_datasets, slabs):
+            lo, hi = shard
+            if hi > lo:
+                dset[lo:hi] = slab
         if on_written is not None:
             on_written()
     except (OSError, RuntimeError) as exc:
@@ -285,10 +340,12 @@ def newest_good(run_dir, report=print):
     return None
 
 
-def read(path, model):
+def read(path, model, optimizer_slots=("velocity",)):
     """The ``TrainState`` saved in ``path`` and its root attributes.
 
-    Every tensor's checksum is checked on the bytes as read, so the file is read once.
+    ``optimizer_slots`` are the state tensors the run's optimizer needs; a checkpoint of
+    another optimizer is refused, naming both. Every tensor's checksum is checked on the
+    bytes as read, so the file is read once.
     """
     with open_for_reading(path, "checkpoint") as f:
         if f.attrs.get("format") != FORMAT or f.attrs.get("complete") != 1:
@@ -299,9 +356,25 @@ def read(path, model):
             raise UserError(f"checkpoint {path} holds a different model ({differing[0]}: "
                             f"{saved.get(differing[0])} in the checkpoint, "
                             f"{model.spec()[differing[0]]} in the job)")
-        params = np.empty(model.layout.size, np.float32)
-        velocity = np.empty_like(params)
-        for flat, group in ((params, "params"), (velocity, "optimizer/velocity")):
+        saved_slots = tuple(json.loads(f.attrs.get("optimizer_slots", '["velocity"]')))
+        if saved_slots != tuple(optimizer_slots):
+            raise UserError(f"checkpoint {path} holds optimizer state {', '.join(saved_slots)}; "
+                            f"this job's optimizer needs {', '.join(optimizer_slots)}")
+        n = model.layout.size
+        params = np.empty(n, np.float32)
+        optimizer_state = np.empty(len(optimizer_slots) * n, np.float32)
+        groups = [(params, "params")] + [(optimizer_state[i * n:(i + 1) * n], f"optimizer/{slot}")
+                                         for i, slot in enumerate(optimizer_slots)]
+        for flat, group in groups:
+            if isinstance(f.get(group), h5py.Dataset):   # written by a sharded optimizer
+                dset = f[group]
+                if dset.shape != flat.shape:
+                    raise CheckpointError(f"checkpoint {path} is damaged: /{group} has shape "
+                                          f"{dset.shape}, expected {flat.shape}")
+                dset.read_direct(flat)
+                if crc32(flat) != int(dset.attrs.get("crc32", -1)):
+                    raise CheckpointError(f"checkpoint {path} is damaged: /{group}: checksum mismatch")
+                continue
             for name, view in model.layout.views(flat).items():
                 dset = f[f"{group}/{name}"]
                 dset.read_direct(view)
@@ -309,6 +382,6 @@ def read(path, model):
                     raise CheckpointError(f"checkpoint {path} is damaged: /{group}/{name}: "
                                           f"checksum mismatch")
         attrs = dict(f.attrs)
-    state = TrainState(params, velocity, int(attrs["step"]), int(attrs["epoch"]),
-                       int(attrs["step_in_epoch"]))
+    state = TrainState(params, optimizer_state, int(attrs["step"]), int(attrs["epoch"]),
+                       int(attrs["step_in_epoch"]), tuple(optimizer_slots))
     return state, attrs

@@ -30,17 +30,35 @@ saves and stops.
 """
 
 
-def _default_threads():
+def _default_threads(requested=None):
     """One BLAS/numba thread share per rank, so ranks on a node do not oversubscribe cores.
 
-    Must run before numpy/numba are imported. Explicit settings in the environment win.
+    ``requested`` is the job's ``[train].threads_per_rank``, if any. Must run before
+    numpy/numba are imported (BLAS reads its count once, when loaded). Explicit settings
+    in the environment win.
     """
     ranks_here = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
                      or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
     cores = len(os.sched_getaffinity(0))
-    threads = str(max(1, cores // max(1, ranks_here)))
+    threads = str(requested or max(1, cores // max(1, ranks_here)))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(var, threads)
+
+
+def _requested_threads(args):
+    """``[train].threads_per_rank`` of a train job, read early (before numpy is imported).
+
+    Only a hint for the environment: the job file is checked properly later, and any
+    problem here is left for that check to report.
+    """
+    if getattr(args, "command", None) != "train":
+        return None
+    try:
+        import tomllib
+        value = tomllib.loads(Path(args.job).read_text()).get("train", {}).get("threads_per_rank")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024 else None
 
 
 def _world():
@@ -126,14 +144,36 @@ def cmd_evaluate(args):
     def load():
         model, params, _ = modelfile.load(args.model)
         info = dataset.open_info(args.dataset)
-        if info.n_features != model.sizes[0] or info.task != model.task or info.n_outputs != model.sizes[-1]:
-            raise UserError(f"{info.path} ({info.n_features} features, {info.task}, {info.n_outputs} "
-                            f"outputs) does not fit model {args.model} (sizes {list(model.sizes)}, {model.task})")
+        problem = model.fits(info)
+        if problem:
+            raise UserError(f"{problem}: {args.model}")
         return model, params, info
     model, params, info = agree(comm, load)
     loss, accuracy = train.evaluate(comm, model, params, info)
     acc = "" if accuracy is None else f" accuracy {100 * accuracy:.2f}%"
     say(comm, f"{info.path}: {info.n_rows} rows, loss {loss:.6f}{acc}")
+    comm.Free()
+    return 0
+
+
+def cmd_predict(args):
+    """Predictions of a saved model or checkpoint for every row of a dataset, as HDF5."""
+    from granger_mpi import modelfile, predict
+    from granger_mpi.errors import UserError
+    from granger_mpi.runtime import agree, say
+    comm = _world().Dup()
+
+    def load():
+        model, params, _ = modelfile.load(args.model)
+        predict.check_features(args.dataset, model)
+        if not args.output.parent.is_dir():
+            raise UserError(f"output directory {args.output.parent} does not exist")
+        if args.output.resolve() in (args.model.resolve(), args.dataset.resolve()):
+            raise UserError(f"output {args.output} would overwrite an input")
+        return model, params
+    model, params = agree(comm, load)
+    n_rows = predict.write(comm, model, params, args.dataset, args.output, source=args.model)
+    say(comm, f"wrote {args.output}: predictions for {n_rows:,} rows of {args.dataset}")
     comm.Free()
     return 0
 
@@ -282,8 +322,17 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="every rank's record as JSON")
 
     p = add("evaluate", cmd_evaluate, "loss and accuracy of a saved model on a dataset")
-    p.add_argument("model", type=Path, help="model file written by train (RUN_DIR/model.h5)")
+    p.add_argument("model", type=Path, help="model file written by train (RUN_DIR/model.h5) or a "
+                                            "checkpoint (RUN_DIR/ckpt/step_XXXXXXXX.h5)")
     p.add_argument("dataset", type=Path, help="dataset file (HDF5 with /X and /y)")
+
+    p = add("predict", cmd_predict, "write a saved model's predictions for a dataset to HDF5",
+            "Predict every row of DATASET with a model file or checkpoint and write OUTPUT.h5: "
+            "/outputs (logits or regression values) and, for classification, /labels and "
+            "/probabilities. Under mpirun every rank predicts and writes its share of the rows.")
+    p.add_argument("model", type=Path, help="model file (RUN_DIR/model.h5) or checkpoint")
+    p.add_argument("dataset", type=Path, help="dataset file (HDF5 with /X; /y is not needed)")
+    p.add_argument("output", type=Path, help="predictions file to write (.h5)")
 
     p = add("make-dataset", cmd_make_dataset, "write a seeded synthetic dataset",
             "Write a seeded synthetic classification (Gaussian mixture) or regression (linear "
@@ -430,12 +479,12 @@ def main(argv=None):
     """Entry point of the ``granger-mpi`` console script."""
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
-    _default_threads()
     handler = logging.StreamHandler(sys.stdout)   # in order with the progress lines
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("granger_mpi").addHandler(handler)
     logging.getLogger("granger_mpi").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
+    _default_threads(_requested_threads(args))
     from granger_mpi.errors import EXIT_FAILURE, UserError
     try:
         return args.func(args)

@@ -18,10 +18,10 @@ from granger_mpi.errors import UserError
 
 
 def _spec(default=dataclasses.MISSING, *, kind, min=None, max=None, choices=None,
-          exclusive_min=False):
+          exclusive_min=False, exclusive_max=False):
     """A dataclass field with its TOML type and allowed range."""
     meta = {"kind": kind, "min": min, "max": max, "choices": choices,
-            "exclusive_min": exclusive_min}
+            "exclusive_min": exclusive_min, "exclusive_max": exclusive_max}
     return field(default=default, metadata=meta)
 
 
@@ -39,29 +39,67 @@ class DataConfig:
 class ModelConfig:
     """``[model]``: the network."""
 
-    kind: str = _spec(kind=str, choices=("softmax", "linear", "mlp"))
+    kind: str = _spec(kind=str, choices=("softmax", "logistic", "linear", "mlp"))
     hidden: tuple = _spec((), kind="int_list", min=1)
-    activation: str = _spec("relu", kind=str, choices=("relu", "tanh"))
+    activation: str = _spec("relu", kind=str, choices=("relu", "tanh", "gelu"))
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    """``[optimizer]``: how gradients become updates."""
+    """``[optimizer]``: how gradients become updates (PyTorch's definitions throughout).
 
-    name: str = _spec("sgd", kind=str, choices=("sgd",))
+    ``name``: ``sgd`` (with ``momentum``, optionally ``nesterov``), ``adam`` (``weight_decay``
+    as L2 in the gradient) or ``adamw`` (decoupled decay). ``schedule``: ``constant``,
+    ``step`` (times ``gamma`` every ``step_size`` steps) or ``cosine`` (to
+    ``min_learning_rate`` at the last step), after ``warmup_steps`` of linear warm-up.
+    ``scale_with_batch`` multiplies the rate by ``global_batch / base_batch``. Clipping,
+    after the gradients are summed: ``clip_value`` per element, then ``clip_norm`` on the
+    global norm.
+    """
+
+    name: str = _spec("sgd", kind=str, choices=("sgd", "adam", "adamw"))
     learning_rate: float = _spec(kind=float, min=0, exclusive_min=True)
     momentum: float = _spec(0.0, kind=float, min=0, max=1)
+    nesterov: bool = _spec(False, kind=bool)
     weight_decay: float = _spec(0.0, kind=float, min=0)
+    beta1: float = _spec(0.9, kind=float, min=0, max=1, exclusive_max=True)
+    beta2: float = _spec(0.999, kind=float, min=0, max=1, exclusive_max=True)
+    eps: float = _spec(1e-8, kind=float, min=0, exclusive_min=True)
+    schedule: str = _spec("constant", kind=str, choices=("constant", "step", "cosine"))
+    warmup_steps: int = _spec(0, kind=int, min=0)
+    step_size: int | None = _spec(None, kind=int, min=1)
+    gamma: float = _spec(0.1, kind=float, min=0, max=1, exclusive_min=True)
+    min_learning_rate: float = _spec(0.0, kind=float, min=0)
+    scale_with_batch: bool = _spec(False, kind=bool)
+    base_batch: int = _spec(256, kind=int, min=1)
+    clip_norm: float | None = _spec(None, kind=float, min=0, exclusive_min=True)
+    clip_value: float | None = _spec(None, kind=float, min=0, exclusive_min=True)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """``[train]``: batch, length and seed."""
+    """``[train]``: batch, length and seed; how a rank computes.
+
+    ``accumulation_steps`` splits each rank's rows of a step into that many micro-batches
+    whose gradients are summed before the one exchange (less memory, same global batch).
+    ``threads_per_rank`` (default: the node's cores shared by its ranks, at least 1) sets
+    BLAS and numba threads. ``shard_optimizer`` keeps each rank's share of the optimizer
+    state only (ZeRO stage 1: reduce-scatter, update the shard, allgather the parameters).
+    ``strategy = "async"``: a parameter server (rank 0) and asynchronous workers, each
+    gradient weighted by ``staleness_weight`` (``inverse``: 1/(1+staleness), or
+    ``constant``) and dropped beyond ``max_staleness`` (see ``granger_mpi.async_sgd``).
+    """
 
     global_batch: int = _spec(kind=int, min=1)
     epochs: int = _spec(1, kind=int, min=1)
     max_steps: int | None = _spec(None, kind=int, min=1)
     seed: int = _spec(0, kind=int, min=0, max=2**63 - 1)
+    accumulation_steps: int = _spec(1, kind=int, min=1)
+    threads_per_rank: int | None = _spec(None, kind=int, min=1, max=1024)
+    shard_optimizer: bool = _spec(False, kind=bool)
+    strategy: str = _spec("sync", kind=str, choices=("sync", "async"))
+    staleness_weight: str = _spec("inverse", kind=str, choices=("inverse", "constant"))
+    max_staleness: int = _spec(8, kind=int, min=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,8 +231,8 @@ def _check_range(value, meta, where):
     if low is not None and (value <= low if meta["exclusive_min"] else value < low):
         bound = f"> {low}" if meta["exclusive_min"] else f">= {low}"
         raise UserError(f"{where} must be {bound}, got {value!r}")
-    if high is not None and value > high:
-        raise UserError(f"{where} must be <= {high}, got {value!r}")
+    if high is not None and (value >= high if meta.get("exclusive_max") else value > high):
+        raise UserError(f"{where} must be {'<' if meta.get('exclusive_max') else '<='} {high}, got {value!r}")
 
 
 def _section(cls, table, name, base_dir):
@@ -241,6 +279,27 @@ def _check_job(job):
         raise UserError("[model].hidden must list at least one layer width for kind = 'mlp'")
     if job.model.kind != "mlp" and job.model.hidden:
         raise UserError(f"[model].hidden is only for kind = 'mlp', not {job.model.kind!r}")
+    opt = job.optimizer
+    if opt.name != "sgd" and opt.momentum != 0:
+        raise UserError(f"[optimizer].momentum is for name = 'sgd'; {opt.name!r} uses beta1")
+    if opt.nesterov and (opt.name != "sgd" or opt.momentum == 0):
+        raise UserError("[optimizer].nesterov needs name = 'sgd' and momentum > 0")
+    if opt.schedule == "step" and opt.step_size is None:
+        raise UserError("[optimizer].step_size is needed for schedule = 'step'")
+    if opt.schedule != "step" and opt.step_size is not None:
+        raise UserError(f"[optimizer].step_size is only for schedule = 'step', not {opt.schedule!r}")
+    if job.train.shard_optimizer and job.fault.mode == "ulfm":
+        raise UserError("[train].shard_optimizer needs [fault].mode = 'restart' or 'auto': a lost "
+                        "rank's optimizer shard cannot be recovered in place")
+    if job.train.strategy == "async" and job.train.shard_optimizer:
+        raise UserError("[train].shard_optimizer is for strategy = 'sync' (the async server holds "
+                        "all optimizer state)")
+    if job.train.strategy == "async" and job.fault.mode == "ulfm":
+        raise UserError("[train].strategy = 'async' does not recover from rank failures; "
+                        "[fault].mode must be 'auto' or 'restart'")
+    if opt.min_learning_rate > opt.learning_rate:
+        raise UserError(f"[optimizer].min_learning_rate = {opt.min_learning_rate} is above "
+                        f"learning_rate = {opt.learning_rate}")
     for key, path in (("[data].path", job.data.path), ("[data].test_path", job.data.test_path)):
         if path is not None and not path.is_file():
             raise UserError(f"{key}: dataset file {path} not found")

@@ -1,5 +1,7 @@
 """Trained models in HDF5: one named dataset per parameter tensor, no pickle anywhere.
 
+``load`` also takes a checkpoint, whose ``/params`` have the same layout.
+
 Layout: ``/params/<name>`` (``W1``, ``b1``, ...); root attributes ``format``,
 ``model`` (JSON spec), ``job`` (JSON), ``step``, ``epoch``, ``versions`` (JSON).
 ``h5dump -d /params/W1 model.h5`` shows a layer.
@@ -50,11 +52,19 @@ def save(path, model, params, *, attrs):
 
 
 def load(path):
-    """``(model, flat params, attrs)`` from a model file; ``UserError`` if it is not one."""
+    """``(model, flat params, attrs)`` from a model file or a checkpoint (its ``/params``).
+
+    ``UserError`` if it is neither; a checkpoint's tensors are checked against their CRC32.
+    """
+    from granger_mpi import checkpoint
     path = Path(path)
     with open_for_reading(path, "model file") as f:
-        if f.attrs.get("format") != FORMAT or "params" not in f:
-            raise UserError(f"{path} is not a granger-mpi model file (no format={FORMAT!r} attribute)")
+        fmt = f.attrs.get("format")
+        if fmt not in (FORMAT, checkpoint.FORMAT) or "params" not in f:
+            raise UserError(f"{path} is not a granger-mpi model file or checkpoint "
+                            f"(no format={FORMAT!r} or {checkpoint.FORMAT!r} attribute)")
+        if fmt == checkpoint.FORMAT and f.attrs.get("complete") != 1:
+            raise UserError(f"checkpoint {path} is incomplete (the save did not finish)")
         spec = json.loads(f.attrs["model"])
         model = Model(spec["kind"], tuple(spec["sizes"]), spec["activation"], spec["task"])
         params = np.empty(model.layout.size, np.float32)
@@ -62,6 +72,9 @@ def load(path):
         for name, view in views.items():
             if name not in f["params"] or f["params"][name].shape != view.shape:
                 raise UserError(f"{path}: /params/{name} is missing or has the wrong shape")
-            f["params"][name].read_direct(view)
+            dset = f["params"][name]
+            dset.read_direct(view)
+            if fmt == checkpoint.FORMAT and checkpoint.crc32(view) != int(dset.attrs.get("crc32", -1)):
+                raise UserError(f"checkpoint {path} is damaged: /params/{name}: checksum mismatch")
         attrs = {k: v for k, v in f.attrs.items()}
     return model, params, attrs

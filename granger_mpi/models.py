@@ -7,8 +7,8 @@ import numpy as np
 
 from granger_mpi.kernels import mlp
 
-ACTIVATIONS = {"relu": mlp.RELU, "tanh": mlp.TANH}
-KINDS = ("softmax", "linear", "mlp")
+ACTIVATIONS = {"relu": mlp.RELU, "tanh": mlp.TANH, "gelu": mlp.GELU}
+KINDS = ("softmax", "logistic", "linear", "mlp")
 
 
 @dataclass(frozen=True)
@@ -74,13 +74,26 @@ class Model:
         return {"kind": self.kind, "sizes": list(self.sizes), "activation": self.activation,
                 "task": self.task}
 
+    @property
+    def binary(self):
+        """Logistic regression: one output logit for two classes, binary cross-entropy."""
+        return self.kind == "logistic"
+
+    def fits(self, info):
+        """None if the dataset ``info`` fits this model, else what does not fit."""
+        outputs = 2 if self.binary else self.sizes[-1]
+        if info.n_features != self.sizes[0] or info.task != self.task or info.n_outputs != outputs:
+            return (f"{info.path} ({info.n_features} features, {info.task}, {info.n_outputs} "
+                    f"outputs) does not fit a model of sizes {list(self.sizes)} ({self.kind}, {self.task})")
+        return None
+
     def init_params(self, seed, dtype=np.float32):
-        """Seeded He (ReLU) or Glorot (tanh) weights and zero biases."""
+        """Seeded He (ReLU, GELU) or Glorot (tanh) weights and zero biases."""
         rng = np.random.Generator(np.random.PCG64([seed, 0x6D6F64656C]))
         flat = np.zeros(self.layout.size, dtype)
         views = self.layout.views(flat)
         for layer, (d_in, d_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:]), start=1):
-            gain = 2.0 / d_in if self.activation == "relu" else 2.0 / (d_in + d_out)
+            gain = 2.0 / (d_in + d_out) if self.activation == "tanh" else 2.0 / d_in
             views[f"W{layer}"][...] = rng.normal(0.0, math.sqrt(gain), (d_in, d_out))
         return flat
 
@@ -88,6 +101,8 @@ class Model:
         """Write ``scale * sum of per-row gradients`` into ``grad``; return (loss sum, correct)."""
         sizes = np.asarray(self.sizes, np.int64)
         act = ACTIVATIONS[self.activation]
+        if self.binary:
+            return mlp.binary_cross_entropy_loss_grad(params, sizes, act, X, y, scale, grad)
         if self.task == "classification":
             return mlp.cross_entropy_loss_grad(params, sizes, act, X, y, scale, grad)
         return mlp.squared_error_loss_grad(params, sizes, act, X, y, scale, grad)
@@ -96,19 +111,50 @@ class Model:
         """Raw outputs (logits or regression values) for the rows of ``X``."""
         return mlp.predict(params, np.asarray(self.sizes, np.int64), ACTIVATIONS[self.activation], X)
 
+    def predict_labels(self, outputs):
+        """Class labels from raw outputs (classification only)."""
+        if self.binary:
+            return (outputs[:, 0] > 0).astype(np.int32)
+        return outputs.argmax(axis=1).astype(np.int32)
+
 
 def build(kind, hidden, activation, n_features, task, n_outputs):
     """The model a job asks for, sized for its dataset.
 
-    ``softmax`` is softmax regression (classification), ``linear`` linear regression,
-    ``mlp`` a network with ``hidden`` layers for either task.
+    ``softmax`` is softmax regression (classification), ``logistic`` logistic regression
+    (two classes, one output logit), ``linear`` linear regression, ``mlp`` a network with
+    ``hidden`` layers for either task.
     """
-    if kind == "softmax" and task != "classification":
-        raise ValueError("model kind 'softmax' needs a classification dataset")
+    if kind in ("softmax", "logistic") and task != "classification":
+        raise ValueError(f"model kind '{kind}' needs a classification dataset")
+    if kind == "logistic" and n_outputs != 2:
+        raise ValueError(f"model kind 'logistic' is binary; the dataset has {n_outputs} classes "
+                         f"(use kind = 'softmax')")
     if kind == "linear" and task != "regression":
         raise ValueError("model kind 'linear' needs a regression dataset")
     if kind != "mlp" and hidden:
         raise ValueError(f"model kind '{kind}' has no hidden layers; use kind = 'mlp'")
     if kind == "mlp" and not hidden:
         raise ValueError("model kind 'mlp' needs at least one hidden layer size in 'hidden'")
-    return Model(kind, (n_features, *hidden, n_outputs), activation, task)
+    return Model(kind, (n_features, *hidden, 1 if kind == "logistic" else n_outputs), activation, task)
+
+
+def loss_grad_in_micro_batches(model, params, X, y, scale, grad, micro_batches, scratch):
+    """``model.loss_grad`` over the rows in ``micro_batches`` consecutive pieces, summed.
+
+    Gradient accumulation: each piece's gradient goes into ``scratch`` (same size as
+    ``grad``) and is added into ``grad``, so the activations of only one piece are alive
+    at a time. Same result as one call up to the order of the sums; deterministic.
+    """
+    n = X.shape[0]
+    pieces = min(micro_batches, n)
+    if pieces <= 1:
+        return model.loss_grad(params, X, y, scale, grad)
+    bounds = [n * i // pieces for i in range(pieces + 1)]
+    loss_sum, correct = model.loss_grad(params, X[:bounds[1]], y[:bounds[1]], scale, grad)
+    for lo, hi in zip(bounds[1:-1], bounds[2:]):
+        piece_loss, piece_correct = model.loss_grad(params, X[lo:hi], y[lo:hi], scale, scratch)
+        grad += scratch
+        loss_sum += piece_loss
+        correct += piece_correct
+    return loss_sum, correct

@@ -21,9 +21,9 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import (checkpoint, collectives, dataset, faults, metrics, modelfile, models,
-                         partition, status)
+                         optimizer, partition, status, threads, zero)
 from granger_mpi.errors import UserError
-from granger_mpi.kernels import checks, optim
+from granger_mpi.kernels import checks
 from granger_mpi.runtime import agree, bcast_text
 
 # After the gradient: loss / batch, correct / batch, rows with bad data, checkpoint asked
@@ -114,7 +114,7 @@ def discard_previous_run(comm, job):
     comm.Barrier()
 
 
-def warm_kernels(comm, model, info):
+def warm_kernels(comm, model, info, opt):
     """Compile (or load from cache) the kernels on rank 0 first, then the rest.
 
     Numba's on-disk cache is not safe against many processes compiling at once.
@@ -126,7 +126,7 @@ def warm_kernels(comm, model, info):
         grad = np.empty_like(params)
         model.loss_grad(params, X, y, np.float32(1.0), grad)
         _first_bad_row(info, X, y)
-        optim.sgd_momentum(params, grad, np.zeros_like(params), np.float32(0), np.float32(0), np.float32(0))
+        opt.warm()
     if comm.Get_rank() == 0:
         touch()
     comm.Barrier()
@@ -223,7 +223,7 @@ def _reopen_metrics(run_dir, job, resume_step, log):
         return metrics.MetricsFile(path, job.output.metrics_flush_steps)
 
 
-def _recover(comm, completed, params, velocity, before, idents):
+def _recover(comm, completed, params, opt_state, before, idents):
     """Revoke, shrink, agree on the last step every survivor completed, roll back to it.
 
     ``idents`` are the world ranks of ``comm``'s ranks. Returns ``(new communicator, step to
@@ -245,7 +245,7 @@ def _recover(comm, completed, params, velocity, before, idents):
             new.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MIN)
             if completed > agreed[0]:   # this rank applied the step the others did not finish
                 np.copyto(params, before[0])
-                np.copyto(velocity, before[1])
+                np.copyto(opt_state, before[1])
                 completed = int(agreed[0])
             check_replicas_identical(new, params, "parameters after a rank failure and roll-back")
             return new, int(agreed[0]), survivors.tolist()
@@ -291,10 +291,10 @@ def _check_compatible(path, attrs, job, info):
     """Refuse a checkpoint made for another training problem, naming what differs."""
     saved = json.loads(attrs["job"])
     now = json.loads(job.to_json())
-    for section, key in (("train", "global_batch"), ("train", "seed"), ("optimizer", "name"),
-                         ("optimizer", "learning_rate"), ("optimizer", "momentum"),
-                         ("optimizer", "weight_decay")):
-        if saved[section][key] != now[section][key]:
+    # Every [optimizer] key shapes the updates (a key the saved job lacks had its default).
+    for section, key in (("train", "global_batch"), ("train", "seed"),
+                         *(("optimizer", k) for k in sorted(now["optimizer"]))):
+        if saved[section].get(key, now[section][key]) != now[section][key]:
             raise UserError(f"checkpoint {path} was made with [{section}].{key} = "
                             f"{saved[section][key]!r}, the job says {now[section][key]!r}")
     if int(attrs.get("n_rows", info.n_rows)) != info.n_rows:
@@ -311,25 +311,44 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
     rank failures are survived (see ``recover`` below). ``injections`` are planned failures
     (``faults.Injection``); ``abort(code)`` ends the whole job (the hang watchdog's exit).
     """
+    n_threads = threads.configure(comm, job.train.threads_per_rank)
+    if job.train.strategy == "async":
+        if resume is not None:
+            raise UserError("--resume: [train].strategy = 'async' writes no checkpoints", agreed=True)
+        from granger_mpi import async_sgd
+        return async_sgd.train(comm, job, info, model, log=log)
     rank, size = comm.Get_rank(), comm.Get_size()
     idents = list(range(size))     # world rank of each rank of ``comm``: kept across shrinks
     run_dir = job.output.run_dir
-    warm_kernels(comm, model, info)
-    state = checkpoint.TrainState(model.init_params(job.train.seed), None, 0, 0, 0)
-    state.velocity = np.zeros_like(state.params)
+    per_epoch = partition.steps_per_epoch(info.n_rows, job.train.global_batch)
+    total_steps = per_epoch * job.train.epochs
+    if job.train.max_steps is not None:
+        total_steps = min(total_steps, job.train.max_steps)
+    sharded = job.train.shard_optimizer
+    shard = zero.shard_bounds(model.layout.size, model.layout.size + N_STATS, rank, size) if sharded else None
+    opt = optimizer.Optimizer(job.optimizer, model.layout.size, total_steps=total_steps,
+                              global_batch=job.train.global_batch, shard=shard)
+    warm_kernels(comm, model, info, opt)
+    state = checkpoint.TrainState(model.init_params(job.train.seed), None, 0, 0, 0, opt.slots)
     source = find_resume(comm, job, resume, log) if resume is not None else None
     if source is not None:
         def load():
-            loaded, attrs = checkpoint.read(source, model)
+            loaded, attrs = checkpoint.read(source, model, opt.slots)
             _check_compatible(source, attrs, job, info)
             return loaded, attrs
         state, attrs = agree(comm, load)
         if rank == 0:
             log(f"resuming from {source}: step {state.step} (epoch {state.epoch}, step "
                 f"{state.step_in_epoch}), saved by {int(attrs['world_size'])} rank(s)")
-    params, velocity = state.params, state.velocity
+    params = state.params
+    # The optimizer's state (velocity, or Adam's m and v; this rank's shard if sharded).
+    opt_state = opt.state if state.optimizer_state is None else opt.adopt(state.optimizer_state)
     n_params = params.size
     ulfm = fault_mode(comm, job, log)
+    if ulfm and sharded:    # a dead rank's shard is gone: only a restart can bring it back
+        ulfm = False
+        if rank == 0:
+            log("fault tolerance: restart from checkpoints ([train].shard_optimizer)")
     algorithm = job.collectives.algorithm
     if ulfm:
         if algorithm not in collectives.FAULT_TOLERANT + ("auto",):
@@ -340,25 +359,19 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
         # A plain buffer (shared windows are not fault tolerant, DESIGN.md §8), and the state
         # before the latest update, so survivors can roll back to a common step.
         exchange = np.zeros(n_params + N_STATS, np.float32)
-        before = (params.copy(), velocity.copy())
+        before = (params.copy(), opt_state.copy())
     else:
         exchange = collectives.allocate(comm, n_params + N_STATS, np.float32)
         before = None
     grad, stats = exchange[:n_params], exchange[n_params:]
+    micro_batches = job.train.accumulation_steps
+    micro_grad = np.empty(n_params, np.float32) if micro_batches > 1 else None
 
     def choose_algorithm():
         if ulfm and job.collectives.algorithm == "auto":
             return collectives.auto.choose(comm, exchange.nbytes, collectives.FAULT_TOLERANT)
         return job.collectives.algorithm
     algorithm = choose_algorithm()
-    lr = np.float32(job.optimizer.learning_rate)
-    momentum = np.float32(job.optimizer.momentum)
-    weight_decay = np.float32(job.optimizer.weight_decay)
-
-    per_epoch = partition.steps_per_epoch(info.n_rows, job.train.global_batch)
-    total_steps = per_epoch * job.train.epochs
-    if job.train.max_steps is not None:
-        total_steps = min(total_steps, job.train.max_steps)
     classification = info.task == "classification"
 
     hosts = _hosts(comm)
@@ -383,7 +396,10 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             progress = metrics.Progress(total_steps - state.step, job.output.progress_interval_s)
             log(f"training {model.kind} {list(model.sizes)} ({n_params:,} parameters) on "
                 f"{info.path} ({info.n_rows:,} rows, {info.task}) with {size} rank(s), "
-                f"global batch {job.train.global_batch}, {total_steps} steps, allreduce {algorithm}")
+                f"global batch {job.train.global_batch}, {total_steps} steps, allreduce {algorithm}, "
+            f"optimizer {job.optimizer.name}, {n_threads} thread(s) per rank")
+        log(f"optimizer state: {opt.state.nbytes:,} bytes per rank"
+            + (f" (sharded over {size} ranks; {len(opt.slots) * n_params * 4:,} unsharded)" if sharded else ""))
 
         started = last_save = time.perf_counter()
         loss = accuracy = float("nan")
@@ -418,7 +434,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             detected, entered = time.time(), rank_status.since
             rank_status.set(status.RECOVERING, note=f"rank failure during {where}")
             old_size = size
-            comm, completed, idents = _recover(comm, completed, params, velocity, before, idents)
+            comm, completed, idents = _recover(comm, completed, params, opt_state, before, idents)
             rank, size = comm.Get_rank(), comm.Get_size()
             gone = sorted(set(range(len(hosts))) - set(idents) - set(lost_ranks))
             lost_ranks.extend(gone)
@@ -467,8 +483,8 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             # A USR1 that reached this rank a step later than the others is served by this
             # save too; left set, it would ask for a second checkpoint at the next step.
             requests.save = False
-            position = checkpoint.TrainState(params, velocity, next_index, next_index // per_epoch,
-                                             next_index % per_epoch)
+            position = checkpoint.TrainState(params, opt_state, next_index, next_index // per_epoch,
+                                             next_index % per_epoch, opt.slots, shard)
             saved = checkpoint.save(comm, run_dir, model, position, job_json=job.to_json(),
                                     seed=job.train.seed, keep_last=ckpt.keep_last,
                                     extra_attrs={"n_rows": info.n_rows},
@@ -507,7 +523,8 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                 else:
                     scale = np.float32(1.0 / batch_len)
                     if rows.size:
-                        loss_sum, correct = model.loss_grad(params, X, y, scale, grad)
+                        loss_sum, correct = models.loss_grad_in_micro_batches(
+                            model, params, X, y, scale, grad, micro_batches, micro_grad)
                     else:
                         grad[:] = 0
                         loss_sum, correct = 0.0, 0
@@ -525,8 +542,11 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                 rank_status.set(status.AGGREGATING)
                 injector.arm_allreduce(step_index, algorithm)
                 try:
-                    collectives.allreduce(comm, exchange, algorithm=algorithm,
-                                          ranks_per_node=job.collectives.ranks_per_node)
+                    if sharded:   # the update happens inside, between reduce-scatter and allgather
+                        grad_norm, lr = zero.exchange_and_update(comm, opt, exchange, params, step_index)
+                    else:
+                        collectives.allreduce(comm, exchange, algorithm=algorithm,
+                                              ranks_per_node=job.collectives.ranks_per_node)
                 except MPI.Exception as exc:
                     if not (ulfm and _is_rank_failure(exc, comm)):
                         raise
@@ -538,8 +558,10 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                     _report_bad_row(comm, info, rows[bad] if bad >= 0 else None, epoch, step)
                 if ulfm:
                     np.copyto(before[0], params)
-                    np.copyto(before[1], velocity)
-                optim.sgd_momentum(params, grad, velocity, lr, momentum, weight_decay)
+                    np.copyto(before[1], opt_state)
+                if not sharded:
+                    grad_norm = opt.clip(grad)
+                    lr = opt.step(params, grad, step_index)
                 completed = step_index + 1
                 loss = float(stats[LOSS])
                 accuracy = float(stats[CORRECT]) if classification else None
@@ -547,8 +569,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                     step_time = time.perf_counter() - t0
                     metrics_file.append(step=step_index, epoch=epoch, loss=loss,
                                         accuracy=np.nan if accuracy is None else accuracy,
-                                        grad_norm=float(np.sqrt(optim.sum_of_squares(grad))),
-                                        learning_rate=float(lr), step_time_s=step_time,
+                                        grad_norm=grad_norm, learning_rate=lr, step_time_s=step_time,
                                         samples_per_s=batch_len / max(step_time, 1e-12))
                     progress.update(step_index - state.step, epoch, job.train.epochs, loss, accuracy,
                                     batch_len, force=step_index + 1 == total_steps)

@@ -1,7 +1,9 @@
 """Multilayer perceptron loss and gradient on one flat parameter buffer.
 
 Layer sizes ``sizes = [d_in, h_1, ..., h_k, d_out]`` describe the network; with no hidden
-layer it is softmax regression (cross-entropy) or linear regression (MSE). The flat buffer
+layer it is softmax regression (cross-entropy), logistic regression (one output, binary
+cross-entropy) or linear regression (MSE). Hidden layers use ReLU, tanh or GELU (exact, with
+erf, as PyTorch's default). The flat buffer
 holds, layer after layer, ``W_l`` (row-major, ``sizes[l] x sizes[l+1]``) then ``b_l``;
 ``granger_mpi.models.mlp_layout`` names the same views.
 
@@ -10,11 +12,16 @@ the caller owns, and nothing else is touched. ``nogil`` lets the data prefetch t
 while a rank computes.
 """
 
+import math
+
 import numpy as np
 from numba import njit
 
 RELU = 0
 TANH = 1
+GELU = 2
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 @njit(cache=True, nogil=True)
@@ -33,8 +40,12 @@ def layer_offsets(sizes):
 
 
 @njit(cache=True, nogil=True)
-def _forward(params, sizes, activation, X, acts):
-    """Fill ``acts`` with every layer's output (hidden layers activated, last one raw)."""
+def _forward(params, sizes, activation, X, acts, pre):
+    """Fill ``acts`` with every layer's output (hidden layers activated, last one raw).
+
+    GELU's derivative needs the pre-activation, which then goes into ``pre`` (laid out
+    like ``acts``); ReLU's and tanh's follow from the output, and ``pre`` stays unused.
+    """
     n = X.shape[0]
     n_layers = sizes.shape[0] - 1
     w_off, b_off, _ = layer_offsets(sizes)
@@ -54,8 +65,11 @@ def _forward(params, sizes, activation, X, acts):
                 if hidden:
                     if activation == RELU:
                         v = max(v, 0.0)
-                    else:
+                    elif activation == TANH:
                         v = np.tanh(v)
+                    else:
+                        pre[a_off + i * d_out + j] = v
+                        v = 0.5 * v * (1.0 + math.erf(v * INV_SQRT2))
                 Z[i, j] = v
         A_prev = Z
         a_off += n * d_out
@@ -63,7 +77,7 @@ def _forward(params, sizes, activation, X, acts):
 
 
 @njit(cache=True, nogil=True)
-def _backward(params, sizes, activation, X, acts, delta, grad):
+def _backward(params, sizes, activation, X, acts, pre, delta, grad):
     """Back-propagate ``delta`` (d loss / d output, already scaled) into ``grad``."""
     n = X.shape[0]
     n_layers = sizes.shape[0] - 1
@@ -95,34 +109,41 @@ def _backward(params, sizes, activation, X, acts, delta, grad):
             W = params[w_off[layer]:w_off[layer] + d_in * d_out].reshape(d_in, d_out)
             dA = spare[:n * d_in].reshape(n, d_in)
             np.dot(dZ, W.T, dA)
+            p_off = a_start[layer - 1]
             for i in range(n):
                 for j in range(d_in):
                     a = A_prev[i, j]
                     if activation == RELU:
                         if a <= 0.0:
                             dA[i, j] = 0.0
-                    else:
+                    elif activation == TANH:
                         dA[i, j] *= 1.0 - a * a
+                    else:   # d/dz z Phi(z) = Phi(z) + z phi(z)
+                        z = pre[p_off + i * d_in + j]
+                        dA[i, j] *= (0.5 * (1.0 + math.erf(z * INV_SQRT2))
+                                     + z * INV_SQRT2PI * math.exp(-0.5 * z * z))
             delta, spare = spare, delta
 
 
 @njit(cache=True, nogil=True)
-def _workspaces(params, sizes, n):
+def _workspaces(params, sizes, activation, n):
+    """Activations, pre-activations (GELU only, else empty) and the delta workspace."""
     total = 0
     widest = 0
     for layer in range(1, sizes.shape[0]):
         total += n * sizes[layer]
         widest = max(widest, n * max(sizes[layer], sizes[layer - 1]))
-    return np.empty(total, params.dtype), np.empty(widest, params.dtype)
+    pre = np.empty(total if activation == GELU else 0, params.dtype)
+    return np.empty(total, params.dtype), pre, np.empty(widest, params.dtype)
 
 
 @njit(cache=True, nogil=True)
 def _output_and_delta(params, sizes, activation, X):
-    """Forward pass; returns the activations, the delta workspace, the output and its delta view."""
+    """Forward pass; returns the workspaces, the output and its delta view."""
     n = X.shape[0]
-    acts, delta = _workspaces(params, sizes, n)
-    out = _forward(params, sizes, activation, X, acts)
-    return acts, delta, out, delta[:n * out.shape[1]].reshape(n, out.shape[1])
+    acts, pre, delta = _workspaces(params, sizes, activation, n)
+    out = _forward(params, sizes, activation, X, acts, pre)
+    return acts, pre, delta, out, delta[:n * out.shape[1]].reshape(n, out.shape[1])
 
 
 @njit(cache=True, nogil=True)
@@ -134,7 +155,7 @@ def cross_entropy_loss_grad(params, sizes, activation, X, labels, scale, grad):
     ``1 / global batch`` so that summing the ranks' gradients gives the batch mean.
     """
     n = X.shape[0]
-    acts, delta, out, dZ = _output_and_delta(params, sizes, activation, X)
+    acts, pre, delta, out, dZ = _output_and_delta(params, sizes, activation, X)
     n_out = out.shape[1]
     loss = 0.0
     correct = 0
@@ -157,7 +178,7 @@ def cross_entropy_loss_grad(params, sizes, activation, X, labels, scale, grad):
         for j in range(n_out):
             dZ[i, j] = dZ[i, j] / total * scale
         dZ[i, label] -= scale
-    _backward(params, sizes, activation, X, acts, delta, grad)
+    _backward(params, sizes, activation, X, acts, pre, delta, grad)
     return loss, correct
 
 
@@ -168,7 +189,7 @@ def squared_error_loss_grad(params, sizes, activation, X, targets, scale, grad):
     Writes ``scale * sum_i d loss_i / d params`` into ``grad``; returns ``(sum_i loss_i, 0)``.
     """
     n = X.shape[0]
-    acts, delta, out, dZ = _output_and_delta(params, sizes, activation, X)
+    acts, pre, delta, out, dZ = _output_and_delta(params, sizes, activation, X)
     n_out = out.shape[1]
     loss = 0.0
     for i in range(n):
@@ -176,12 +197,56 @@ def squared_error_loss_grad(params, sizes, activation, X, targets, scale, grad):
             diff = out[i, j] - targets[i, j]
             loss += 0.5 * diff * diff
             dZ[i, j] = diff * scale
-    _backward(params, sizes, activation, X, acts, delta, grad)
+    _backward(params, sizes, activation, X, acts, pre, delta, grad)
     return loss, 0
+
+
+@njit(cache=True, nogil=True)
+def binary_cross_entropy_loss_grad(params, sizes, activation, X, labels, scale, grad):
+    """Logistic loss on one output logit ``z``: ``log(1 + e^z) - y z`` with labels 0/1.
+
+    The network has one output (``sizes[-1] == 1``); with no hidden layer this is logistic
+    regression. Writes ``scale * sum_i d loss_i / d params`` into ``grad``; returns
+    ``(sum_i loss_i, rows where (z > 0) equals the label)``.
+    """
+    n = X.shape[0]
+    acts, pre, delta, out, dZ = _output_and_delta(params, sizes, activation, X)
+    loss = 0.0
+    correct = 0
+    for i in range(n):
+        z = out[i, 0]
+        y = labels[i]
+        # Stable for large |z|: log(1 + e^z) = max(z, 0) + log1p(e^-|z|).
+        loss += max(z, 0.0) - z * y + np.log1p(np.exp(-abs(z)))
+        if z >= 0.0:
+            p = 1.0 / (1.0 + np.exp(-z))
+        else:
+            e = np.exp(z)
+            p = e / (1.0 + e)
+        if (z > 0.0) == (y == 1):
+            correct += 1
+        dZ[i, 0] = (p - y) * scale
+    _backward(params, sizes, activation, X, acts, pre, delta, grad)
+    return loss, correct
+
+
+@njit(cache=True, nogil=True)
+def l2_penalty_grad(params, weight_decay, grad):
+    """L2 weight decay: adds ``weight_decay * params`` to ``grad``; returns ``0.5 * weight_decay * ||params||^2``.
+
+    The optimizer kernels fuse this same term (``g = grad + weight_decay * params``) into
+    their update; this separate form is for reporting the penalty and for tests.
+    """
+    total = 0.0
+    for i in range(params.shape[0]):
+        p = params[i]
+        grad[i] += weight_decay * p
+        total += np.float64(p) * np.float64(p)
+    return 0.5 * weight_decay * total
 
 
 @njit(cache=True, nogil=True)
 def predict(params, sizes, activation, X):
     """The network's raw outputs (logits or regression values) for the rows of ``X``."""
-    acts, _ = _workspaces(params, sizes, X.shape[0])
-    return _forward(params, sizes, activation, X, acts).copy()
+    acts, pre, _ = _workspaces(params, sizes, activation, X.shape[0])
+    return _forward(params, sizes, activation, X, acts, pre).copy()

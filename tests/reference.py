@@ -1,6 +1,7 @@
 """Plain-numpy reference implementations, written independently of the Numba kernels."""
 
 import numpy as np
+from scipy.special import erf
 
 
 def unflatten(params, sizes):
@@ -15,37 +16,48 @@ def unflatten(params, sizes):
     return layers
 
 
-def forward(params, sizes, activation, X):
-    """Every layer's output; hidden layers activated."""
-    act = {"relu": lambda z: np.maximum(z, 0), "tanh": np.tanh}[activation]
-    outs, A = [], X
+ACTIVATION = {"relu": lambda z: np.maximum(z, 0), "tanh": np.tanh,
+              "gelu": lambda z: 0.5 * z * (1 + erf(z / np.sqrt(2)))}
+DERIVATIVE = {"relu": lambda z: (z > 0).astype(z.dtype), "tanh": lambda z: 1 - np.tanh(z) ** 2,
+              "gelu": lambda z: 0.5 * (1 + erf(z / np.sqrt(2))) + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi)}
+
+
+def forward(params, sizes, activation, X, with_pre=False):
+    """Every layer's output; hidden layers activated (and the pre-activations if asked)."""
+    outs, pres, A = [], [], X
     layers = unflatten(params, sizes)
     for i, (W, b) in enumerate(layers):
         Z = A @ W + b
-        A = act(Z) if i < len(layers) - 1 else Z
+        A = ACTIVATION[activation](Z) if i < len(layers) - 1 else Z
         outs.append(A)
-    return outs
+        pres.append(Z)
+    return (outs, pres) if with_pre else outs
 
 
 def loss(params, sizes, activation, X, y, task):
-    """Summed loss over the rows: softmax cross-entropy or half squared error."""
+    """Summed loss over the rows: softmax or binary cross-entropy, or half squared error."""
     out = forward(params, sizes, activation, X)[-1]
     if task == "classification":
         shifted = out - out.max(axis=1, keepdims=True)
         logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         return -logp[np.arange(len(y)), y].sum()
+    if task == "binary":
+        z = out[:, 0]
+        return (np.logaddexp(0, z) - y * z).sum()
     return 0.5 * ((out - y) ** 2).sum()
 
 
 def loss_grad(params, sizes, activation, X, y, task, scale):
     """``(summed loss, scale * summed gradient)`` by textbook back-propagation."""
-    outs = forward(params, sizes, activation, X)
+    outs, pres = forward(params, sizes, activation, X, with_pre=True)
     out = outs[-1]
     if task == "classification":
         shifted = out - out.max(axis=1, keepdims=True)
         p = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
         delta = p.copy()
         delta[np.arange(len(y)), y] -= 1
+    elif task == "binary":
+        delta = (1 / (1 + np.exp(-out[:, 0])) - y)[:, None]
     else:
         delta = out - y
     delta = delta * scale
@@ -55,14 +67,28 @@ def loss_grad(params, sizes, activation, X, y, task, scale):
         A_prev = X if i == 0 else outs[i - 1]
         grads.append((A_prev.T @ delta, delta.sum(axis=0)))
         if i > 0:
-            dA = delta @ layers[i][0].T
-            delta = dA * ((A_prev > 0) if activation == "relu" else (1 - A_prev ** 2))
+            delta = (delta @ layers[i][0].T) * DERIVATIVE[activation](pres[i - 1])
     flat = np.concatenate([np.concatenate([gW.ravel(), gb]) for gW, gb in reversed(grads)])
     return loss(params, sizes, activation, X, y, task), flat
 
 
-def sgd_momentum(params, grad, velocity, lr, momentum, weight_decay):
-    """PyTorch's SGD step, on copies."""
+def sgd_momentum(params, grad, velocity, lr, momentum, weight_decay, nesterov=False):
+    """PyTorch's SGD step (``torch.optim.SGD`` with dampening 0), on copies."""
     g = grad + weight_decay * params
     velocity = momentum * velocity + g
-    return params - lr * velocity, velocity
+    update = g + momentum * velocity if nesterov else velocity
+    return params - lr * update, velocity
+
+
+def adam(params, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+    """PyTorch's Adam (L2 in the gradient) or AdamW (decoupled decay) step, on copies."""
+    if decoupled:
+        params = params * (1 - lr * weight_decay)
+        g = grad
+    else:
+        g = grad + weight_decay * params
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    m_hat = m / (1 - beta1 ** step)
+    v_hat = v / (1 - beta2 ** step)
+    return params - lr * m_hat / (np.sqrt(v_hat) + eps), m, v

@@ -42,6 +42,20 @@ def test_good_job_parses_with_defaults_and_relative_paths(job_dir):
     assert job.data.path == job_dir / "train.h5"       # relative to the job file
     assert job.output.run_dir == job_dir / "runs" / "x"
     assert '"hidden": [32, 16]' in job.to_json()
+    assert job.optimizer.schedule == "constant" and job.optimizer.clip_norm is None
+    assert job.train.accumulation_steps == 1 and job.train.threads_per_rank is None
+
+
+def test_new_optimizer_keys_parse(job_dir):
+    job = parse(job_dir, GOOD.replace("momentum = 0.9", 'momentum = 0\nname = "adamw"\nbeta1 = 0.8\n'
+                                      'schedule = "cosine"\nwarmup_steps = 10\nclip_norm = 1\n'
+                                      'clip_value = 5\nscale_with_batch = true')
+                   .replace("epochs = 3", "epochs = 3\naccumulation_steps = 4\nthreads_per_rank = 2")
+                   .replace('kind = "mlp"', 'kind = "mlp"\nactivation = "gelu"'))
+    assert (job.optimizer.name, job.optimizer.beta1, job.optimizer.schedule) == ("adamw", 0.8, "cosine")
+    assert job.optimizer.clip_norm == 1.0 and job.optimizer.clip_value == 5.0
+    assert job.train.accumulation_steps == 4 and job.train.threads_per_rank == 2
+    assert job.model.activation == "gelu"
 
 
 @pytest.mark.parametrize("change,message", [
@@ -58,6 +72,33 @@ def test_good_job_parses_with_defaults_and_relative_paths(job_dir):
     (("[output]", "[collectives]\nalgorithm = \"magic\"\n[output]"), r"\[collectives\]\.algorithm must be one of"),
     (("[output]", "[extra]\n[output]"), r"unknown section \[extra\]"),
     (("epochs = 3", "epochs = 3\nepochs = 4"), r"not valid TOML"),
+    (("momentum = 0.9", 'momentum = 0.9\nname = "lion"'), r"\[optimizer\]\.name must be one of"),
+    (("momentum = 0.9", 'momentum = 0.9\nname = "adam"'), r"\[optimizer\]\.momentum is for name = 'sgd'"),
+    (("momentum = 0.9", "momentum = 0.0\nnesterov = true"), r"\[optimizer\]\.nesterov needs"),
+    (("momentum = 0.9", "momentum = 0.9\nnesterov = 1"), r"\[optimizer\]\.nesterov must be true or false"),
+    (("momentum = 0.9", 'momentum = 0\nname = "adamw"\nbeta2 = 1.0'), r"\[optimizer\]\.beta2 must be < 1"),
+    (("momentum = 0.9", 'momentum = 0\nname = "adam"\neps = 0'), r"\[optimizer\]\.eps must be > 0"),
+    (("momentum = 0.9", 'momentum = 0.9\nschedule = "linear"'), r"\[optimizer\]\.schedule must be one of"),
+    (("momentum = 0.9", 'momentum = 0.9\nschedule = "step"'), r"\[optimizer\]\.step_size is needed"),
+    (("momentum = 0.9", "momentum = 0.9\nstep_size = 10"), r"\[optimizer\]\.step_size is only for"),
+    (("momentum = 0.9", 'momentum = 0.9\nschedule = "step"\nstep_size = 5\ngamma = 0'), r"\[optimizer\]\.gamma must be > 0"),
+    (("momentum = 0.9", "momentum = 0.9\nwarmup_steps = -1"), r"\[optimizer\]\.warmup_steps must be >= 0"),
+    (("momentum = 0.9", "momentum = 0.9\nmin_learning_rate = 0.5"), r"\[optimizer\]\.min_learning_rate = 0.5 is above"),
+    (("momentum = 0.9", "momentum = 0.9\nbase_batch = 0"), r"\[optimizer\]\.base_batch must be >= 1"),
+    (("momentum = 0.9", "momentum = 0.9\nscale_with_batch = \"yes\""), r"\[optimizer\]\.scale_with_batch must be true or false"),
+    (("momentum = 0.9", "momentum = 0.9\nclip_norm = 0"), r"\[optimizer\]\.clip_norm must be > 0"),
+    (("momentum = 0.9", "momentum = 0.9\nclip_value = -1"), r"\[optimizer\]\.clip_value must be > 0"),
+    (("epochs = 3", "epochs = 3\naccumulation_steps = 0"), r"\[train\]\.accumulation_steps must be >= 1"),
+    (("epochs = 3", "epochs = 3\nthreads_per_rank = 0"), r"\[train\]\.threads_per_rank must be >= 1"),
+    (("epochs = 3", "epochs = 3\nthreads_per_rank = 2.5"), r"\[train\]\.threads_per_rank must be int"),
+    (('kind = "mlp"', 'kind = "mlp"\nactivation = "swish"'), r"\[model\]\.activation must be one of"),
+    (("epochs = 3", 'epochs = 3\nshard_optimizer = true\n[fault]\nmode = "ulfm"'),
+     r"\[train\]\.shard_optimizer needs \[fault\]\.mode = 'restart'"),
+    (("epochs = 3", 'epochs = 3\nstrategy = "gossip"'), r"\[train\]\.strategy must be one of"),
+    (("epochs = 3", 'epochs = 3\nstrategy = "async"\nshard_optimizer = true'),
+     r"\[train\]\.shard_optimizer is for strategy = 'sync'"),
+    (("epochs = 3", 'epochs = 3\nstaleness_weight = "exp"'), r"\[train\]\.staleness_weight must be one of"),
+    (("epochs = 3", "epochs = 3\nmax_staleness = -1"), r"\[train\]\.max_staleness must be >= 0"),
 ])
 def test_bad_job_names_the_key(job_dir, change, message):
     old, new = change

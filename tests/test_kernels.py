@@ -8,13 +8,21 @@ from granger_mpi.models import Model, build, mlp_layout
 
 import reference
 
-CASES = [  # (sizes, activation, task)
+CASES = [  # (sizes, activation, task); "binary" is the logistic loss on one output
     ((5, 3), "relu", "classification"),            # softmax regression
     ((5, 7, 6, 3), "relu", "classification"),      # MLP, 2 hidden layers
     ((4, 6, 3), "tanh", "classification"),
+    ((4, 6, 5, 4, 3), "tanh", "classification"),   # 3 hidden layers
+    ((5, 7, 6, 3), "gelu", "classification"),
+    ((5, 1), "relu", "binary"),                    # logistic regression
+    ((4, 6, 5, 1), "gelu", "binary"),              # MLP with a logistic output
     ((5, 3), "relu", "regression"),                # linear regression
     ((4, 8, 2), "relu", "regression"),             # MLP with MSE output
+    ((4, 8, 7, 2), "gelu", "regression"),
 ]
+ACTIVATIONS = {"relu": mlp.RELU, "tanh": mlp.TANH, "gelu": mlp.GELU}
+LOSSES = {"classification": mlp.cross_entropy_loss_grad, "binary": mlp.binary_cross_entropy_loss_grad,
+          "regression": mlp.squared_error_loss_grad}
 
 
 def problem(sizes, task, n, dtype, seed=0):
@@ -24,6 +32,8 @@ def problem(sizes, task, n, dtype, seed=0):
     X = rng.normal(size=(n, sizes[0])).astype(dtype)
     if task == "classification":
         y = rng.integers(0, sizes[-1], n).astype(np.int32)
+    elif task == "binary":
+        y = rng.integers(0, 2, n).astype(np.int32)
     else:
         y = rng.normal(size=(n, sizes[-1])).astype(dtype)
     return params, X, y
@@ -31,9 +41,8 @@ def problem(sizes, task, n, dtype, seed=0):
 
 def kernel(sizes, activation, task, params, X, y, scale):
     grad = np.zeros_like(params)
-    fn = mlp.cross_entropy_loss_grad if task == "classification" else mlp.squared_error_loss_grad
-    loss, correct = fn(params, np.array(sizes, np.int64), {"relu": mlp.RELU, "tanh": mlp.TANH}[activation],
-                       X, y, params.dtype.type(scale), grad)
+    loss, correct = LOSSES[task](params, np.array(sizes, np.int64), ACTIVATIONS[activation],
+                                 X, y, params.dtype.type(scale), grad)
     return loss, correct, grad
 
 
@@ -58,13 +67,45 @@ def test_float32_kernel_matches_numpy_reference(sizes, activation, task):
     params, X, y = problem(sizes, task, 64, np.float32, seed=1)
     loss, correct, grad = kernel(sizes, activation, task, params, X, y, 1 / 64)
     ref_loss, ref_grad = reference.loss_grad(params.astype(np.float64), sizes, activation,
-                                             X.astype(np.float64), y if task == "classification"
+                                             X.astype(np.float64), y if task != "regression"
                                              else y.astype(np.float64), task, 1 / 64)
     np.testing.assert_allclose(grad, ref_grad, rtol=2e-4, atol=2e-6)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     if task == "classification":
         out = reference.forward(params, sizes, activation, X)[-1]
         assert correct == int((out.argmax(axis=1) == y).sum())
+    if task == "binary":
+        out = reference.forward(params, sizes, activation, X)[-1]
+        assert correct == int(((out[:, 0] > 0) == (y == 1)).sum())
+
+
+def test_l2_penalty_gradient_matches_central_differences_in_float64():
+    rng = np.random.default_rng(4)
+    params = rng.normal(size=40)
+    grad = rng.normal(size=40)
+    before = grad.copy()
+    penalty = mlp.l2_penalty_grad(params, 0.3, grad)
+    h = 1e-6
+    numeric = np.array([(0.15 * ((params + h * e) ** 2).sum() - 0.15 * ((params - h * e) ** 2).sum()) / (2 * h)
+                        for e in np.eye(40)])
+    np.testing.assert_allclose(grad - before, numeric, rtol=1e-6, atol=1e-8)
+    assert penalty == pytest.approx(0.15 * (params ** 2).sum(), rel=1e-12)
+
+
+def test_model_loss_with_l2_penalty_matches_central_differences_in_float64():
+    """The whole regularized objective of an MLP: data loss plus 0.5 * wd * ||params||^2."""
+    sizes, activation, task, wd = (4, 6, 3), "gelu", "classification", 0.05
+    params, X, y = problem(sizes, task, 7, np.float64, seed=5)
+    loss, _, grad = kernel(sizes, activation, task, params, X, y, 1.0)
+    loss += mlp.l2_penalty_grad(params, wd, grad)
+
+    def objective(p):
+        return reference.loss(p, sizes, activation, X, y, task) + 0.5 * wd * (p ** 2).sum()
+    h = 1e-6
+    numeric = np.array([(objective(params + h * e) - objective(params - h * e)) / (2 * h)
+                        for e in np.eye(params.size)])
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-7)
+    assert loss == pytest.approx(objective(params), rel=1e-12)
 
 
 def test_layout_names_match_kernel_offsets():
@@ -101,6 +142,57 @@ def test_sgd_momentum_matches_numpy_step_by_step():
         np.testing.assert_allclose(velocity, ref_velocity, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_sgd_variants_match_numpy_step_by_step(momentum, nesterov):
+    rng = np.random.default_rng(6)
+    params = rng.normal(size=50).astype(np.float32)
+    velocity = np.zeros_like(params)
+    ref_params, ref_velocity = params.astype(np.float64), velocity.astype(np.float64)
+    for _ in range(10):
+        grad = rng.normal(size=50).astype(np.float32)
+        optim.sgd_momentum(params, grad, velocity, np.float32(0.05), np.float32(momentum),
+                           np.float32(1e-2), nesterov)
+        ref_params, ref_velocity = reference.sgd_momentum(ref_params, grad, ref_velocity, 0.05, momentum,
+                                                          1e-2, nesterov)
+        np.testing.assert_allclose(params, ref_params, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(velocity, ref_velocity, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_adam_and_adamw_match_numpy_step_by_step(decoupled):
+    rng = np.random.default_rng(7)
+    params = rng.normal(size=50).astype(np.float32)
+    m, v = np.zeros_like(params), np.zeros_like(params)
+    ref = (params.astype(np.float64), m.astype(np.float64), v.astype(np.float64))
+    for step in range(1, 21):
+        grad = rng.normal(size=50).astype(np.float32) * np.float32(10 ** rng.uniform(-3, 1))
+        optim.adam(params, grad, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.05, step, decoupled)
+        ref = reference.adam(*ref[:1], grad, *ref[1:], 1e-2, 0.9, 0.999, 1e-8, 0.05, step, decoupled)
+        for got, want in zip((params, m, v), ref):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+
+
+def test_fused_weight_decay_is_the_l2_penalty_gradient():
+    """``weight_decay`` inside the SGD kernel is exactly the gradient of the L2 penalty."""
+    rng = np.random.default_rng(8)
+    params = rng.normal(size=64).astype(np.float32)
+    grad = rng.normal(size=64).astype(np.float32)
+    fused, fused_v = params.copy(), np.zeros_like(params)
+    optim.sgd_momentum(fused, grad, fused_v, np.float32(0.1), np.float32(0.9), np.float32(0.01))
+    separate, separate_v, g = params.copy(), np.zeros_like(params), grad.copy()
+    mlp.l2_penalty_grad(separate, np.float32(0.01), g)
+    optim.sgd_momentum(separate, g, separate_v, np.float32(0.1), np.float32(0.9), np.float32(0))
+    assert np.array_equal(fused, separate) and np.array_equal(fused_v, separate_v)
+
+
+def test_clipping_kernels():
+    x = np.array([3.0, -4.0, 0.5, -0.25], np.float32)
+    assert optim.clip_by_value(x, np.float32(1.0)) == 2
+    assert x.tolist() == [1.0, -1.0, 0.5, -0.25]
+    optim.scale(x, np.float32(0.5))
+    assert x.tolist() == [0.5, -0.5, 0.25, -0.125]
+
+
 def test_sum_of_squares_is_float64_accurate():
     x = np.full(10**6, 0.1, np.float32)
     assert optim.sum_of_squares(x) == pytest.approx(10**6 * float(np.float32(0.1)) ** 2, rel=1e-10)
@@ -126,3 +218,6 @@ def test_build_rejects_mismatched_kind_and_task():
     with pytest.raises(ValueError, match="hidden"):
         build("mlp", (), "relu", 4, "classification", 3)
     assert build("mlp", (8,), "relu", 4, "classification", 3).sizes == (4, 8, 3)
+    assert build("logistic", (), "relu", 4, "classification", 2).sizes == (4, 1)
+    with pytest.raises(ValueError, match="binary"):
+        build("logistic", (), "relu", 4, "classification", 3)
