@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 
 import h5py
 import numpy as np
@@ -201,3 +202,45 @@ def test_run_builds_the_ulfm_command(small_dataset, tmp_path):
     assert "--mca mpi_ft_detector_timeout 2" in flags and "-n 4" in flags
     restart = job_file(tmp_path / "b.toml", small_dataset, tmp_path / "run", fault={"mode": "restart"})
     assert "--with-ft" not in granger("run", restart, "-n", "2", "--dry-run").stdout
+
+
+def test_a_silent_rank_is_declared_dead_by_the_heartbeat_detector(small_dataset, tmp_path):
+    """SIGSTOP (a rank that neither works nor dies, like a node whose network went away):
+    `granger-mpi run --detector-timeout 2` turns on Open MPI's heartbeat detector, which
+    declares it dead after about 2 s; the others shrink and finish without it."""
+    run_dir, log_dir = tmp_path / "run", tmp_path / "rows"
+    log_dir.mkdir()
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 40},
+                   collectives={"algorithm": "ring"})
+    cmd = [PYTHON, "-m", "granger_mpi", "run", str(job), "-n", "4", "--detector-timeout", "2",
+           "--mpirun-arg=--bind-to", "--mpirun-arg=none"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env({"GRANGER_ROW_LOG": str(log_dir)}), start_new_session=True)
+    stopped = None
+    try:
+        lines = wait_for_line(proc, "step 300/", timeout=120)
+        pids = subprocess.run(["pgrep", "-f", f"^{PYTHON} -m granger_mpi train {job}"],
+                              capture_output=True, text=True).stdout.split()
+        stopped = rank_pid(pids, 2)
+        os.kill(stopped, signal.SIGSTOP)
+        deadline = time.time() + 150
+        while not (run_dir / "COMPLETE").exists() and time.time() < deadline:
+            time.sleep(0.5)
+    finally:
+        if stopped:
+            os.kill(stopped, signal.SIGKILL)    # mpirun waits for it; the survivors are done
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+    out = "".join(lines) + out
+    assert (run_dir / "COMPLETE").exists(), f"{out[-4000:]}\n--- stderr ---\n{err[-4000:]}"
+    assert "--mca mpi_ft_detector true" in out
+    record = json.loads((run_dir / "COMPLETE").read_text())
+    assert record["world_size"] == 3 and record["lost_world_ranks"] == [2], record
+    assert_every_sample_once(log_dir, 40)
+    with h5py.File(run_dir / "metrics.h5", "r") as f:
+        waited = float(f["events"]["detect_s"][0])
+    print(f"silent rank declared dead after the survivors waited {waited:.2f} s (timeout 2 s)")
+    assert 1.0 < waited < 4.0
