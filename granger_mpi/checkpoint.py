@@ -7,7 +7,8 @@ Layout of ``RUN_DIR/ckpt/step_XXXXXXXX.h5`` (``h5ls -r`` and ``h5dump`` read it)
   Adam/AdamW); each carries a ``crc32`` attribute of its bytes. A run with a sharded
   optimizer (``[train].shard_optimizer``) writes each slot instead as one flat dataset
   ``/optimizer/<slot>`` (all parameters, in the flat buffer's order), every rank its slab;
-  either layout resumes at any number of ranks, sharded or not.
+  either layout resumes at any number of ranks, sharded or not (a sharded run reads and
+  keeps only its new shard).
 * root attributes: ``format``, ``step`` (steps completed), ``epoch``, ``step_in_epoch``,
   ``world_size``, ``seed``, ``model`` and ``job`` (JSON), ``versions`` (JSON),
   ``optimizer_slots`` (JSON list), ``complete`` (written last). The optimizer's step
@@ -340,12 +341,64 @@ def newest_good(run_dir, report=print):
     return None
 
 
-def read(path, model, optimizer_slots=("velocity",)):
+READ_CHUNK_ELEMENTS = 1 << 22   # 16 MiB of float32: the most a shard read holds extra
+
+
+def _read_part(f, path, group, model, out, lo, hi):
+    """Fill ``out`` with elements ``lo:hi`` of the flat tensor stored at ``/group``.
+
+    ``/group`` is one flat dataset (sharded layout) or a group of named tensors. Every
+    dataset's CRC32 is checked on all its bytes as read; beyond ``out`` at most one tensor
+    or one chunk of ``READ_CHUNK_ELEMENTS`` is held, so a shard costs 1/P of the memory.
+    """
+    n = model.layout.size
+    whole = (lo, hi) == (0, n)
+    node = f.get(group)
+    if node is None:
+        raise CheckpointError(f"checkpoint {path} is damaged: /{group} is missing")
+    if isinstance(node, h5py.Dataset):
+        if node.shape != (n,):
+            raise CheckpointError(f"checkpoint {path} is damaged: /{group} has shape "
+                                  f"{node.shape}, expected ({n},)")
+        if whole:
+            node.read_direct(out)
+            checksum = crc32(out)
+        else:
+            checksum = 0
+            for start in range(0, n, READ_CHUNK_ELEMENTS):
+                stop = min(n, start + READ_CHUNK_ELEMENTS)
+                chunk = np.ascontiguousarray(node[start:stop], np.float32)
+                checksum = zlib.crc32(chunk.view(np.uint8), checksum)
+                a, b = max(start, lo), min(stop, hi)
+                if a < b:
+                    out[a - lo:b - lo] = chunk[a - start:b - start]
+        if checksum != int(node.attrs.get("crc32", -1)):
+            raise CheckpointError(f"checkpoint {path} is damaged: /{group}: checksum mismatch")
+        return
+    for tensor in model.layout.tensors:
+        if tensor.name not in node:
+            raise CheckpointError(f"checkpoint {path} is damaged: /{group}/{tensor.name} is missing")
+        dset = node[tensor.name]
+        if whole:
+            data = out[tensor.offset:tensor.offset + tensor.size].reshape(tensor.shape)
+            dset.read_direct(data)
+        else:
+            data = np.ascontiguousarray(dset[...], np.float32)
+        if crc32(data) != int(dset.attrs.get("crc32", -1)):
+            raise CheckpointError(f"checkpoint {path} is damaged: /{group}/{tensor.name}: "
+                                  f"checksum mismatch")
+        a, b = max(tensor.offset, lo), min(tensor.offset + tensor.size, hi)
+        if not whole and a < b:
+            out[a - lo:b - lo] = data.ravel()[a - tensor.offset:b - tensor.offset]
+
+
+def read(path, model, optimizer_slots=("velocity",), optimizer_shard=None):
     """The ``TrainState`` saved in ``path`` and its root attributes.
 
     ``optimizer_slots`` are the state tensors the run's optimizer needs; a checkpoint of
-    another optimizer is refused, naming both. Every tensor's checksum is checked on the
-    bytes as read, so the file is read once.
+    another optimizer is refused, naming both. With ``optimizer_shard=(lo, hi)`` only
+    that slice of each slot is kept (a sharded optimizer; either layout can be read).
+    Every tensor's checksum is checked on the bytes as read, so the file is read once.
     """
     with open_for_reading(path, "checkpoint") as f:
         if f.attrs.get("format") != FORMAT or f.attrs.get("complete") != 1:
@@ -361,27 +414,14 @@ def read(path, model, optimizer_slots=("velocity",)):
             raise UserError(f"checkpoint {path} holds optimizer state {', '.join(saved_slots)}; "
                             f"this job's optimizer needs {', '.join(optimizer_slots)}")
         n = model.layout.size
+        lo, hi = optimizer_shard or (0, n)
         params = np.empty(n, np.float32)
-        optimizer_state = np.empty(len(optimizer_slots) * n, np.float32)
-        groups = [(params, "params")] + [(optimizer_state[i * n:(i + 1) * n], f"optimizer/{slot}")
-                                         for i, slot in enumerate(optimizer_slots)]
-        for flat, group in groups:
-            if isinstance(f.get(group), h5py.Dataset):   # written by a sharded optimizer
-                dset = f[group]
-                if dset.shape != flat.shape:
-                    raise CheckpointError(f"checkpoint {path} is damaged: /{group} has shape "
-                                          f"{dset.shape}, expected {flat.shape}")
-                dset.read_direct(flat)
-                if crc32(flat) != int(dset.attrs.get("crc32", -1)):
-                    raise CheckpointError(f"checkpoint {path} is damaged: /{group}: checksum mismatch")
-                continue
-            for name, view in model.layout.views(flat).items():
-                dset = f[f"{group}/{name}"]
-                dset.read_direct(view)
-                if crc32(view) != int(dset.attrs.get("crc32", -1)):
-                    raise CheckpointError(f"checkpoint {path} is damaged: /{group}/{name}: "
-                                          f"checksum mismatch")
+        _read_part(f, path, "params", model, params, 0, n)
+        optimizer_state = np.empty(len(optimizer_slots) * (hi - lo), np.float32)
+        for i, slot in enumerate(optimizer_slots):
+            _read_part(f, path, f"optimizer/{slot}", model,
+                       optimizer_state[i * (hi - lo):(i + 1) * (hi - lo)], lo, hi)
         attrs = dict(f.attrs)
     state = TrainState(params, optimizer_state, int(attrs["step"]), int(attrs["epoch"]),
-                       int(attrs["step_in_epoch"]), tuple(optimizer_slots))
+                       int(attrs["step_in_epoch"]), tuple(optimizer_slots), optimizer_shard)
     return state, attrs

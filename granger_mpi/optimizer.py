@@ -64,19 +64,13 @@ class Optimizer:
         i = self.slots.index(name)
         return self.state[i * self.n_local:(i + 1) * self.n_local]
 
-    def adopt(self, full_state):
-        """Take over a whole saved state (every slot over all parameters); returns ``state``.
-
-        A sharded optimizer copies its shard out of it; an unsharded one keeps the array.
-        """
-        if self.shard is None:
-            self.state = full_state
-            return self.state
-        lo, hi = self.shard
-        n = self.n_params
-        for i in range(len(self.slots)):
-            self.state[i * self.n_local:(i + 1) * self.n_local] = full_state[i * n + lo:i * n + hi]
-        return self.state
+    def adopt(self, state):
+        """Take over a state read from a checkpoint (this rank's shard if sharded); returns it."""
+        if state.shape != self.state.shape:
+            raise ValueError(f"optimizer state of {state.size} elements; this optimizer keeps "
+                             f"{self.state.size} ({len(self.slots)} slots x {self.n_local})")
+        self.state = state
+        return state
 
     def learning_rate(self, step):
         """The rate used by (0-based) ``step``."""

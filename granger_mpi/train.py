@@ -333,7 +333,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
     source = find_resume(comm, job, resume, log) if resume is not None else None
     if source is not None:
         def load():
-            loaded, attrs = checkpoint.read(source, model, opt.slots)
+            loaded, attrs = checkpoint.read(source, model, opt.slots, shard)
             _check_compatible(source, attrs, job, info)
             return loaded, attrs
         state, attrs = agree(comm, load)

@@ -44,21 +44,55 @@ def test_sharded_equals_unsharded_and_divides_optimizer_memory(straight):
     assert full / 3 - 64 <= per_rank <= full / 3 + 64   # rank 0's shard: the sizes differ by < 1 row
 
 
-@pytest.mark.parametrize("before,after", [(3, 3), (2, 3)])
-def test_sharded_checkpoint_resumes_at_the_same_and_another_p(straight, small_dataset, tmp_path, before, after):
-    """Same P: bitwise identical to the run never stopped. Another P: the slabs are re-cut."""
-    first = mpirun(before, "train", job(tmp_path, "run", small_dataset, True, max_steps=37), timeout=120)
+@pytest.mark.parametrize("before,after,sharded_before,sharded_after",
+                         [(3, 3, True, True), (2, 3, True, True), (2, 3, False, True), (3, 2, True, False)])
+def test_sharded_checkpoint_resumes_at_the_same_and_another_p(straight, small_dataset, tmp_path, before, after,
+                                                             sharded_before, sharded_after):
+    """Same P: bitwise identical to the run never stopped. Another P, or a change between
+    sharded and unsharded: the state is re-cut (slabs or named tensors, either way)."""
+    first = mpirun(before, "train", job(tmp_path, "run", small_dataset, sharded_before, max_steps=37),
+                   timeout=120)
     assert first.returncode == 0, first.output
     with h5py.File(tmp_path / "run" / "ckpt" / "step_00000037.h5", "r") as f:
-        assert isinstance(f["optimizer/m"], h5py.Dataset) and f["optimizer/m"].ndim == 1
-        assert np.count_nonzero(f["optimizer/v"][...]) > 0.9 * f["optimizer/v"].size   # every slab written
-    second = mpirun(after, "train", job(tmp_path, "run", small_dataset, True), "--resume", "auto", timeout=120)
+        if sharded_before:
+            assert isinstance(f["optimizer/m"], h5py.Dataset) and f["optimizer/m"].ndim == 1
+            assert np.count_nonzero(f["optimizer/v"][...]) > 0.9 * f["optimizer/v"].size   # every slab
+        else:
+            assert isinstance(f["optimizer/m"], h5py.Group) and "W1" in f["optimizer/m"]
+    second = mpirun(after, "train", job(tmp_path, "run", small_dataset, sharded_after), "--resume", "auto",
+                    timeout=120)
     assert second.returncode == 0, second.output
     assert "resuming from" in second.stdout
     resumed = read_params(tmp_path / "run" / "model.h5")
-    if before == after:
+    if (before, sharded_before) == (after, sharded_after):
         assert np.array_equal(resumed.view(np.uint32), straight["sharded"][1].view(np.uint32))
     else:
-        print(f"sharded, stopped at P={before}, resumed at P={after}: max relative difference "
+        print(f"stopped at P={before} ({'sharded' if sharded_before else 'unsharded'}), resumed at "
+              f"P={after} ({'sharded' if sharded_after else 'unsharded'}): max relative difference "
               f"{relative(resumed, straight['sharded'][1]):.2e}")
         assert relative(resumed, straight["sharded"][1]) <= 1e-5
+
+
+def test_shard_reads_check_every_checksum_in_bounded_chunks(tmp_path, monkeypatch):
+    from granger_mpi import checkpoint
+    from granger_mpi.models import Model
+    model = Model("mlp", (5, 4, 3), "relu", "classification")
+    n = model.layout.size
+    data = np.arange(n, dtype=np.float32)
+    monkeypatch.setattr(checkpoint, "READ_CHUNK_ELEMENTS", 7)
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f["flat"] = data
+        f["flat"].attrs["crc32"] = checkpoint.crc32(data)
+        for name, view in model.layout.views(data.copy()).items():
+            f[f"named/{name}"] = view
+            f[f"named/{name}"].attrs["crc32"] = checkpoint.crc32(view)
+        f["bad"] = data
+        f["bad"].attrs["crc32"] = checkpoint.crc32(data) ^ 1
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        for group in ("flat", "named"):
+            for lo, hi in ((0, n), (3, 30), (29, n), (10, 10)):
+                out = np.full(hi - lo, -1, np.float32)
+                checkpoint._read_part(f, "c.h5", group, model, out, lo, hi)
+                assert np.array_equal(out, data[lo:hi]), (group, lo, hi)
+        with pytest.raises(checkpoint.CheckpointError, match="/bad: checksum mismatch"):
+            checkpoint._read_part(f, "c.h5", "bad", model, np.empty(5, np.float32), 3, 8)
