@@ -397,9 +397,10 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             log(f"training {model.kind} {list(model.sizes)} ({n_params:,} parameters) on "
                 f"{info.path} ({info.n_rows:,} rows, {info.task}) with {size} rank(s), "
                 f"global batch {job.train.global_batch}, {total_steps} steps, allreduce {algorithm}, "
-            f"optimizer {job.optimizer.name}, {n_threads} thread(s) per rank")
-        log(f"optimizer state: {opt.state.nbytes:,} bytes per rank"
-            + (f" (sharded over {size} ranks; {len(opt.slots) * n_params * 4:,} unsharded)" if sharded else ""))
+                f"optimizer {job.optimizer.name}, {n_threads} thread(s) per rank")
+            log(f"optimizer state: {opt.state.nbytes:,} bytes per rank" +
+                (f" (sharded over {size} ranks; {len(opt.slots) * n_params * 4:,} unsharded)"
+                 if sharded else ""))
 
         started = last_save = time.perf_counter()
         loss = accuracy = float("nan")
