@@ -192,6 +192,18 @@ def cmd_inspect(args):
     return inspect.main(args)
 
 
+def cmd_plot(args):
+    """PNG charts of a run (no MPI needed)."""
+    from granger_mpi import plots, runfiles
+    record = runfiles.read_run(args.run_dir)
+    out_dir = args.out or args.run_dir / "plots"
+    charts = plots.write_plots(record, out_dir)
+    for chart in charts:
+        print(out_dir / chart.file_name)
+    print(f"{out_dir / 'index.txt'}: what each chart shows, and what is not recorded")
+    return 0
+
+
 def cmd_supervise(args):
     """Run a training job under mpirun and restart it from checkpoints until it completes."""
     from granger_mpi import supervise
@@ -315,6 +327,16 @@ def build_parser():
                    help="auto: classification when every target is a non-negative integer")
     p.add_argument("--x-key", default="X", help="features array in a .npz (default X)")
     p.add_argument("--y-key", default="y", help="targets array in a .npz (default y)")
+
+    p = add("plot", cmd_plot, "PNG charts of a run: loss, accuracy, throughput, recoveries (no MPI needed)",
+            "Read RUN_DIR/metrics.h5 and write PNGs: loss and accuracy against step and against "
+            "training time (the sum of step times), throughput (samples/s) and step time, and, "
+            "when ranks failed, each recovery's detection/recovery/first-step seconds. Recovery "
+            "events are drawn as red dashed lines. OUT/index.txt says what each chart shows and "
+            "what the run does not record (the per-rank time breakdown). Works on a running job "
+            "too (the steps flushed so far).")
+    p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="where to write (default RUN_DIR/plots)")
 
     p = add("supervise", cmd_supervise, "run a training job and restart it from checkpoints until done",
             "Start `mpirun -n N granger-mpi train JOB`; when the run fails (a lost rank or node), "
