@@ -204,6 +204,14 @@ def cmd_plot(args):
     return 0
 
 
+def cmd_report(args):
+    """One self-contained HTML page about a run (no MPI needed)."""
+    from granger_mpi import report, runfiles
+    record = runfiles.read_run(args.run_dir)
+    print(report.write_report(record, args.out or args.run_dir / "report.html"))
+    return 0
+
+
 def cmd_supervise(args):
     """Run a training job under mpirun and restart it from checkpoints until it completes."""
     from granger_mpi import supervise
@@ -337,6 +345,14 @@ def build_parser():
             "too (the steps flushed so far).")
     p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
     p.add_argument("--out", type=Path, metavar="DIR", help="where to write (default RUN_DIR/plots)")
+
+    p = add("report", cmd_report, "one self-contained HTML page about a run (no MPI needed)",
+            "Write one HTML file with the run's summary (steps, final loss and accuracy, "
+            "throughput, the COMPLETE record), its rank-failure recoveries, every rank's last "
+            "status, the charts of `plot` (embedded as data: URIs) and the job file as run. "
+            "The page loads nothing else: it can be mailed or opened anywhere.")
+    p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="where to write (default RUN_DIR/report.html)")
 
     p = add("supervise", cmd_supervise, "run a training job and restart it from checkpoints until done",
             "Start `mpirun -n N granger-mpi train JOB`; when the run fails (a lost rank or node), "
