@@ -212,6 +212,26 @@ def cmd_report(args):
     return 0
 
 
+def cmd_model(args):
+    """Fit the cost model to the benchmark CSVs and project step time to many ranks."""
+    from granger_mpi import scaling
+    from granger_mpi.errors import UserError
+    try:
+        sizes = tuple(int(v) for v in args.sizes.split(","))
+        ranks = tuple(int(v) for v in args.ranks.split(","))
+    except ValueError:
+        raise UserError(f"--sizes and --ranks take comma-separated integers, got {args.sizes!r}, "
+                        f"{args.ranks!r}") from None
+    networks = args.network.split(",")
+    unknown = [n for n in networks if n != "local" and n not in scaling.NETWORKS]
+    if len(sizes) < 2 or min(sizes) < 1 or min(ranks) < 1 or unknown or min(args.batch, args.per_rank_batch) < 1:
+        raise UserError(f"need --sizes of at least 2 positive widths, positive --ranks, --batch "
+                        f"and --per-rank-batch, --network among local,{','.join(scaling.NETWORKS)} (got {unknown or ''})")
+    print(scaling.report(args.bench, sizes, args.batch, ranks, networks,
+                         per_rank_batch=args.per_rank_batch))
+    return 0
+
+
 def cmd_supervise(args):
     """Run a training job under mpirun and restart it from checkpoints until it completes."""
     from granger_mpi import supervise
@@ -353,6 +373,25 @@ def build_parser():
             "The page loads nothing else: it can be mailed or opened anywhere.")
     p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
     p.add_argument("--out", type=Path, metavar="FILE", help="where to write (default RUN_DIR/report.html)")
+
+    p = add("model", cmd_model, "fit the alpha-beta-gamma cost model and project step time to 65,536 ranks",
+            "Fit alpha (s per message), beta (s per byte sent) and gamma (s per byte added) to "
+            "every BENCH/allreduce_*.csv (ring, rhd, rd medians) and print each fit's error on its "
+            "points; take the kernel's FLOP rate from BENCH/kernels.csv; compare with the measured "
+            "training steps of BENCH/ddp.csv; then predict step time, the algorithm auto would "
+            "take, samples/s and efficiency of an MLP of --sizes at each of --ranks on this "
+            "machine and on the network presets (ib100: 100 Gb/s InfiniBand-class, 10gbe). "
+            "docs/scaling.md explains the model and its limits.")
+    p.add_argument("--bench", type=Path, default=Path("docs/bench"), help="benchmark folder (default docs/bench)")
+    p.add_argument("--sizes", default="784,256,10", help="MLP layer widths (default 784,256,10)")
+    p.add_argument("--batch", type=int, default=256, help="global batch, fixed at every P (default 256)")
+    p.add_argument("--per-rank-batch", type=int, default=128,
+                   help="rows per rank for the weak-scaling columns (the global batch grows with P; "
+                        "default 128)")
+    p.add_argument("--ranks", default=",".join(map(str, (2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384, 65536))),
+                   help="world sizes to predict (default 2 ... 65536)")
+    p.add_argument("--network", default="local,ib100,10gbe",
+                   help="comma-separated: local (this machine's fit), ib100, 10gbe (default all)")
 
     p = add("supervise", cmd_supervise, "run a training job and restart it from checkpoints until done",
             "Start `mpirun -n N granger-mpi train JOB`; when the run fails (a lost rank or node), "
