@@ -224,11 +224,12 @@ def cmd_model(args):
                         f"{args.ranks!r}") from None
     networks = args.network.split(",")
     unknown = [n for n in networks if n != "local" and n not in scaling.NETWORKS]
-    if len(sizes) < 2 or min(sizes) < 1 or min(ranks) < 1 or unknown or min(args.batch, args.per_rank_batch) < 1:
+    if len(sizes) < 2 or min(sizes) < 1 or min(ranks) < 1 or unknown or min(args.batch, args.per_rank_batch) < 1 \
+            or args.read_us_per_row < 0:
         raise UserError(f"need --sizes of at least 2 positive widths, positive --ranks, --batch "
-                        f"and --per-rank-batch, --network among local,{','.join(scaling.NETWORKS)} (got {unknown or ''})")
+                        f"and --per-rank-batch, --read-us-per-row >= 0, --network among local,{','.join(scaling.NETWORKS)} (got {unknown or ''})")
     print(scaling.report(args.bench, sizes, args.batch, ranks, networks,
-                         per_rank_batch=args.per_rank_batch))
+                         per_rank_batch=args.per_rank_batch, read_s_per_row=args.read_us_per_row * 1e-6))
     return 0
 
 
@@ -390,6 +391,10 @@ def build_parser():
                         "default 128)")
     p.add_argument("--ranks", default=",".join(map(str, (2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384, 65536))),
                    help="world sizes to predict (default 2 ... 65536)")
+    p.add_argument("--read-us-per-row", type=float, default=0.0, metavar="US",
+                   help="data-loading cost per row a rank reads in a step (default 0: compute and "
+                        "communication only; about 40 measured here for random rows read from "
+                        "HDF5, see docs/scaling.md)")
     p.add_argument("--network", default="local,ib100,10gbe",
                    help="comma-separated: local (this machine's fit), ib100, 10gbe (default all)")
 
