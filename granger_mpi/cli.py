@@ -375,7 +375,7 @@ def build_parser():
     p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
     p.add_argument("--out", type=Path, metavar="FILE", help="where to write (default RUN_DIR/report.html)")
 
-    p = add("model", cmd_model, "fit the alpha-beta-gamma cost model and project step time to 65,536 ranks",
+    p = add("model", cmd_model, "fit the alpha-beta-gamma cost model, project step time to 65,536 ranks (no MPI needed)",
             "Fit alpha (s per message), beta (s per byte sent) and gamma (s per byte added) to "
             "every BENCH/allreduce_*.csv (ring, rhd, rd medians) and print each fit's error on its "
             "points; take the kernel's FLOP rate from BENCH/kernels.csv; compare with the measured "
