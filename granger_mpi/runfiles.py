@@ -8,11 +8,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from granger_mpi import metrics, supervise
-from granger_mpi.errors import UserError
-from granger_mpi.h5files import open_for_reading
+from granger_mpi.errors import UserError, describe_io_error
 
 
 @dataclass
@@ -58,15 +58,22 @@ def read_run(run_dir):
     if not metrics_path.is_file():
         raise UserError(f"{run_dir}: no metrics.h5 (not a run directory, or the run has not "
                         f"started writing metrics)")
-    with open_for_reading(metrics_path, "metrics file") as f:
+    try:
+        # Without HDF5's file lock: rank 0 of a live run holds metrics.h5 open for writing,
+        # and a reader must not wait for (or be refused by) the run it is looking at.
+        f = h5py.File(metrics_path, "r", locking=False)
+    except OSError as exc:
+        raise UserError(f"metrics file {metrics_path} is not a readable HDF5 file "
+                        f"({describe_io_error(exc)})") from None
+    with f:
         missing = [name for name in metrics.FIELDS if name not in f]
         if missing:
             raise UserError(f"{metrics_path}: datasets {missing} missing (not a granger-mpi "
                             f"metrics file, or from an incompatible version)")
         series = {name: np.asarray(f[name][...], dtype) for name, dtype in metrics.FIELDS.items()}
-        lengths = {name: values.size for name, values in series.items()}
-        if len(set(lengths.values())) != 1:
-            raise UserError(f"{metrics_path}: series of unequal lengths {lengths}")
+        # A live run's flush extends one dataset after another: keep the rows all have.
+        rows = min(values.size for values in series.values())
+        series = {name: values[:rows] for name, values in series.items()}
         events = []
         if "events" in f:
             group = f["events"]

@@ -59,6 +59,17 @@ def test_plot_writes_every_chart_and_says_what_is_missing(failed_run, tmp_path):
     assert "not recorded" in index, index
 
 
+def test_plot_works_while_the_run_holds_metrics_open(failed_run, tmp_path):
+    """A live run's rank 0 keeps metrics.h5 open for writing; plotting must not be refused."""
+    import h5py
+    run_dir = tmp_path / "live"
+    shutil.copytree(failed_run, run_dir)
+    with h5py.File(run_dir / "metrics.h5", "a"):
+        run = granger("plot", run_dir, timeout=120)
+    assert run.returncode == 0, run.output
+    assert (run_dir / "plots" / "throughput.png").is_file()
+
+
 def test_plot_and_report_refuse_missing_or_empty_run_dirs(tmp_path):
     import h5py
     from granger_mpi import metrics
