@@ -232,6 +232,47 @@ def cmd_inspect(args):
     return inspect.main(args)
 
 
+def cmd_plot(args):
+    """PNG charts of a run (no MPI needed)."""
+    from granger_mpi import plots, runfiles
+    record = runfiles.read_run(args.run_dir)
+    out_dir = args.out or args.run_dir / "plots"
+    charts = plots.write_plots(record, out_dir)
+    for chart in charts:
+        print(out_dir / chart.file_name)
+    print(f"{out_dir / 'index.txt'}: what each chart shows, and what is not recorded")
+    return 0
+
+
+def cmd_report(args):
+    """One self-contained HTML page about a run (no MPI needed)."""
+    from granger_mpi import report, runfiles
+    record = runfiles.read_run(args.run_dir)
+    print(report.write_report(record, args.out or args.run_dir / "report.html"))
+    return 0
+
+
+def cmd_model(args):
+    """Fit the cost model to the benchmark CSVs and project step time to many ranks."""
+    from granger_mpi import scaling
+    from granger_mpi.errors import UserError
+    try:
+        sizes = tuple(int(v) for v in args.sizes.split(","))
+        ranks = tuple(int(v) for v in args.ranks.split(","))
+    except ValueError:
+        raise UserError(f"--sizes and --ranks take comma-separated integers, got {args.sizes!r}, "
+                        f"{args.ranks!r}") from None
+    networks = args.network.split(",")
+    unknown = [n for n in networks if n != "local" and n not in scaling.NETWORKS]
+    if len(sizes) < 2 or min(sizes) < 1 or min(ranks) < 1 or unknown or min(args.batch, args.per_rank_batch) < 1 \
+            or args.read_us_per_row < 0:
+        raise UserError(f"need --sizes of at least 2 positive widths, positive --ranks, --batch "
+                        f"and --per-rank-batch, --read-us-per-row >= 0, --network among local,{','.join(scaling.NETWORKS)} (got {unknown or ''})")
+    print(scaling.report(args.bench, sizes, args.batch, ranks, networks,
+                         per_rank_batch=args.per_rank_batch, read_s_per_row=args.read_us_per_row * 1e-6))
+    return 0
+
+
 def cmd_supervise(args):
     """Run a training job under mpirun and restart it from checkpoints until it completes."""
     from granger_mpi import supervise
@@ -364,6 +405,47 @@ def build_parser():
                    help="auto: classification when every target is a non-negative integer")
     p.add_argument("--x-key", default="X", help="features array in a .npz (default X)")
     p.add_argument("--y-key", default="y", help="targets array in a .npz (default y)")
+
+    p = add("plot", cmd_plot, "PNG charts of a run: loss, accuracy, throughput, recoveries (no MPI needed)",
+            "Read RUN_DIR/metrics.h5 and write PNGs: loss and accuracy against step and against "
+            "training time (the sum of step times), throughput (samples/s) and step time, and, "
+            "when ranks failed, each recovery's detection/recovery/first-step seconds. Recovery "
+            "events are drawn as red dashed lines. OUT/index.txt says what each chart shows and "
+            "what the run does not record (the per-rank time breakdown). Works on a running job "
+            "too (the steps flushed so far).")
+    p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="where to write (default RUN_DIR/plots)")
+
+    p = add("report", cmd_report, "one self-contained HTML page about a run (no MPI needed)",
+            "Write one HTML file with the run's summary (steps, final loss and accuracy, "
+            "throughput, the COMPLETE record), its rank-failure recoveries, every rank's last "
+            "status, the charts of `plot` (embedded as data: URIs) and the job file as run. "
+            "The page loads nothing else: it can be mailed or opened anywhere.")
+    p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="where to write (default RUN_DIR/report.html)")
+
+    p = add("model", cmd_model, "fit the alpha-beta-gamma cost model, project step time to 65,536 ranks (no MPI needed)",
+            "Fit alpha (s per message), beta (s per byte sent) and gamma (s per byte added) to "
+            "every BENCH/allreduce_*.csv (ring, rhd, rd medians) and print each fit's error on its "
+            "points; take the kernel's FLOP rate from BENCH/kernels.csv; compare with the measured "
+            "training steps of BENCH/ddp.csv; then predict step time, the algorithm auto would "
+            "take, samples/s and efficiency of an MLP of --sizes at each of --ranks on this "
+            "machine and on the network presets (ib100: 100 Gb/s InfiniBand-class, 10gbe). "
+            "docs/scaling.md explains the model and its limits.")
+    p.add_argument("--bench", type=Path, default=Path("docs/bench"), help="benchmark folder (default docs/bench)")
+    p.add_argument("--sizes", default="784,256,10", help="MLP layer widths (default 784,256,10)")
+    p.add_argument("--batch", type=int, default=256, help="global batch, fixed at every P (default 256)")
+    p.add_argument("--per-rank-batch", type=int, default=128,
+                   help="rows per rank for the weak-scaling columns (the global batch grows with P; "
+                        "default 128)")
+    p.add_argument("--ranks", default=",".join(map(str, (2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384, 65536))),
+                   help="world sizes to predict (default 2 ... 65536)")
+    p.add_argument("--read-us-per-row", type=float, default=0.0, metavar="US",
+                   help="data-loading cost per row a rank reads in a step (default 0: compute and "
+                        "communication only; about 40 measured here for random rows read from "
+                        "HDF5, see docs/scaling.md)")
+    p.add_argument("--network", default="local,ib100,10gbe",
+                   help="comma-separated: local (this machine's fit), ib100, 10gbe (default all)")
 
     p = add("supervise", cmd_supervise, "run a training job and restart it from checkpoints until done",
             "Start `mpirun -n N granger-mpi train JOB`; when the run fails (a lost rank or node), "

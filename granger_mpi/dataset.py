@@ -257,7 +257,10 @@ class BatchStream:
     Yields ``(epoch, step, global_rows, rows, X, y)`` where ``global_rows`` is the size of
     the step's global batch, ``rows`` this rank's row numbers and ``X``/``y`` their data
     (possibly none). Starts at global step ``start_step`` (after a resume). Memory held is
-    at most ``depth`` steps of this rank's rows, whatever the size of the file.
+    at most ``depth`` steps of this rank's rows, plus one copy of the whole file when that
+    fits ``memory_budget_bytes`` together with them (``in_memory``): a step's rows are
+    scattered over the file, and h5py's point selection costs about 40 us per row, far more
+    than the kernels for small models (docs/performance.md, the DDP comparison).
     """
 
     def __init__(self, info, global_batch, seed, world_size, rank, *, epochs, max_steps=None,
@@ -275,6 +278,7 @@ class BatchStream:
             raise UserError(f"one step's rows on a rank take {step_bytes / 2**20:.1f} MiB, over "
                             f"[data].memory_budget_mb = {memory_budget_bytes / 2**20:.1f}")
         self.depth = int(max(1, min(prefetch_steps, memory_budget_bytes // step_bytes)))
+        self.in_memory = info.n_rows * info.row_bytes + self.depth * step_bytes <= memory_budget_bytes
         self._queue = queue.Queue(maxsize=self.depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="granger-prefetch", daemon=True)
@@ -306,6 +310,8 @@ class BatchStream:
         try:
             with h5py.File(self.info.path, "r") as f:
                 X, y = f["X"], f["y"]
+                if self.in_memory:   # one sequential read; the steps then index numpy arrays
+                    X, y = X[...], y[...]
                 for epoch, step, plan in self._steps():
                     batch_len = min(self.global_batch, plan.n_rows - step * self.global_batch)
                     rows = plan.rows(step, self.world_size, self.rank)

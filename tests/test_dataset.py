@@ -120,13 +120,16 @@ def test_import_rejects_unknown_format_and_bad_csv(tmp_path):
     assert run.returncode == 2 and "line 2 is not 3 numeric fields" in run.stderr
 
 
-def test_stream_gives_each_rank_its_partition_rows(small_dataset):
+@pytest.mark.parametrize("in_memory", [True, False], ids=["whole-file-in-memory", "read-per-step"])
+def test_stream_gives_each_rank_its_partition_rows(small_dataset, in_memory):
     """Simulate 3 ranks in one process: together they see every row once per epoch."""
     info = dataset.open_info(small_dataset)
     X_all, y_all, _ = read_all(small_dataset)
     seen = []
+    budget = (512 << 20) if in_memory else 200 * info.row_bytes
     for rank in range(3):
-        with dataset.BatchStream(info, 64, 4, 3, rank, epochs=2) as stream:
+        with dataset.BatchStream(info, 64, 4, 3, rank, epochs=2, memory_budget_bytes=budget) as stream:
+            assert stream.in_memory == in_memory
             for epoch, step, batch_len, rows, X, y in stream:
                 expected = partition.rank_rows(info.n_rows, 64, 4, epoch, step, 3, rank)
                 assert np.array_equal(rows, expected)

@@ -1,0 +1,231 @@
+"""granger-mpi against PyTorch DistributedDataParallel (gloo), side by side in one run.
+
+Both train the same MLP from the same initial parameters on the same rows in the same
+order (see ``bench_ddp_torch.py``), with the same global batch, epochs, SGD with momentum
+and weight decay, and the same threads per rank, launched by the same ``scripts/mpirun``
+at each P. Repetitions alternate which side goes first, so that the machine's other load
+hits both alike. Throughput = rows x epochs / training-loop seconds (granger-mpi's
+"done: N steps in X s", which excludes start-up and the test evaluation; DDP's loop
+between two barriers, data already in memory). Final accuracy is on the test file.
+
+Writes ``OUT/ddp.csv`` (one row per run) and ``OUT/ddp.png``; prints the table.
+"""
+
+import argparse
+import csv
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MPIRUN = str(ROOT / "scripts" / "mpirun")
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+GRANGER = str(ROOT / ".venv" / "bin" / "granger-mpi")
+TARGET_RATIO = 1.5
+ACCURACY_TOLERANCE_POINTS = 0.5
+
+JOB = """
+[data]
+path = "{data}"
+test_path = "{test}"
+[model]
+kind = "mlp"
+hidden = [{hidden}]
+activation = "relu"
+[optimizer]
+learning_rate = {lr}
+momentum = {momentum}
+weight_decay = {weight_decay}
+[train]
+global_batch = {batch}
+epochs = {epochs}
+seed = {seed}
+[output]
+run_dir = "{run_dir}"
+progress_interval_s = 100000.0
+[checkpoint]
+at_end = false
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def threads_per_rank(ranks):
+    """What ``granger-mpi`` gives each rank (cli._default_threads): a share of the cores."""
+    return max(1, len(os.sched_getaffinity(0)) // ranks)
+
+
+def run(cmd, env=None, timeout=900):
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if done.returncode != 0:
+        sys.exit(f"bench-ddp: {' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def run_granger(job, ranks):
+    out = run([MPIRUN, "-n", str(ranks), GRANGER, "train", str(job), "--overwrite"])
+    seconds = float(re.search(r"done: \d+ steps in ([0-9.]+) s", out).group(1))
+    accuracy = float(re.search(r"test set .*accuracy ([0-9.]+)%", out).group(1))
+    return seconds, accuracy
+
+
+def run_torch(args, data, test, ranks):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / ".bench-site"))
+    out = run([MPIRUN, "-n", str(ranks), "-x", "PYTHONPATH", PYTHON,
+               str(ROOT / "scripts" / "bench_ddp_torch.py"), str(data), str(test),
+               "--hidden", args.hidden, "--batch", str(args.batch), "--epochs", str(args.epochs),
+               "--lr", str(args.lr), "--momentum", str(args.momentum),
+               "--weight-decay", str(args.weight_decay), "--seed", str(args.seed),
+               "--port", str(free_port()), "--threads", str(threads_per_rank(ranks))], env=env)
+    result = json.loads(re.search(r"^RESULT (.*)$", out, re.M).group(1))
+    return result["seconds"], 100 * result["test_accuracy"]
+
+
+def summarize(rows, ranks_list):
+    """Per P: medians, spreads, ratio, verdict."""
+    lines = []
+    verdicts = {}
+    for ranks in ranks_list:
+        sides = {}
+        for impl in ("granger-mpi", "ddp-gloo"):
+            mine = [r for r in rows if r["impl"] == impl and r["ranks"] == ranks]
+            rates = [r["samples_per_s"] for r in mine]
+            accs = [r["test_accuracy_pct"] for r in mine]
+            sides[impl] = (statistics.median(rates), min(rates), max(rates), statistics.median(accs),
+                           min(accs), max(accs))
+            lines.append(f"P={ranks}  {impl:<12} samples/s median {sides[impl][0]:>9,.0f}  "
+                         f"[{sides[impl][1]:,.0f} - {sides[impl][2]:,.0f}]  test accuracy median "
+                         f"{sides[impl][3]:.2f}% [{sides[impl][4]:.2f} - {sides[impl][5]:.2f}]")
+        ratio = sides["granger-mpi"][0] / sides["ddp-gloo"][0]
+        # The two runs of one repetition ran back to back under the same outside load: their
+        # ratio is less disturbed by that load than a ratio of medians over all repetitions.
+        pairs = {}
+        for r in rows:
+            if r["ranks"] == ranks:
+                pairs.setdefault(r["rep"], {})[r["impl"]] = r["samples_per_s"]
+        paired = sorted(p["granger-mpi"] / p["ddp-gloo"] for p in pairs.values() if len(p) == 2)
+        gap = sides["granger-mpi"][3] - sides["ddp-gloo"][3]
+        met = ratio >= TARGET_RATIO and abs(gap) <= ACCURACY_TOLERANCE_POINTS
+        verdicts[ranks] = (ratio, gap, met)
+        lines.append(f"P={ranks}  ratio granger-mpi / ddp-gloo (median samples/s): {ratio:.2f}x; "
+                     f"per repetition: {', '.join(f'{x:.2f}' for x in paired)} (median "
+                     f"{statistics.median(paired):.2f}x); accuracy difference {gap:+.2f} points; "
+                     f"target >= {TARGET_RATIO}x at equal accuracy: {'MET' if met else 'NOT MET'}")
+    return lines, verdicts
+
+
+def plot(rows, ranks_list, path):
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.38
+    for k, (impl, colour) in enumerate((("granger-mpi", "#08519c"), ("ddp-gloo", "#e6550d"))):
+        med, lo, hi = [], [], []
+        for ranks in ranks_list:
+            rates = [r["samples_per_s"] for r in rows if r["impl"] == impl and r["ranks"] == ranks]
+            m = statistics.median(rates)
+            med.append(m)
+            lo.append(m - min(rates))
+            hi.append(max(rates) - m)
+        x = np.arange(len(ranks_list)) + (k - 0.5) * width
+        ax.bar(x, med, width, yerr=[lo, hi], capsize=4, color=colour, label=impl)
+    ax.set_xticks(np.arange(len(ranks_list)), [f"P = {p}" for p in ranks_list])
+    ax.set_ylabel("samples/s (median, bars: min-max)")
+    ax.set_title("MLP training throughput: granger-mpi vs PyTorch DDP (gloo), same job")
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.savefig(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    parser.add_argument("--ranks", default="2,4", help="comma-separated P (default 2,4)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per side and P (default 3)")
+    parser.add_argument("--rows", type=int, default=60000)
+    parser.add_argument("--test-rows", type=int, default=10000)
+    parser.add_argument("--features", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--hidden", default="128,64", help="hidden layer widths (default 128,64)")
+    parser.add_argument("--batch", type=int, default=256, help="global batch (default 256)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="folder for ddp.csv/png")
+    parser.add_argument("--from-csv", type=Path, metavar="CSV",
+                        help="run nothing: print the table and redraw the PNG from an earlier ddp.csv")
+    args = parser.parse_args()
+    ranks_list = [int(p) for p in args.ranks.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.from_csv:
+        with open(args.from_csv, newline="") as f:
+            rows = [dict(r, ranks=int(r["ranks"]), rep=int(r["rep"]), samples_per_s=float(r["samples_per_s"]),
+                         test_accuracy_pct=float(r["test_accuracy_pct"])) for r in csv.DictReader(f)]
+        print("\n".join(summarize(rows, ranks_list)[0]))
+        plot(rows, ranks_list, out / "ddp.png")
+        return
+    (ROOT / "runs").mkdir(exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=ROOT / "runs", prefix="bench-ddp-") as tmp:
+        tmp = Path(tmp)
+        data = tmp / "train.h5"
+        run([MPIRUN, "-n", "2", GRANGER, "make-dataset", str(data), "--rows", str(args.rows),
+             "--test-rows", str(args.test_rows), "--features", str(args.features),
+             "--classes", str(args.classes), "--clusters", "3", "--separation", "1.0", "--seed", "7"])
+        test = tmp / "train-test.h5"
+        job = tmp / "job.toml"
+        job.write_text(JOB.format(data=data, test=test, hidden=args.hidden, lr=args.lr,
+                                  momentum=args.momentum, weight_decay=args.weight_decay,
+                                  batch=args.batch, epochs=args.epochs, seed=args.seed,
+                                  run_dir=tmp / "run"))
+        samples = args.rows * args.epochs
+        print(f"bench-ddp: MLP {args.features},{args.hidden},{args.classes}, {args.rows:,} rows x "
+              f"{args.epochs} epochs, global batch {args.batch}, P = {ranks_list}, {args.reps} reps; "
+              f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
+        for rep in range(args.reps):
+            for ranks in ranks_list:
+                order = ("granger-mpi", "ddp-gloo") if rep % 2 == 0 else ("ddp-gloo", "granger-mpi")
+                for impl in order:
+                    load = os.getloadavg()[0]
+                    if impl == "granger-mpi":
+                        seconds, accuracy = run_granger(job, ranks)
+                    else:
+                        seconds, accuracy = run_torch(args, data, test, ranks)
+                    row = {"impl": impl, "ranks": ranks, "rep": rep, "threads_per_rank": threads_per_rank(ranks),
+                           "seconds": round(seconds, 4), "samples_per_s": round(samples / seconds, 1),
+                           "test_accuracy_pct": round(accuracy, 3), "load1_before": round(load, 2),
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    rows.append(row)
+                    print(f"  rep {rep} P={ranks} {impl:<12} {seconds:7.2f} s  {samples / seconds:9,.0f} "
+                          f"samples/s  test accuracy {accuracy:.2f}%  (load {load:.2f})", flush=True)
+    with open(out / "ddp.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines, _ = summarize(rows, ranks_list)
+    print("\n".join(lines))
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    plot(rows, ranks_list, out / "ddp.png")
+    print(f"wrote {out / 'ddp.csv'} and {out / 'ddp.png'}")
+
+
+if __name__ == "__main__":
+    main()
