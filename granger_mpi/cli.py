@@ -566,7 +566,10 @@ def main(argv=None):
     logging.getLogger("granger_mpi").addHandler(handler)
     logging.getLogger("granger_mpi").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
-    _default_threads(_requested_threads(args))
+    if args.command not in ("run", "supervise"):
+        # Launchers must not pass this process's thread counts on to the ranks they start:
+        # a launcher is one process per node, so it would give every rank all the cores.
+        _default_threads(_requested_threads(args))
     from granger_mpi.errors import EXIT_FAILURE, UserError
     try:
         return args.func(args)

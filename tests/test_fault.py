@@ -237,6 +237,8 @@ def test_a_silent_rank_is_declared_dead_by_the_heartbeat_detector(small_dataset,
     out = "".join(lines) + out
     assert (run_dir / "COMPLETE").exists(), f"{out[-4000:]}\n--- stderr ---\n{err[-4000:]}"
     assert "--mca mpi_ft_detector true" in out
+    # The launcher's own thread defaults must not reach the ranks (4 ranks share the cores).
+    assert f"{max(1, len(os.sched_getaffinity(0)) // 4)} thread(s) per rank" in out, out[:3000]
     record = json.loads((run_dir / "COMPLETE").read_text())
     assert record["world_size"] == 3 and record["lost_world_ranks"] == [2], record
     assert_every_sample_once(log_dir, 40)
