@@ -83,7 +83,8 @@ def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=()
         out(f"supervise: the run failed (exit code {code}); restart {restarts}/{max_restarts} from the "
             f"newest good checkpoint in {wait:.1f} s")
         time.sleep(wait)
-        extra = _for_restart(train_args) + ["--resume", "auto"]
+        train_args = _for_restart(train_args)    # cumulative: one injection fewer each time
+        extra = train_args + ["--resume", "auto"]
 
 
 def _for_restart(train_args):
