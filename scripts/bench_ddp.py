@@ -5,10 +5,11 @@ order (see ``bench_ddp_torch.py``), with the same global batch, epochs, SGD with
 and weight decay, and the same threads per rank, launched by the same ``scripts/mpirun``
 at each P. Repetitions alternate which side goes first, so that the machine's other load
 hits both alike. Throughput = rows x epochs / training-loop seconds (granger-mpi's
-"done: N steps in X s", which excludes start-up and the test evaluation; DDP's loop
-between two barriers, data already in memory). Final accuracy is on the test file.
+"done: N steps in X s", printed to 0.1 s, which excludes start-up and the test
+evaluation; DDP's loop between two barriers, data already in memory). Final accuracy is on
+the test file.
 
-Writes ``OUT/ddp.csv`` (one row per run) and ``OUT/ddp.png``; prints the table.
+Writes ``OUT/ddp{TAG}.csv`` (one row per run) and ``OUT/ddp{TAG}.png``; prints the table.
 """
 
 import argparse
