@@ -269,7 +269,8 @@ def cmd_model(args):
         raise UserError(f"need --sizes of at least 2 positive widths, positive --ranks, --batch "
                         f"and --per-rank-batch, --read-us-per-row >= 0, --network among local,{','.join(scaling.NETWORKS)} (got {unknown or ''})")
     print(scaling.report(args.bench, sizes, args.batch, ranks, networks,
-                         per_rank_batch=args.per_rank_batch, read_s_per_row=args.read_us_per_row * 1e-6))
+                         per_rank_batch=args.per_rank_batch, read_s_per_row=args.read_us_per_row * 1e-6,
+                         measured_csv=args.measured))
     return 0
 
 
@@ -440,6 +441,9 @@ def build_parser():
                         "default 128)")
     p.add_argument("--ranks", default=",".join(map(str, (2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384, 65536))),
                    help="world sizes to predict (default 2 ... 65536)")
+    p.add_argument("--measured", type=Path, metavar="CSV",
+                   help="scripts/bench-ddp CSV whose granger-mpi runs to compare with the model "
+                        "(default BENCH/ddp.csv)")
     p.add_argument("--read-us-per-row", type=float, default=0.0, metavar="US",
                    help="data-loading cost per row a rank reads in a step (default 0: compute and "
                         "communication only; about 40 measured here for random rows read from "

@@ -209,7 +209,7 @@ def _rate(seconds_per_byte):
 
 
 def report(bench_dir, sizes, global_batch, ranks, networks, per_rank_batch, read_s_per_row=0.0,
-           min_bytes=0):
+           measured_csv=None, min_bytes=0):
     """The text ``granger-mpi model`` prints."""
     bench_dir = Path(bench_dir)
     csvs = sorted(bench_dir.glob("allreduce_*.csv"))
@@ -235,10 +235,11 @@ def report(bench_dir, sizes, global_batch, ranks, networks, per_rank_batch, read
               f"compute: numba MLP kernel {flops / 1e9:.1f} GFLOP/s (kernels.csv); model "
                   f"{','.join(map(str, sizes))}: {n_params:,} parameters ({4 * n_params / 2**20:.2f} MiB "
                   f"gradient), {mlp_flops_per_sample(sizes) / 1e6:.3f} MFLOP per sample"]
-    measured = measured_training(bench_dir / "ddp.csv")
+    measured_csv = Path(measured_csv or bench_dir / "ddp.csv")
+    measured = measured_training(measured_csv)
     if measured:
-        lines += ["", "measured training (docs/bench/ddp.csv, granger-mpi, 32,128,64,10, batch 256, "
-                      "240,000 samples) against the model on this machine (fit allreduce_p2/p4):"]
+        lines += ["", f"measured training ({measured_csv}, granger-mpi, 32,128,64,10, batch 256, "
+                      f"240,000 samples) against the model on this machine (fit allreduce_p2/p4):"]
         cores = len(os.sched_getaffinity(0))
         for p, (median_s, fastest_s) in sorted(measured.items()):
             fit = fits.get(f"allreduce_p{p}", local)

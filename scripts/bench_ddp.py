@@ -5,10 +5,11 @@ order (see ``bench_ddp_torch.py``), with the same global batch, epochs, SGD with
 and weight decay, and the same threads per rank, launched by the same ``scripts/mpirun``
 at each P. Repetitions alternate which side goes first, so that the machine's other load
 hits both alike. Throughput = rows x epochs / training-loop seconds (granger-mpi's
-"done: N steps in X s", which excludes start-up and the test evaluation; DDP's loop
-between two barriers, data already in memory). Final accuracy is on the test file.
+"done: N steps in X s", printed to 0.1 s, which excludes start-up and the test
+evaluation; DDP's loop between two barriers, data already in memory). Final accuracy is on
+the test file.
 
-Writes ``OUT/ddp.csv`` (one row per run) and ``OUT/ddp.png``; prints the table.
+Writes ``OUT/ddp{TAG}.csv`` (one row per run) and ``OUT/ddp{TAG}.png``; prints the table.
 """
 
 import argparse
@@ -73,8 +74,11 @@ def run(cmd, env=None, timeout=900):
     return done.stdout
 
 
+MPIRUN_ARGS = []   # --mpirun-arg: extra launcher flags, the same for both sides
+
+
 def run_granger(job, ranks):
-    out = run([MPIRUN, "-n", str(ranks), GRANGER, "train", str(job), "--overwrite"])
+    out = run([MPIRUN, "-n", str(ranks), *MPIRUN_ARGS, GRANGER, "train", str(job), "--overwrite"])
     seconds = float(re.search(r"done: \d+ steps in ([0-9.]+) s", out).group(1))
     accuracy = float(re.search(r"test set .*accuracy ([0-9.]+)%", out).group(1))
     return seconds, accuracy
@@ -82,7 +86,7 @@ def run_granger(job, ranks):
 
 def run_torch(args, data, test, ranks):
     env = dict(os.environ, PYTHONPATH=str(ROOT / ".bench-site"))
-    out = run([MPIRUN, "-n", str(ranks), "-x", "PYTHONPATH", PYTHON,
+    out = run([MPIRUN, "-n", str(ranks), *MPIRUN_ARGS, "-x", "PYTHONPATH", PYTHON,
                str(ROOT / "scripts" / "bench_ddp_torch.py"), str(data), str(test),
                "--hidden", args.hidden, "--batch", str(args.batch), "--epochs", str(args.epochs),
                "--lr", str(args.lr), "--momentum", str(args.momentum),
@@ -169,10 +173,15 @@ def main():
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="folder for ddp.csv/png")
+    parser.add_argument("--mpirun-arg", action="append", default=[], metavar="ARG",
+                        help="extra scripts/mpirun argument for both sides (repeatable), e.g. "
+                             "--mpirun-arg=--mca --mpirun-arg=mpi_yield_when_idle --mpirun-arg=1")
+    parser.add_argument("--tag", default="", help="suffix of the CSV/PNG names, e.g. _yield")
     parser.add_argument("--from-csv", type=Path, metavar="CSV",
                         help="run nothing: print the table and redraw the PNG from an earlier ddp.csv")
     args = parser.parse_args()
     ranks_list = [int(p) for p in args.ranks.split(",")]
+    MPIRUN_ARGS.extend(args.mpirun_arg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_csv:
@@ -180,7 +189,7 @@ def main():
             rows = [dict(r, ranks=int(r["ranks"]), rep=int(r["rep"]), samples_per_s=float(r["samples_per_s"]),
                          test_accuracy_pct=float(r["test_accuracy_pct"])) for r in csv.DictReader(f)]
         print("\n".join(summarize(rows, ranks_list)[0]))
-        plot(rows, ranks_list, out / "ddp.png")
+        plot(rows, ranks_list, out / f"ddp{args.tag}.png")
         return
     (ROOT / "runs").mkdir(exist_ok=True)
     rows = []
@@ -198,7 +207,8 @@ def main():
                                   run_dir=tmp / "run"))
         samples = args.rows * args.epochs
         print(f"bench-ddp: MLP {args.features},{args.hidden},{args.classes}, {args.rows:,} rows x "
-              f"{args.epochs} epochs, global batch {args.batch}, P = {ranks_list}, {args.reps} reps; "
+              f"{args.epochs} epochs, global batch {args.batch}, P = {ranks_list}, {args.reps} reps, "
+              f"mpirun {' '.join(MPIRUN_ARGS) or '(scripts/mpirun as is)'}; "
               f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
         for rep in range(args.reps):
             for ranks in ranks_list:
@@ -216,15 +226,15 @@ def main():
                     rows.append(row)
                     print(f"  rep {rep} P={ranks} {impl:<12} {seconds:7.2f} s  {samples / seconds:9,.0f} "
                           f"samples/s  test accuracy {accuracy:.2f}%  (load {load:.2f})", flush=True)
-    with open(out / "ddp.csv", "w", newline="") as f:
+    with open(out / f"ddp{args.tag}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     lines, _ = summarize(rows, ranks_list)
     print("\n".join(lines))
     print(f"load average at end {os.getloadavg()[0]:.2f}")
-    plot(rows, ranks_list, out / "ddp.png")
-    print(f"wrote {out / 'ddp.csv'} and {out / 'ddp.png'}")
+    plot(rows, ranks_list, out / f"ddp{args.tag}.png")
+    print(f"wrote {out / f'ddp{args.tag}.csv'} and {out / f'ddp{args.tag}.png'}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ trains in the same benchmark, so that only the framework differs:
 - SGD with momentum and weight decay, PyTorch's convention (granger-mpi uses it too),
 - the same threads per rank (one share of the cores, as ``granger-mpi`` sets).
 
-The data is read into memory before the clock starts (granger-mpi reads it from HDF5 while
-training), which favours DDP. Rank 0 prints one line ``RESULT {json}``.
+The data is read into memory before the clock starts (granger-mpi reads it inside its
+timed loop: the whole file at once when it fits its memory budget, else per step), which
+favours DDP. Rank 0 prints one line ``RESULT {json}``.
 """
 
 import argparse
