@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PYTHON, ROOT, _env, granger, mpirun, read_params, write_job
+from conftest import ROOT, _env, granger, mpirun, read_params, write_job
 
 SBATCH_SCRIPT = ROOT / "jobs" / "train.sbatch"
 LOCAL_SLURM = ROOT / "scripts" / "local-slurm"
