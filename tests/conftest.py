@@ -81,6 +81,13 @@ def granger(*args, timeout=120, env=None, cwd=None):
     return run_command([PYTHON, "-m", "granger_mpi", *args], timeout, env, cwd)
 
 
+# A [data] setting under which the whole (small) dataset does not fit the loader's memory
+# budget, so every step reads its rows from HDF5 (about 5 ms a step): keeps a run going long
+# enough for a signal, a kill or a timer to land in the middle of it. In memory, the small
+# test runs finish in a fraction of a second.
+PER_STEP_READS = {"memory_budget_mb": 0.05}
+
+
 def write_job(path, *, dataset, run_dir, **sections):
     """A job file with small defaults; ``sections`` override ``{section: {key: value}}``."""
     job = {

@@ -11,7 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import MPIRUN, PYTHON, _env, granger, mpirun, read_params, run_command, write_job
+from conftest import (MPIRUN, PER_STEP_READS, PYTHON, _env, granger, mpirun, read_params,
+                      run_command, write_job)
 
 
 def job_file(path, dataset, run_dir, **sections):
@@ -191,7 +192,8 @@ def wait_for_line(proc, text, timeout=60):
 @pytest.fixture
 def long_job(tmp_path, small_dataset):
     return job_file(tmp_path / "long.toml", small_dataset, tmp_path / "run",
-                    train={"epochs": 400}, output={"progress_interval_s": 0.2})
+                    train={"epochs": 400}, output={"progress_interval_s": 0.2},
+                    data=PER_STEP_READS)
 
 
 def test_sigusr1_to_mpirun_checkpoints_and_training_goes_on(long_job, tmp_path):
@@ -296,7 +298,8 @@ def test_stop_file_saves_and_stops_then_resume_finishes_identically(straight, sm
 def test_timed_checkpoints(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 30},
-                   checkpoint={"every_seconds": 0.2, "keep_last": 2, "at_end": False})
+                   checkpoint={"every_seconds": 0.2, "keep_last": 2, "at_end": False},
+                   data=PER_STEP_READS)
     run = mpirun(2, "train", job, timeout=120)
     assert run.returncode == 0, run.output
     saves = [line for line in run.stdout.splitlines() if line.startswith("checkpoint ")]

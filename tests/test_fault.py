@@ -16,7 +16,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import MPIRUN, PYTHON, ULFM_FLAGS, _env, granger, mpirun, read_params
+from conftest import (MPIRUN, PER_STEP_READS, PYTHON, ULFM_FLAGS, _env, granger, mpirun,
+                      read_params)
 from test_checkpoint import count_rows, job_file, wait_for_line
 
 STEPS_PER_EPOCH = 32     # small_dataset: 2,000 rows, global batch 64
@@ -60,7 +61,8 @@ def test_p4_rank_killed_from_outside_finishes_on_3_and_matches_an_undisturbed_ru
     epochs = 100
     test_set = small_dataset.with_name("small-test.h5")
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": epochs},
-                   data={"test_path": str(test_set)}, collectives={"algorithm": "auto"})
+                   data={"test_path": str(test_set), **PER_STEP_READS},
+                   collectives={"algorithm": "auto"})
     cmd = [*MPIRUN, "-n", "4", *ULFM_FLAGS, PYTHON, "-m", "granger_mpi", "train", str(job)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env({"GRANGER_ROW_LOG": str(log_dir)}), start_new_session=True)
@@ -211,7 +213,7 @@ def test_a_silent_rank_is_declared_dead_by_the_heartbeat_detector(small_dataset,
     run_dir, log_dir = tmp_path / "run", tmp_path / "rows"
     log_dir.mkdir()
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 40},
-                   collectives={"algorithm": "ring"})
+                   collectives={"algorithm": "ring"}, data=PER_STEP_READS)
     cmd = [PYTHON, "-m", "granger_mpi", "run", str(job), "-n", "4", "--detector-timeout", "2",
            "--mpirun-arg=--bind-to", "--mpirun-arg=none"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, _env, granger, mpirun, read_params, write_job
+from conftest import PER_STEP_READS, ROOT, _env, granger, mpirun, read_params, write_job
 
 SBATCH_SCRIPT = ROOT / "jobs" / "train.sbatch"
 LOCAL_SLURM = ROOT / "scripts" / "local-slurm"
@@ -184,7 +184,7 @@ def job(small_dataset, tmp_path_factory):
     base = tmp_path_factory.mktemp("slurm-jobs")
     return write_job(base / "long.toml", dataset=small_dataset, run_dir=base / "direct",
                      train={"epochs": 400}, collectives={"algorithm": "ring"},
-                     output={"progress_interval_s": 0.2})
+                     output={"progress_interval_s": 0.2}, data=PER_STEP_READS)
 
 
 @pytest.fixture(scope="module")
