@@ -107,13 +107,8 @@ class RankStatus:
                 "failures": self.failures, "note": self.note, "interval_s": self.interval_s}
 
     def publish(self):
-        """Write the status file now (atomic rename; a full disk is not worth dying for)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(self.record()))
-            tmp.replace(self.path)
-        except OSError:
-            pass
+        """Write the status file now."""
+        _write_record(self.path, self.record())
 
     def limit_s(self):
         """How long the current state may last."""
@@ -161,6 +156,16 @@ class RankStatus:
             self.abort(6)
 
 
+def _write_record(path, record):
+    """Atomically, by rename; a full disk is not worth dying for (status is advisory)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
 def _stale(record, now=None):
     return (now or time.time()) - record["updated"] > 3 * record.get("interval_s", 1.0) + 2
 
@@ -203,12 +208,7 @@ def mark_failed(run_dir, world_ranks, note, step=None):
                       "ranks_alive": 0, "failures": 0, "interval_s": 1.0}
         record.update(state=FAILED, since=time.time(), updated=time.time(), note=note,
                       step=step if step is not None else record.get("step", 0))
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(record))
-            tmp.replace(path)
-        except OSError:
-            pass
+        _write_record(path, record)
 
 
 def table(run_dir, now=None):
