@@ -59,4 +59,5 @@ def run(job_path, ranks, *, mpirun="mpirun", hostfile=None, detector_timeout_s=N
         return supervise.supervise(job_path, ranks, mpirun=mpirun, mpirun_args=flags,
                                    train_args=train_args, max_restarts=max_restarts,
                                    backoff_s=backoff_s, out=out)
+    supervise.clear_stale_session_dir()
     os.execv(command[0], command)

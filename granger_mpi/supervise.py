@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,17 @@ def launcher(name):
     return found
 
 
+def clear_stale_session_dir():
+    """Remove what a killed mpirun left under this process's pid, in the process that is about
+    to become mpirun (through exec, which keeps the pid).
+
+    Open MPI 5 keeps its session files in ``$TMPDIR/ompi.<pid of mpirun>``; an mpirun given
+    the pid of one that was killed finds the old rendezvous file there and fails with "The
+    PMIx server's listener thread failed to start" (scripts/mpirun does the same).
+    """
+    shutil.rmtree(Path(tempfile.gettempdir()) / f"ompi.{os.getpid()}", ignore_errors=True)
+
+
 def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=(), max_restarts=3,
               backoff_s=1.0, out=print):
     """Run ``mpirun -n ranks granger-mpi train JOB`` until the run completes; the exit code.
@@ -63,7 +75,8 @@ def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=()
     extra = list(train_args)
     while True:
         started = time.time()
-        code = subprocess.call(base + extra, env=dict(os.environ, GRANGER_ATTEMPT=str(restarts + 1)))
+        code = subprocess.call(base + extra, env=dict(os.environ, GRANGER_ATTEMPT=str(restarts + 1)),
+                               preexec_fn=clear_stale_session_dir)
         record = completion(run_dir)
         if record is not None and record.get("finished_at", 0) >= started:
             if code != 0:
