@@ -69,15 +69,10 @@ def train(tmp, data, name, ranks, mode, injections, epochs):
     else:   # the restart path: granger-mpi run under supervise, no ULFM
         cmd = [str(BIN / "granger-mpi"), "run", str(job), "-n", str(ranks), "--max-restarts", "3",
                "--backoff", "0", "--mpirun", str(ROOT / "scripts" / "mpirun"), *inject]
-    for attempt in range(3):
-        started = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
-        seconds = time.perf_counter() - started
-        text = out.stdout + out.stderr
-        # Launch failures with many mpiruns on one machine (not a result): try again.
-        if "listener thread failed to start" not in text:
-            break
-        print(f"{name}: PMIx could not start its listener; launching again", flush=True)
+    started = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    seconds = time.perf_counter() - started
+    text = out.stdout + out.stderr
     if not (run_dir / "COMPLETE").exists():
         sys.exit(f"{name}: the run did not complete (exit {out.returncode}):\n{text[-3000:]}")
     return seconds, text, run_dir
