@@ -169,10 +169,10 @@ def _serve(comm, job, info, model, params, opt, steps, log):
                 lr = opt.step(params, grad, version)
                 version += 1
                 now = time.perf_counter()
-                metrics_file.append(step=version - 1, epoch=int(header[EPOCH]), loss=loss,
-                                    accuracy=np.nan if accuracy is None else accuracy,
-                                    grad_norm=grad_norm, learning_rate=lr, step_time_s=now - last,
-                                    samples_per_s=rows / max(now - last, 1e-12))
+                metrics_file.step(dict(step=version - 1, epoch=int(header[EPOCH]), loss=loss,
+                                       accuracy=np.nan if accuracy is None else accuracy,
+                                       grad_norm=grad_norm, learning_rate=lr, step_time_s=now - last,
+                                       samples_per_s=rows / max(now - last, 1e-12)))
                 last = now
                 progress.update(version - 1, int(header[EPOCH]), job.train.epochs, loss, accuracy, rows)
             sends[w].Wait()

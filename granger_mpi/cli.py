@@ -348,9 +348,10 @@ def build_parser():
                         "(jobs/train.sbatch keys it by the Slurm job name)")
     p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
                    help="make a rank fail on purpose, for tests and demos (repeatable): "
-                        "rank=R,step=S[,mode=exit|kill9|hang][,at=compute|allreduce|checkpoint]; "
-                        "R is the rank in MPI_COMM_WORLD, S the step index (for at=checkpoint "
-                        "the checkpoint of S completed steps); default mode kill9, at compute")
+                        "rank=R,step=S[,mode=exit|kill9|hang|slow][,at=compute|allreduce|checkpoint]"
+                        "[,seconds=T]; R is the rank in MPI_COMM_WORLD, S the step index (for "
+                        "at=checkpoint the checkpoint of S completed steps); default mode kill9, "
+                        "at compute; slow stalls T seconds (default 1) and goes on: a straggler")
 
     p = add("status", cmd_status, "per-rank state of a run, live or after it ended (no MPI needed)",
             "Print who is alive, each rank's state (IDLE, TRAINING, AGGREGATING, CHECKPOINTING, "
@@ -407,13 +408,13 @@ def build_parser():
     p.add_argument("--x-key", default="X", help="features array in a .npz (default X)")
     p.add_argument("--y-key", default="y", help="targets array in a .npz (default y)")
 
-    p = add("plot", cmd_plot, "PNG charts of a run: loss, accuracy, throughput, recoveries (no MPI needed)",
+    p = add("plot", cmd_plot, "PNG charts of a run: loss, accuracy, throughput, recoveries, time per rank (no MPI needed)",
             "Read RUN_DIR/metrics.h5 and write PNGs: loss and accuracy against step and against "
             "training time (the sum of step times), throughput (samples/s) and step time, and, "
-            "when ranks failed, each recovery's detection/recovery/first-step seconds. Recovery "
+            "when ranks failed, each recovery's detection/recovery/first-step seconds, and each "
+            "rank's time split (data, compute, communication, wait, checkpoint). Recovery "
             "events are drawn as red dashed lines. OUT/index.txt says what each chart shows and "
-            "what the run does not record (the per-rank time breakdown). Works on a running job "
-            "too (the steps flushed so far).")
+            "what the run did not record. Works on a running job too (the steps flushed so far).")
     p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
     p.add_argument("--out", type=Path, metavar="DIR", help="where to write (default RUN_DIR/plots)")
 

@@ -117,11 +117,22 @@ class CollectivesConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OutputConfig:
-    """``[output]``: where results go and how often progress is printed."""
+    """``[output]``: where results go and how often progress is printed.
+
+    ``timing_every_steps``: how often each rank's time split (data, compute, communication,
+    checkpoint, wait) is gathered into ``metrics.h5``. Besides ``metrics.h5``: ``jsonl``
+    writes ``RUN_DIR/metrics.jsonl``, ``http_url`` POSTs the same lines there, and
+    ``reporters`` names your own sinks as ``"package.module:factory"`` (see
+    ``granger_mpi.reporters``).
+    """
 
     run_dir: Path = _spec(kind="path")
     progress_interval_s: float = _spec(5.0, kind=float, min=0)
     metrics_flush_steps: int = _spec(100, kind=int, min=1)
+    timing_every_steps: int = _spec(100, kind=int, min=1)
+    jsonl: bool = _spec(False, kind=bool)
+    http_url: str | None = _spec(None, kind=str)
+    reporters: tuple = _spec((), kind="str_list")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,6 +221,10 @@ def _convert(value, meta, where, base_dir):
         for v in value:
             _check_range(v, meta, where)
         return tuple(value)
+    if kind == "str_list":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise UserError(f"{where} must be a list of non-empty strings, got {value!r}")
+        return tuple(value)
     if kind is bool:
         if not isinstance(value, bool):
             raise UserError(f"{where} must be true or false, got {value!r}")
@@ -279,6 +294,12 @@ def _check_job(job):
         raise UserError("[model].hidden must list at least one layer width for kind = 'mlp'")
     if job.model.kind != "mlp" and job.model.hidden:
         raise UserError(f"[model].hidden is only for kind = 'mlp', not {job.model.kind!r}")
+    out = job.output
+    if out.http_url is not None and not out.http_url.startswith(("http://", "https://")):
+        raise UserError(f"[output].http_url must start with http:// or https://, got {out.http_url!r}")
+    for spec in out.reporters:
+        if spec.count(":") != 1 or not all(spec.split(":")):
+            raise UserError(f"[output].reporters entry {spec!r} must be 'package.module:factory'")
     opt = job.optimizer
     if opt.name != "sgd" and opt.momentum != 0:
         raise UserError(f"[optimizer].momentum is for name = 'sgd'; {opt.name!r} uses beta1")

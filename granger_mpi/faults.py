@@ -5,7 +5,9 @@ when it reaches step ``S``:
 
 - ``mode``: ``exit`` (leaves at once with exit code 1, without ``MPI_Finalize``, like a
   crash), ``kill9`` (SIGKILL to itself, like the OOM killer) or ``hang`` (stops making
-  progress but stays alive, like a rank stuck on a dead file system; the watchdog's case);
+  progress but stays alive, like a rank stuck on a dead file system; the watchdog's case)
+  or ``slow`` (a straggler: sleeps ``seconds``, default 1, then goes on; the others wait,
+  which the per-rank time split in ``metrics.h5`` shows);
 - ``at``: ``compute`` (before its gradient is exchanged; default), ``allreduce`` (inside
   the hand-written allreduce, after its first point-to-point exchange, so its peers are
   mid-collective; with ``native``, just before entering ``MPI_Allreduce``) or ``checkpoint`` (after writing its share of the checkpoint at step
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from granger_mpi.collectives import buffers
 from granger_mpi.errors import UserError
 
-MODES = ("exit", "kill9", "hang")
+MODES = ("exit", "kill9", "hang", "slow")
 PLACES = ("compute", "allreduce", "checkpoint")
 
 
@@ -36,9 +38,11 @@ class Injection:
     step: int
     mode: str = "kill9"
     at: str = "compute"
+    seconds: float = 1.0    # how long a ``slow`` rank stalls
 
     def __str__(self):
-        return f"rank={self.rank},step={self.step},mode={self.mode},at={self.at}"
+        slow = f",seconds={self.seconds:g}" if self.mode == "slow" else ""
+        return f"rank={self.rank},step={self.step},mode={self.mode},at={self.at}{slow}"
 
 
 def parse(text):
@@ -46,9 +50,9 @@ def parse(text):
     fields = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
-        if not sep or key.strip() not in ("rank", "step", "mode", "at"):
+        if not sep or key.strip() not in ("rank", "step", "mode", "at", "seconds"):
             raise UserError(f"--inject-failure {text!r}: expected rank=R,step=S[,mode={'|'.join(MODES)}]"
-                            f"[,at={'|'.join(PLACES)}], got {item!r}")
+                            f"[,at={'|'.join(PLACES)}][,seconds=T], got {item!r}")
         fields[key.strip()] = value.strip()
     if "rank" not in fields or "step" not in fields:
         raise UserError(f"--inject-failure {text!r}: rank= and step= are required")
@@ -60,13 +64,22 @@ def parse(text):
     if mode not in MODES or at not in PLACES or rank < 0 or step < 0:
         raise UserError(f"--inject-failure {text!r}: mode is one of {', '.join(MODES)}, at one of "
                         f"{', '.join(PLACES)}; rank and step are >= 0")
-    return Injection(rank, step, mode, at)
+    try:
+        seconds = float(fields.get("seconds", 1.0))
+    except ValueError:
+        seconds = -1.0
+    if "seconds" in fields and (mode != "slow" or not 0 <= seconds < 86400):
+        raise UserError(f"--inject-failure {text!r}: seconds= (0 to 86400) goes with mode=slow")
+    return Injection(rank, step, mode, at, seconds)
 
 
 def fail(injection, out=sys.stderr):
-    """Fail now, as ``injection.mode`` says (``hang`` never returns)."""
+    """Fail now, as ``injection.mode`` says (``hang`` never returns; ``slow`` does, late)."""
     print(f"inject: rank {injection.rank} {injection.mode} at step {injection.step} "
           f"({injection.at}) t={time.time():.6f}", file=out, flush=True)
+    if injection.mode == "slow":
+        time.sleep(injection.seconds)
+        return
     if injection.mode == "kill9":
         os.kill(os.getpid(), signal.SIGKILL)
     if injection.mode == "exit":

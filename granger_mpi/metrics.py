@@ -7,6 +7,8 @@ import h5py
 import numpy as np
 
 from granger_mpi.errors import WriteError, describe_io_error
+from granger_mpi.reporters import Reporter
+from granger_mpi.timing import COLUMNS as TIMING_COLUMNS
 
 FIELDS = {  # name: dtype
     "step": np.int64, "epoch": np.int64, "loss": np.float64, "accuracy": np.float64,
@@ -21,11 +23,13 @@ EVENT_FIELDS = {
 }
 
 
-class MetricsFile:
+class MetricsFile(Reporter):
     """Appends one row per step to ``metrics.h5`` (one 1-D dataset per field).
 
     Rows are buffered and written every ``flush_every`` steps and on close, so the file
-    costs nothing per step. Only one process writes it (rank 0).
+    costs nothing per step. Only one process writes it (rank 0). Per-rank time windows go
+    to the group ``ranks``: ``step`` and ``steps`` (1-D), and one 2-D dataset per
+    ``timing.COLUMNS`` entry, a row per window and a column per world rank.
     """
 
     def __init__(self, path, flush_every=100, attrs=None, resume_step=None):
@@ -38,6 +42,11 @@ class MetricsFile:
             keep = int(np.searchsorted(self._file["step"][...], resume_step))
             for name in FIELDS:   # steps after the checkpoint will be run (and logged) again
                 self._file[name].resize(keep, axis=0)
+            if "ranks" in self._file:
+                group = self._file["ranks"]
+                keep = int(np.searchsorted(group["step"][...], resume_step))
+                for dset in group.values():
+                    dset.resize(keep, axis=0)
         else:
             self._file = h5py.File(path, "w")
             for name, dtype in FIELDS.items():
@@ -45,7 +54,7 @@ class MetricsFile:
         for key, value in (attrs or {}).items():
             self._file.attrs[key] = value
 
-    def event(self, **row):
+    def event(self, row):
         """Record one event now (every field of ``EVENT_FIELDS``); kept across resumes."""
         try:
             group = self._file.require_group("events")
@@ -59,12 +68,34 @@ class MetricsFile:
         except (OSError, RuntimeError) as exc:
             raise WriteError(f"cannot write metrics to {self.path}: {describe_io_error(exc)}") from None
 
-    def append(self, **row):
+    def step(self, row):
         """Add one step's values (every field of ``FIELDS``)."""
         for name in FIELDS:
             self._rows[name].append(row[name])
         if len(self._rows["step"]) >= self.flush_every:
             self.flush()
+
+    def timings(self, row):
+        """Add one window of per-rank seconds (written at once: one row per window)."""
+        width = len(row[TIMING_COLUMNS[0]])
+        try:
+            group = self._file.require_group("ranks")
+            if "step" not in group:
+                for name in ("step", "steps"):
+                    group.create_dataset(name, (0,), np.int64, maxshape=(None,), chunks=(256,))
+                for name in TIMING_COLUMNS:
+                    group.create_dataset(name, (0, width), np.float64, maxshape=(None, None),
+                                         chunks=(64, max(1, width)), fillvalue=np.nan)
+            n = group["step"].shape[0]
+            for name in ("step", "steps"):
+                group[name].resize(n + 1, axis=0)
+                group[name][n] = row[name]
+            for name in TIMING_COLUMNS:   # a resume at a larger world size widens the table
+                dset = group[name]
+                dset.resize((n + 1, max(dset.shape[1], width)))
+                dset[n, :width] = row[name]
+        except (OSError, RuntimeError) as exc:
+            raise WriteError(f"cannot write metrics to {self.path}: {describe_io_error(exc)}") from None
 
     def flush(self):
         """Write buffered rows to the file (``WriteError`` naming it if that fails)."""
@@ -111,8 +142,9 @@ class Progress:
         self.last = -float("inf")
         self.samples = 0
 
-    def update(self, step_index, epoch, epochs, loss, accuracy, samples, force=False):
-        """Count ``samples`` and print if the interval has passed (or ``force``)."""
+    def update(self, step_index, epoch, epochs, loss, accuracy, samples, force=False, detail=""):
+        """Count ``samples`` and print if the interval has passed (or ``force``); ``detail``
+        (the allreduce in use and the fault mode, say) ends the line."""
         self.samples += samples
         now = time.perf_counter()
         if not force and now - self.last < self.interval_s:
@@ -124,5 +156,5 @@ class Progress:
         acc = "" if accuracy is None else f" acc {100 * accuracy:5.1f}%"
         print(f"step {done}/{self.total_steps} epoch {epoch + 1}/{epochs} loss {loss:.4f}{acc} "
               f"{self.samples / max(elapsed, 1e-9):,.0f} samples/s "
-              f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}",
-              file=self.out, flush=True)
+              f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}"
+              + (f" {detail}" if detail else ""), file=self.out, flush=True)

@@ -20,9 +20,10 @@ EVENT_COLOR = "#d62728"
 RAW_COLOR = "#9ecae1"
 SMOOTH_COLOR = "#08519c"
 
-NOT_RECORDED = ("per-rank time breakdown (compute, communication, checkpoint, wait): not "
-                "recorded by this version of granger-mpi (metrics.h5 holds rank 0's whole "
-                "step time only), so no chart is drawn for it")
+NOT_RECORDED = ("per-rank time breakdown: this run recorded no timing windows (metrics.h5 "
+                "group 'ranks'; async runs and runs of older versions have none)")
+BREAKDOWN_COLORS = {"data": "#9467bd", "compute": "#2ca02c", "transfer": "#1f77b4",
+                    "wait": "#ff7f0e", "checkpoint": "#8c564b"}
 TIME_AXIS_NOTE = ("training time = cumulative step_time_s of rank 0; time spent in "
                   "checkpoints, recoveries and the final evaluation is not included")
 
@@ -64,12 +65,12 @@ def smoothing_window(n_steps):
     return max(1, n_steps // 50)
 
 
-def _figure(rows=1, height=3.2):
+def _figure(rows=1, height=3.2, sharex=True):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, height * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+    axes = fig.subplots(rows, 1, sharex=sharex, squeeze=False)[:, 0]
     for ax in axes:
         ax.grid(True, alpha=0.3)
     return fig, axes
@@ -161,6 +162,38 @@ def _events(record, path):
     _save(fig, path)
 
 
+def _breakdown(record, path):
+    t = record.timings
+    steps = np.maximum(t["steps"].astype(np.float64), 1)[:, None]
+    total_steps = float(np.sum(t["steps"]))
+    # Per rank, ms per step over the whole run; communication split into moving bytes and
+    # waiting for the slowest rank (wait = comm - least comm of any rank in the window).
+    parts = {"data": t["data_s"], "compute": t["compute_s"], "transfer": t["comm_s"] - t["wait_s"],
+             "wait": t["wait_s"], "checkpoint": t["checkpoint_s"]}
+    per_rank = {name: 1000 * np.nansum(values, axis=0) / max(total_steps, 1)
+                for name, values in parts.items()}
+    ranks = np.arange(t["comm_s"].shape[1])
+    fig, axes = _figure(2, sharex=False)
+    bottom = np.zeros(ranks.size)
+    for name, values in per_rank.items():
+        axes[0].bar(ranks, values, bottom=bottom, label=name, color=BREAKDOWN_COLORS[name])
+        bottom += values
+    axes[0].set_xticks(ranks, [f"rank {r}" for r in ranks], fontsize=8)
+    axes[0].set_ylim(0, max(float(np.nanmax(bottom)), 1e-3) * 1.25)    # room for the legend
+    axes[0].set_ylabel("ms per step")
+    axes[0].set_title(f"where each rank's time went ({total_steps:,.0f} steps, "
+                      f"{len(t['step'])} windows)")
+    axes[0].legend(fontsize=8, ncol=5, loc="upper right")
+    for r in ranks:
+        axes[1].plot(t["step"], 1000 * t["wait_s"][:, r] / steps[:, 0], marker=".", label=f"rank {r}")
+    _mark_events(axes[1:], [e["step"] for e in record.events], record.events)
+    axes[1].set_xlabel("step (end of window)")
+    axes[1].set_ylabel("wait, ms per step")
+    axes[1].set_title("waiting for the slowest rank, per window")
+    axes[1].legend(fontsize=8, ncol=min(8, ranks.size))
+    _save(fig, path)
+
+
 def write_plots(record, out_dir):
     """Write every chart of ``record`` (a ``runfiles.RunRecord``) into ``out_dir``.
 
@@ -198,9 +231,17 @@ def write_plots(record, out_dir):
                             "per rank-failure event: seconds to detect it, to recover "
                             "(shrink, roll back, re-split) and to finish the first step after"))
         _events(record, out_dir / charts[-1].file_name)
+    if record.timings and len(record.timings["step"]):
+        charts.append(Chart("time_per_rank.png", "Time per rank",
+                            "each rank's milliseconds per step in data loading, compute, "
+                            "communication (moving bytes, and waiting for the slowest rank) "
+                            "and checkpoints; below, the wait per window" + events_note))
+        _breakdown(record, out_dir / charts[-1].file_name)
     lines = [f"charts of {record.run_dir} ({record.steps:,} steps)", ""]
     lines += [f"{c.file_name}: {c.description}" for c in charts]
-    lines += ["", f"not plotted: {NOT_RECORDED}", f"note: {TIME_AXIS_NOTE}"]
+    if not (record.timings and len(record.timings["step"])):
+        lines += ["", f"not plotted: {NOT_RECORDED}"]
+    lines += [f"note: {TIME_AXIS_NOTE}"]
     try:
         (out_dir / "index.txt").write_text("\n".join(lines) + "\n")
     except OSError as exc:

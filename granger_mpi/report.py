@@ -124,8 +124,9 @@ def build_html(record, charts_dir, charts, now=None):
         parts += [f"<h3>{html.escape(chart.title)}</h3>",
                   f'<p class="note">{html.escape(chart.description)}</p>',
                   f'<img alt="{html.escape(chart.title)}" src="data:image/png;base64,{data}">']
-    parts += [f'<p class="note">Not shown: {html.escape(plots.NOT_RECORDED)}.</p>',
-              "<h2>Configuration (job.toml as run)</h2>",
+    if not any(chart.file_name == "time_per_rank.png" for chart in charts):
+        parts.append(f'<p class="note">Not shown: {html.escape(plots.NOT_RECORDED)}.</p>')
+    parts += ["<h2>Configuration (job.toml as run)</h2>",
               f"<pre>{html.escape(record.job_text)}</pre>" if record.job_text is not None else
               "<p>No job.toml in the run directory.</p>",
               "</body></html>"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from granger_mpi import metrics, supervise
+from granger_mpi import metrics, supervise, timing
 from granger_mpi.errors import UserError, describe_io_error
 
 
@@ -22,7 +22,9 @@ class RunRecord:
     ``series`` holds one numpy array per ``metrics.FIELDS`` name (equal lengths, one row per
     step); ``events`` one dict per recovery event (``metrics.EVENT_FIELDS``); ``job_text`` the
     job file as run; ``completion`` the ``COMPLETE`` record or None; ``attrs`` the metrics
-    file's attributes (``job`` as parsed JSON, ``world_size``).
+    file's attributes (``job`` as parsed JSON, ``world_size``); ``timings`` the per-rank time
+    windows (``step``, ``steps`` and a windows x world ranks array per ``timing.COLUMNS``
+    name), empty if the run recorded none.
     """
 
     run_dir: Path
@@ -31,6 +33,7 @@ class RunRecord:
     job_text: str = None
     completion: dict = None
     attrs: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
 
     @property
     def steps(self):
@@ -81,6 +84,12 @@ def read_run(run_dir):
             count = min((c.size for c in columns.values()), default=0)
             for i in range(count):
                 events.append({name: _plain(values[i]) for name, values in columns.items()})
+        timings = {}
+        if "ranks" in f and all(name in f["ranks"] for name in ("step", "steps", *timing.COLUMNS)):
+            group = f["ranks"]
+            timings = {name: group[name][...] for name in ("step", "steps", *timing.COLUMNS)}
+            windows = min(len(values) for values in timings.values())
+            timings = {name: values[:windows] for name, values in timings.items()}
         attrs = {}
         for key, value in f.attrs.items():
             value = _plain(value)
@@ -95,7 +104,8 @@ def read_run(run_dir):
                         f"[output].metrics_flush_steps steps and at the end)")
     job_path = run_dir / "job.toml"
     job_text = job_path.read_text() if job_path.is_file() else None
-    return RunRecord(run_dir, series, events, job_text, supervise.completion(run_dir), attrs)
+    return RunRecord(run_dir, series, events, job_text, supervise.completion(run_dir), attrs,
+                     timings)
 
 
 def _plain(value):

@@ -102,7 +102,8 @@ def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=()
 
 def _for_restart(train_args):
     """The arguments of a restart: keep the predecessor's results (no ``--overwrite``), and of
-    the injected failures drop the earliest one, which is taken to be what ended that run."""
+    the injected failures drop the earliest one, which is taken to be what ended that run
+    (a ``slow`` one ends nothing and is kept)."""
     from granger_mpi.faults import parse
     kept, specs, args = [], [], iter(train_args)
     for arg in args:
@@ -114,6 +115,7 @@ def _for_restart(train_args):
             specs.append(arg.split("=", 1)[1])
         else:
             kept.append(arg)
-    if specs:
-        specs.remove(min(specs, key=lambda spec: parse(spec).step))
+    fatal = [spec for spec in specs if parse(spec).mode != "slow"]    # a straggler ends nothing
+    if fatal:
+        specs.remove(min(fatal, key=lambda spec: parse(spec).step))
     return kept + [f"--inject-failure={spec}" for spec in specs]

@@ -21,6 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import (checkpoint, collectives, dataset, faults, metrics, modelfile, models,
+                         reporters, timing,
                          optimizer, partition, status, threads, zero)
 from granger_mpi.errors import UserError
 from granger_mpi.kernels import checks
@@ -209,18 +210,31 @@ def fault_mode(comm, job, log):
     return ulfm
 
 
-def _reopen_metrics(run_dir, job, resume_step, log):
-    """Metrics after a failure: the file cut back to ``resume_step``; if the old rank 0 died
-    while writing it and left it unreadable, it is kept aside and a new one started."""
+def _open_reporters(run_dir, job, attrs, resume_step):
+    """Rank 0's sinks: ``metrics.h5`` (cut back to ``resume_step`` if given) and the others
+    the job asks for (``reporters.extra_sinks``)."""
+    sinks = [metrics.MetricsFile(run_dir / "metrics.h5", job.output.metrics_flush_steps, attrs,
+                                 resume_step=resume_step)]
+    try:
+        sinks += reporters.extra_sinks(run_dir, job, resume_step)
+    except BaseException:
+        sinks[0].close()
+        raise
+    return reporters.Reporters(sinks)
+
+
+def _reopen_reporters(run_dir, job, resume_step, log):
+    """The sinks after a failure, cut back to ``resume_step``; if the old rank 0 died while
+    writing ``metrics.h5`` and left it unreadable, it is kept aside and a new one started."""
     path = run_dir / "metrics.h5"
     try:
-        return metrics.MetricsFile(path, job.output.metrics_flush_steps, resume_step=resume_step)
+        return _open_reporters(run_dir, job, None, resume_step)
     except (OSError, RuntimeError, KeyError) as exc:
         aside = path.with_name(f"metrics.damaged-{int(time.time())}.h5")
         path.replace(aside)
         log(f"metrics file {path} unreadable after the failure ({exc}); kept as {aside}, "
             f"starting a new one at step {resume_step}")
-        return metrics.MetricsFile(path, job.output.metrics_flush_steps)
+        return _open_reporters(run_dir, job, None, None)
 
 
 def _recover(comm, completed, params, opt_state, before, idents):
@@ -388,11 +402,14 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
         injector = faults.Injector(injections, rank)
 
         metrics_file = progress = None
+
+        def open_outputs():
+            if rank == 0:
+                (run_dir / "job.toml").write_text(job.text)
+                return _open_reporters(run_dir, job, {"job": job.to_json(), "world_size": size},
+                                       state.step if source else None)
+        metrics_file = agree(comm, open_outputs)    # a user's reporter may fail: all ranks stop
         if rank == 0:
-            (run_dir / "job.toml").write_text(job.text)
-            metrics_file = metrics.MetricsFile(run_dir / "metrics.h5", job.output.metrics_flush_steps,
-                                               {"job": job.to_json(), "world_size": size},
-                                               resume_step=state.step if source else None)
             progress = metrics.Progress(total_steps - state.step, job.output.progress_interval_s)
             log(f"training {model.kind} {list(model.sizes)} ({n_params:,} parameters) on "
                 f"{info.path} ({info.n_rows:,} rows, {info.task}) with {size} rank(s), "
@@ -452,7 +469,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             if rank == 0 and stream is not None:    # still training: metrics go on
                 if metrics_file is not None:
                     metrics_file.close()
-                metrics_file = _reopen_metrics(run_dir, job, completed, log)
+                metrics_file = _reopen_reporters(run_dir, job, completed, log)
                 progress = progress or metrics.Progress(total_steps - completed,
                                                         job.output.progress_interval_s)
             pending_event = dict(time=detected, step=completed, kind=f"rank failure ({where})",
@@ -492,6 +509,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                                     verify_after_write=ckpt.verify_after_write,
                                     on_written=on_written, single_writer=ulfm)
             last_save = time.perf_counter()
+            timer.lap(timing.CHECKPOINT)
             if rank == 0:
                 log(f"checkpoint {saved} (step {next_index})")
 
@@ -505,12 +523,22 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                     metrics_file.flush()
                 save(completed)
 
+        timer = timing.PhaseTimer()
+
+        def report_timings(done):
+            """Every ``timing_every_steps`` steps and at the end: the window's per-rank split."""
+            window = timer.gather(comm, idents, len(hosts))
+            if window is not None:
+                metrics_file.timings({"step": done - 1, **window})
+
         try:
+            timer.start()
             while True:
                 try:
                     epoch, step, batch_len, rows, X, y = next(batches)
                 except StopIteration:
                     break
+                timer.lap(timing.DATA)
                 step_index = epoch * per_epoch + step
                 t0 = time.perf_counter()
                 rank_status.set(status.TRAINING, step_index)
@@ -542,6 +570,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                 requests.save = requests.stop = False
                 rank_status.set(status.AGGREGATING)
                 injector.arm_allreduce(step_index, algorithm)
+                timer.lap(timing.COMPUTE)
                 try:
                     if sharded:   # the update happens inside, between reduce-scatter and allgather
                         grad_norm, lr = zero.exchange_and_update(comm, opt, exchange, params, step_index)
@@ -555,6 +584,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                     if limit_reason:
                         break
                     continue
+                timer.lap(timing.COMM)
                 if stats[BAD] > 0:
                     _report_bad_row(comm, info, rows[bad] if bad >= 0 else None, epoch, step)
                 if ulfm:
@@ -564,24 +594,32 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                     grad_norm = opt.clip(grad)
                     lr = opt.step(params, grad, step_index)
                 completed = step_index + 1
+                timer.lap(timing.COMPUTE)
+                timer.steps += 1
                 loss = float(stats[LOSS])
                 accuracy = float(stats[CORRECT]) if classification else None
                 if rank == 0:
                     step_time = time.perf_counter() - t0
-                    metrics_file.append(step=step_index, epoch=epoch, loss=loss,
-                                        accuracy=np.nan if accuracy is None else accuracy,
-                                        grad_norm=grad_norm, learning_rate=lr, step_time_s=step_time,
-                                        samples_per_s=batch_len / max(step_time, 1e-12))
+                    metrics_file.step(dict(step=step_index, epoch=epoch, loss=loss,
+                                           accuracy=np.nan if accuracy is None else accuracy,
+                                           grad_norm=grad_norm, learning_rate=lr, step_time_s=step_time,
+                                           samples_per_s=batch_len / max(step_time, 1e-12)))
                     progress.update(step_index - state.step, epoch, job.train.epochs, loss, accuracy,
-                                    batch_len, force=step_index + 1 == total_steps)
+                                    batch_len, force=step_index + 1 == total_steps,
+                                    detail=f"allreduce {collectives.in_use(comm, exchange.nbytes, algorithm)} "
+                                           f"faults {'ulfm' if ulfm else 'restart'}")
                 if pending_event is not None:
                     if rank == 0:
                         pending_event["first_step_s"] = time.time() - pending_event["time"]
-                        metrics_file.event(**pending_event)
+                        metrics_file.event(pending_event)
                         log(f"first step after the failure completed {pending_event['first_step_s']:.3f} s "
                             f"after it was detected")
                     pending_event = None
                 done = step_index + 1
+                if done % job.output.timing_every_steps == 0 or done == total_steps:
+                    _, limit_reason = guarded(lambda: report_timings(done), "a timing report")
+                    if limit_reason:
+                        break
                 periodic = ckpt.every_steps is not None and done % ckpt.every_steps == 0
                 if (stats[SAVE] > 0 or stats[STOP] > 0 or periodic) and done < total_steps:
                     if metrics_file is not None:

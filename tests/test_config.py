@@ -99,6 +99,14 @@ def test_new_optimizer_keys_parse(job_dir):
      r"\[train\]\.shard_optimizer is for strategy = 'sync'"),
     (("epochs = 3", 'epochs = 3\nstaleness_weight = "exp"'), r"\[train\]\.staleness_weight must be one of"),
     (("epochs = 3", "epochs = 3\nmax_staleness = -1"), r"\[train\]\.max_staleness must be >= 0"),
+    (('run_dir = "runs/x"', 'run_dir = "runs/x"\nhttp_url = "db.example:8086"'),
+     r"\[output\]\.http_url must start with http:// or https://"),
+    (('run_dir = "runs/x"', 'run_dir = "runs/x"\nreporters = ["mymodule"]'),
+     r"\[output\]\.reporters entry 'mymodule' must be 'package.module:factory'"),
+    (('run_dir = "runs/x"', 'run_dir = "runs/x"\nreporters = "mymodule:make"'),
+     r"\[output\]\.reporters must be a list of non-empty strings"),
+    (('run_dir = "runs/x"', 'run_dir = "runs/x"\ntiming_every_steps = 0'),
+     r"\[output\]\.timing_every_steps must be >= 1"),
 ])
 def test_bad_job_names_the_key(job_dir, change, message):
     old, new = change

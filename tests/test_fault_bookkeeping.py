@@ -29,7 +29,12 @@ def test_injection_specs():
     assert faults.parse("rank=2,step=30") == faults.Injection(2, 30, "kill9", "compute")
     assert str(faults.parse("rank=0, step=5, mode=hang, at=checkpoint")) == \
         "rank=0,step=5,mode=hang,at=checkpoint"
-    for bad in ("rank=2", "rank=x,step=1", "rank=1,step=1,mode=explode", "rank=1,step=1,where=x"):
+    assert faults.parse("rank=1,step=5,mode=slow,seconds=0.5") == \
+        faults.Injection(1, 5, "slow", "compute", 0.5)
+    assert str(faults.parse("rank=1,step=5,mode=slow")) == "rank=1,step=5,mode=slow,at=compute,seconds=1"
+    for bad in ("rank=2", "rank=x,step=1", "rank=1,step=1,mode=explode", "rank=1,step=1,where=x",
+                "rank=1,step=1,mode=kill9,seconds=2", "rank=1,step=1,mode=slow,seconds=-1",
+                "rank=1,step=1,mode=slow,seconds=x"):
         with pytest.raises(UserError, match="--inject-failure"):
             faults.parse(bad)
 
@@ -38,6 +43,9 @@ def test_a_restart_drops_the_earliest_injection_and_overwrite():
     args = ["--overwrite", "--inject-failure", "rank=1,step=90", "--inject-failure=rank=3,step=40"]
     assert _for_restart(args) == ["--inject-failure=rank=1,step=90"]
     assert _for_restart(_for_restart(args)) == []
+    # A straggler ends no run: the kill is what is dropped, the slow rank stays planned.
+    slow = "--inject-failure=rank=0,step=10,mode=slow"
+    assert _for_restart([slow, "--inject-failure=rank=1,step=50"]) == [slow]
 
 
 def test_status_table_marks_silent_ranks_lost(tmp_path):

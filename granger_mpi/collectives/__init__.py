@@ -63,6 +63,16 @@ def _dtype_name(num):
     return f"dtype #{num}"
 
 
+def in_use(comm, nbytes, algorithm):
+    """What ``allreduce`` runs for ``algorithm`` on ``comm`` and ``nbytes`` (for a progress
+    line): ``auto`` as ``auto (ring)`` once it has chosen, other names as they are. No
+    communication."""
+    if algorithm != "auto":
+        return algorithm
+    last = _last_auto
+    return f"auto ({last[2]})" if last[0] is comm and last[1] == nbytes else "auto"
+
+
 def allreduce(comm, buf, *, algorithm="auto", op="sum", ranks_per_node=None):
     """Reduce ``buf`` over ``comm`` in place with the named algorithm; returns ``buf``.
 
