@@ -16,16 +16,18 @@ Layout of ``RUN_DIR/ckpt/step_XXXXXXXX.h5`` (``h5ls -r`` and ``h5dump`` read it)
 
 How a save stays atomic (SCR, PyTorch DCP): every rank writes its rows of every tensor into
 ``step_XXXXXXXX.h5.tmp`` (independent writes into one file opened with the mpio driver;
-creating datasets and attributes is collective); rank 0 then fsyncs it, renames it to its
-final name, fsyncs the directory, reads it back and verifies every checksum, and only then
-points ``latest`` at it and prunes checkpoints beyond ``keep_last``. A crash at any point
-leaves the previous good checkpoint in place; a torn or corrupt file is detected by its
-checksums and skipped by ``--resume auto``.
+creating datasets and attributes is collective), checksumming them from memory as it goes
+(``checksums``); rank 0 then fsyncs it, renames it to its final name and fsyncs the
+directory; every rank reads its share of the file back and the checksums are verified;
+only then does ``latest`` point at it, and checkpoints beyond ``keep_last`` are deleted
+(in the background). A crash at any point leaves the previous good checkpoint in place; a
+torn or corrupt file is detected by its checksums and skipped by ``--resume auto``.
 """
 
 import json
 import os
 import re
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import partition
+from granger_mpi.checksums import CrcPipeline, chunks, combine, crc32
 from granger_mpi.errors import UserError, WriteError, describe_io_error
 from granger_mpi.h5files import open_for_reading
 from granger_mpi.runtime import agree
@@ -69,11 +72,6 @@ class TrainState:
         return self.optimizer_state[index * n:(index + 1) * n]
 
 
-def crc32(array):
-    """CRC32 of an array's bytes."""
-    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
-
-
 def checkpoint_dir(run_dir):
     """Where a run's checkpoints live."""
     return Path(run_dir) / "ckpt"
@@ -94,27 +92,6 @@ def _tensors(model, state):
         for name, view in model.layout.views(flat).items():
             out.append((f"{group}/{name}", view))
     return out
-
-
-TAG_CRC_CHAIN = 0x6372
-
-
-def _chained_crc32(comm, arrays):
-    """CRC32 of each array's concatenation over the ranks in rank order (collective).
-
-    Each rank continues the checksums of the ranks before it over its own slabs (CRC32
-    runs on), so no rank needs the whole tensor; the last rank's result is broadcast.
-    """
-    rank, size = comm.Get_rank(), comm.Get_size()
-    running = np.zeros(len(arrays), np.int64)
-    if rank > 0:
-        comm.Recv(running, source=rank - 1, tag=TAG_CRC_CHAIN)
-    for i, array in enumerate(arrays):
-        running[i] = zlib.crc32(np.ascontiguousarray(array).view(np.uint8), int(running[i]))
-    if rank < size - 1:
-        comm.Send(running, dest=rank + 1, tag=TAG_CRC_CHAIN)
-    comm.Bcast(running, root=size - 1)
-    return running
 
 
 def _fsync_path(path):
@@ -148,19 +125,14 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     tmp = final.with_name(final.name + ".tmp")
     rank, size = comm.Get_rank(), comm.Get_size()
     tensors = _tensors(model, state)
-    # Checksums are computed from memory, split over the ranks, then shared.
-    sums = np.zeros(len(tensors), np.int64)
-    for i in range(rank, len(tensors), size):
-        sums[i] = crc32(tensors[i][1])
-    comm.Allreduce(MPI.IN_PLACE, sums)
     slabs = []   # (dataset path, this rank's slab); sharded optimizer state only
     if state.optimizer_shard is not None:
         slabs = [(f"optimizer/{slot}", state.slot(i)) for i, slot in enumerate(state.optimizer_slots)]
-        slab_sums = _chained_crc32(comm, [slab for _, slab in slabs])
 
     def prepare():
         if rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
+            wait_for_pruning()
     agree(comm, prepare)
     attrs = {"format": FORMAT, "step": state.step, "epoch": state.epoch,
              "step_in_epoch": state.step_in_epoch, "world_size": size, "seed": seed,
@@ -171,14 +143,12 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     try:
         if not single_writer:
             with h5py.File(tmp, "w", driver="mpio", comm=comm) as f:
-                failed = _write(f, tensors, sums, attrs, rank, size, on_written,
-                                slabs, slab_sums if slabs else (), state.optimizer_shard,
-                                state.params.size)
+                failed = _write(f, comm, tensors, attrs, on_written, slabs, state.params.size)
                 if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
                     failed = OSError(28, "No space left on device")
         elif rank == 0:
             with h5py.File(tmp, "w") as f:
-                failed = _write(f, tensors, sums, attrs, 0, 1, on_written)
+                failed = _write(f, None, tensors, attrs, on_written)
         elif on_written is not None:
             on_written()
     except (OSError, RuntimeError) as exc:
@@ -207,12 +177,13 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
                                       f"earlier checkpoints are untouched") from None
     agree(comm, publish)
 
-    def check():   # read back from the file system, each rank a share of the datasets
-        problems = verify(final, part=(rank, size))
-        if problems:
-            raise CheckpointError(f"checkpoint {final} failed verification after writing: "
-                                  f"{problems[0]}; earlier checkpoints are untouched")
     if verify_after_write:
+        problems = _verify_together(comm, final)
+
+        def check():
+            if problems:
+                raise CheckpointError(f"checkpoint {final} failed verification after writing: "
+                                      f"{problems[0]}; earlier checkpoints are untouched")
         try:
             agree(comm, check)
         except UserError:
@@ -231,40 +202,65 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     return final
 
 
-def _write(f, tensors, sums, attrs, rank, size, on_written, slabs=(), slab_sums=(), shard=None,
-           slab_length=0):
-    """Create every dataset (collective under mpio) and write this rank's rows of each;
-    ``slabs`` are this rank's ``shard`` of sharded optimizer state, one dataset each.
+def _rows(length, comm):
+    """This rank's ``(lo, hi)`` of ``length`` rows, and every rank's row count (``comm``
+    None: one process, without MPI)."""
+    rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
+    bounds = [partition.rank_bounds(length, size, r) for r in range(size)]
+    return bounds[rank], [hi - lo for lo, hi in bounds]
 
-    Returns the OSError/RuntimeError of a failed write (the file is still closed
-    collectively), or None.
+
+def _gather_crcs(comm, crcs):
+    """Every rank's slab CRCs, a row per rank."""
+    mine = np.array(crcs, np.int64)
+    if comm is None:
+        return mine[None, :]
+    every = np.empty((comm.Get_size(), mine.size), np.int64)
+    comm.Allgather(mine, every)
+    return every
+
+
+def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
+    """Create every dataset (collective under mpio), write this rank's rows of each and its
+    slab of each sharded dataset, then store every dataset's CRC32 as its ``crc32``.
+
+    The CRC of what this rank writes is computed from memory in a helper thread while the
+    writes go on; the ranks' slab CRCs are then combined (one ``Allgather``). Returns the
+    OSError/RuntimeError of a failed write (the file is still closed collectively), or None.
     """
-    datasets = []
-    for (path, array), checksum in zip(tensors, sums):
-        dset = f.create_dataset(path, array.shape, array.dtype, fill_time="never")
-        dset.attrs["crc32"] = int(checksum)
-        datasets.append(dset)
-    slab_datasets = []
-    for (path, _), checksum in zip(slabs, slab_sums):
-        dset = f.create_dataset(path, (slab_length,), np.float32, fill_time="never")
-        dset.attrs["crc32"] = int(checksum)
-        slab_datasets.append(dset)
+    datasets = [f.create_dataset(path, array.shape, array.dtype, fill_time="never")
+                for path, array in tensors]
+    slab_datasets = [f.create_dataset(path, (slab_length,), np.float32, fill_time="never")
+                     for path, _ in slabs]
     for key, value in attrs.items():
         f.attrs[key] = value
+    if slabs:   # where this rank's shard starts in the flat datasets (before any write can fail)
+        offsets = np.cumsum([0] + comm.allgather(slabs[0][1].size))
+        start = int(offsets[comm.Get_rank()])
+    pipeline = CrcPipeline(len(datasets) + len(slab_datasets))
     failed = None
     try:
-        for dset, (_, array) in zip(datasets, tensors):
-            lo, hi = partition.rank_bounds(array.shape[0], size, rank)
-            if hi > lo:
-                dset[lo:hi] = array[lo:hi]
-        for dset, (_, slab) in zip(slab_datasets, slabs):
-            lo, hi = shard
-            if hi > lo:
-                dset[lo:hi] = slab
+        for i, (dset, (_, array)) in enumerate(zip(datasets, tensors)):
+            (lo, hi), _ = _rows(array.shape[0], comm)
+            row_bytes = array[:1].nbytes
+            for a, b in chunks(hi - lo, row_bytes):
+                part = array[lo + a:lo + b]
+                dset[lo + a:lo + b] = part
+                pipeline.feed(i, part)
+        for i, (dset, (_, slab)) in enumerate(zip(slab_datasets, slabs), start=len(datasets)):
+            for a, b in chunks(slab.size, slab.itemsize):
+                dset[start + a:start + b] = slab[a:b]
+                pipeline.feed(i, slab[a:b])
         if on_written is not None:
             on_written()
     except (OSError, RuntimeError) as exc:
         failed = exc
+    every = _gather_crcs(comm, pipeline.results())
+    for i, (dset, (_, array)) in enumerate(zip(datasets, tensors)):
+        _, counts = _rows(array.shape[0], comm)
+        dset.attrs["crc32"] = combine(every[:, i], [n * array[:1].nbytes for n in counts])
+    for i, dset in enumerate(slab_datasets, start=len(datasets)):
+        dset.attrs["crc32"] = combine(every[:, i], np.diff(offsets) * 4)
     f.attrs["complete"] = 1
     return failed
 
@@ -274,8 +270,14 @@ def _versions():
     return versions()
 
 
+_pruning = None   # the thread deleting checkpoints beyond keep_last (rank 0)
+
+
 def _update_index(directory, step, keep_last):
-    """Point ``latest`` at ``step`` and prune beyond the newest ``keep_last`` good ones."""
+    """Point ``latest`` at ``step``; checkpoints beyond the newest ``keep_last`` good ones are
+    deleted by a helper thread (unlinking a GiB file takes a good part of a second, which
+    training need not wait for; the next save, and ``wait_for_pruning``, wait for it)."""
+    global _pruning
     steps = sorted(int(m.group(1)) for p in directory.iterdir() if (m := NAME.match(p.name)))
     keep = [s for s in steps if s <= step][-keep_last:]
     index = {"latest": file_name(step), "step": step, "kept": [file_name(s) for s in keep]}
@@ -283,43 +285,90 @@ def _update_index(directory, step, keep_last):
     tmp.write_text(json.dumps(index, indent=1) + "\n")
     os.replace(tmp, directory / "latest")
     _fsync_path(directory)
-    for s in steps:
-        if s not in keep and s < step:
-            (directory / file_name(s)).unlink(missing_ok=True)
+    doomed = [directory / file_name(s) for s in steps if s not in keep and s < step]
+    if doomed:
+        _pruning = threading.Thread(target=lambda: [p.unlink(missing_ok=True) for p in doomed],
+                                    name="checkpoint-prune", daemon=True)
+        _pruning.start()
 
 
-def verify(path, part=None):
-    """Problems found in a checkpoint file (empty when it is good).
+def wait_for_pruning():
+    """Wait until old checkpoints are deleted (before a process that saved ends)."""
+    if _pruning is not None:
+        _pruning.join()
 
-    Reads every dataset, or with ``part=(i, n)`` every n-th one starting at the i-th (so
-    that n ranks share the work).
-    """
+
+def _dataset_crcs(f, comm):
+    """``(path, stored crc32 or None, this rank's slab CRC, every rank's slab bytes)`` of each
+    dataset, each rank reading its rows (in chunks, the CRC overlapping the next read)."""
+    datasets = []
+    f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    pipeline = CrcPipeline(len(datasets))
+    layout = []
+    for i, (name, dset) in enumerate(datasets):
+        stored = int(dset.attrs["crc32"]) if "crc32" in dset.attrs else None
+        (lo, hi), counts = _rows(dset.shape[0] if dset.ndim else 1, comm)
+        if dset.ndim == 0:    # not written by granger-mpi, but must not stop a check
+            if lo < hi:
+                pipeline.feed(i, np.asarray(dset[()]))
+            layout.append((name, stored, [n * dset.dtype.itemsize for n in counts]))
+            continue
+        row_bytes = dset.dtype.itemsize * int(np.prod(dset.shape[1:], dtype=np.int64))
+        for a, b in chunks(hi - lo, row_bytes):
+            pipeline.feed(i, dset[lo + a:lo + b])
+        layout.append((name, stored, [n * row_bytes for n in counts]))
+    return [(name, stored, crc, nbytes) for (name, stored, nbytes), crc in zip(layout, pipeline.results())]
+
+
+def _problems(f, path, comm):
+    """What is wrong with an open checkpoint file (collective over ``comm``)."""
+    if f.attrs.get("format") != FORMAT:
+        return [f"{path}: not a granger-mpi checkpoint"]
+    if f.attrs.get("complete") != 1:
+        return [f"{path}: incomplete (the save did not finish)"]
+    found = _dataset_crcs(f, comm)
+    every = _gather_crcs(comm, [crc for _, _, crc, _ in found])
     problems = []
-    seen = [0]
+    for i, (name, stored, _, nbytes) in enumerate(found):
+        computed = combine(every[:, i], nbytes)
+        if stored is None:
+            problems.append(f"/{name}: no crc32 attribute")
+        elif computed != stored:
+            problems.append(f"/{name}: checksum mismatch (stored {stored}, computed {computed})")
+    return problems
+
+
+def verify(path, comm=None):
+    """Problems found in a checkpoint file (empty when it is good); needs no MPI.
+
+    With a ``comm`` (collective), each rank reads and checksums its share of every
+    dataset's rows and all get the same answer.
+    """
     try:
         with open_for_reading(path, "checkpoint") as f:
-            if f.attrs.get("format") != FORMAT:
-                return [f"{path}: not a granger-mpi checkpoint"]
-            if f.attrs.get("complete") != 1:
-                return [f"{path}: incomplete (the save did not finish)"]
-
-            def check(name, obj):
-                if isinstance(obj, h5py.Dataset):
-                    index = seen[0]
-                    seen[0] += 1
-                    if part is not None and index % part[1] != part[0]:
-                        return
-                    if "crc32" not in obj.attrs:
-                        problems.append(f"/{name}: no crc32 attribute")
-                    elif crc32(obj[...]) != int(obj.attrs["crc32"]):
-                        problems.append(f"/{name}: checksum mismatch (stored "
-                                        f"{int(obj.attrs['crc32'])}, computed {crc32(obj[...])})")
-            f.visititems(check)
+            return _problems(f, path, comm)
     except UserError as exc:
         return [str(exc)]
     except (OSError, KeyError, ValueError) as exc:
         return [f"{path}: unreadable ({exc})"]
-    return problems
+
+
+def _verify_together(comm, path):
+    """``verify`` by all ranks of ``comm``; a rank that cannot open the file must not leave
+    the others in the ``Allgather``, so opening is agreed first."""
+    try:
+        f = open_for_reading(path, "checkpoint")
+        opened = None
+    except UserError as exc:
+        f, opened = None, str(exc)
+    except (OSError, KeyError, ValueError) as exc:
+        f, opened = None, f"{path}: unreadable ({exc})"
+    if comm.allreduce(opened is not None, op=MPI.LOR):
+        if f is not None:
+            f.close()
+        return [opened or f"{path}: unreadable on another rank"]
+    with f:
+        return _problems(f, path, comm)
 
 
 def candidates(run_dir):

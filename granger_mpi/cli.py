@@ -216,7 +216,6 @@ def test_path_for(path):
 def cmd_import_dataset(args):
     """Convert .npz, .npy or .csv into a granger-mpi dataset (serial)."""
     from granger_mpi import importers
-    from granger_mpi.runtime import agree, say
     comm = _world()
     if comm.Get_rank() == 0:
         n_rows = importers.import_file(args.source, args.output, labels=args.labels,

@@ -137,7 +137,7 @@ def test_whole_host_loss_ends_the_job_and_restart_resumes_on_the_others(cluster,
                    output={"progress_interval_s": 0.0}, checkpoint={"every_steps": 50},
                    data=PER_STEP_READS)
     proc = start_training(cluster, job, log_dir)
-    lines = wait_for_line(proc, "step_00000200.h5 (step 200)", timeout=120)   # saved and verified
+    wait_for_line(proc, "step_00000200.h5 (step 200)", timeout=120)   # saved and verified
     victims = namespace_pids(cluster, 3)
     assert len(victims) >= 3, victims          # prted and two ranks
     killed = time.time()
