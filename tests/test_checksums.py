@@ -1,0 +1,36 @@
+"""CRC32 of slabs combined into the CRC of the whole, against zlib over the whole bytes."""
+
+import os
+import zlib
+
+import numpy as np
+
+from granger_mpi import checksums
+
+
+def test_crc32_combine_matches_zlib_of_the_concatenation():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a, b = os.urandom(int(rng.integers(0, 400))), os.urandom(int(rng.integers(0, 400)))
+        assert checksums.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def test_slabs_of_uneven_ranks_combine_to_the_whole_tensor():
+    tensor = np.random.default_rng(1).random((1001, 37)).astype(np.float32)
+    whole = zlib.crc32(tensor.view(np.uint8))
+    for ranks in (1, 2, 3, 7, 64):
+        slabs = np.array_split(tensor, ranks)     # some empty when ranks > rows would be
+        assert checksums.combine([checksums.crc32(s) for s in slabs],
+                                 [s.nbytes for s in slabs]) == whole
+
+
+def test_pipeline_chains_chunks_per_stream_in_a_helper_thread(monkeypatch):
+    monkeypatch.setattr(checksums, "CHUNK_BYTES", 1 << 20)
+    data = [np.random.default_rng(i).random(3_000_000).astype(np.float32) for i in range(2)]
+    pipeline = checksums.CrcPipeline(2)
+    ranges = checksums.chunks(data[0].size, data[0].itemsize)
+    assert len(ranges) == 12 and ranges[-1][1] == data[0].size
+    for lo, hi in ranges:
+        for i in (0, 1):
+            pipeline.feed(i, data[i][lo:hi])
+    assert pipeline.results() == [zlib.crc32(d.view(np.uint8)) for d in data]
