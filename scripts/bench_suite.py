@@ -224,8 +224,30 @@ def script(name):
     return run
 
 
+def checkpoint(tmp, args, cores):
+    """``scripts/bench-checkpoint``, and a chart of its CSVs: save and dd GB/s by size."""
+    caption, lines = script("bench-checkpoint")(tmp, args, cores)
+    fig, (ax,) = figure(1)
+    for ranks in (1, 2, 4):
+        with open(OUT / f"checkpoint_p{ranks}.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        sizes = sorted({float(r["mib"]) for r in rows})
+        def gbps(key):
+            return [size * 2**20 / 1e9 / statistics.median(float(r[key]) for r in rows
+                                                            if float(r["mib"]) == size) for size in sizes]
+        ax.plot(sizes, gbps("save_s"), marker="o", label=f"save, P = {ranks}")
+        if ranks == 1:
+            ax.plot(sizes, gbps("dd_s"), marker="s", color="black", linestyle="--",
+                    label="dd conv=fsync (P = 1 run)")
+    ax.set(xscale="log", xlabel="state, MiB", ylabel="GB/s",
+           title="checkpoint save (with verification) vs dd")
+    ax.legend()
+    fig.savefig(OUT / "suite_checkpoint.png")
+    return caption, lines
+
+
 RUNNERS = {"workers": workers, "data": data_scaling, "strategies": strategies,
-           "faults": script("bench-fault"), "checkpoint": script("bench-checkpoint")}
+           "faults": script("bench-fault"), "checkpoint": checkpoint}
 
 
 def update_performance(blocks, command):
