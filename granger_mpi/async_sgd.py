@@ -139,9 +139,8 @@ def _serve(comm, job, info, model, params, opt, steps, log):
     active = workers
     loss = accuracy = float("nan")
     classification = info.task == "classification"
-    metrics_file = metrics.MetricsFile(run_dir / "metrics.h5", job.output.metrics_flush_steps,
-                                       {"job": job.to_json(), "world_size": comm.Get_size(),
-                                        "strategy": "async"})
+    sinks = metrics.open_sinks(run_dir, job, {"job": job.to_json(), "world_size": comm.Get_size(),
+                                              "strategy": "async"})
     progress = metrics.Progress(steps * workers, job.output.progress_interval_s)
     last = time.perf_counter()
     try:
@@ -169,7 +168,7 @@ def _serve(comm, job, info, model, params, opt, steps, log):
                 lr = opt.step(params, grad, version)
                 version += 1
                 now = time.perf_counter()
-                metrics_file.step(dict(step=version - 1, epoch=int(header[EPOCH]), loss=loss,
+                sinks.step(dict(step=version - 1, epoch=int(header[EPOCH]), loss=loss,
                                        accuracy=np.nan if accuracy is None else accuracy,
                                        grad_norm=grad_norm, learning_rate=lr, step_time_s=now - last,
                                        samples_per_s=rows / max(now - last, 1e-12)))
@@ -182,7 +181,7 @@ def _serve(comm, job, info, model, params, opt, steps, log):
             receives[w] = comm.Irecv(inbox[w], source=w + 1, tag=TAG_PUSH)
         MPI.Request.Waitall(sends)
     finally:
-        metrics_file.close()
+        sinks.close()
     histogram = np.bincount(np.asarray(staleness_seen, np.int64), minlength=1)
     with h5py.File(run_dir / "metrics.h5", "a") as f:
         f.create_dataset("staleness", data=np.asarray(staleness_seen, np.int64))

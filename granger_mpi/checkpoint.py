@@ -17,10 +17,10 @@ Layout of ``RUN_DIR/ckpt/step_XXXXXXXX.h5`` (``h5ls -r`` and ``h5dump`` read it)
 How a save stays atomic (SCR, PyTorch DCP): every rank writes its rows of every tensor into
 ``step_XXXXXXXX.h5.tmp`` (independent writes into one file opened with the mpio driver;
 creating datasets and attributes is collective), checksumming them from memory as it goes
-(``checksums``); rank 0 then fsyncs it, renames it to its final name and fsyncs the
-directory; every rank reads its share of the file back and the checksums are verified;
-only then does ``latest`` point at it, and checkpoints beyond ``keep_last`` are deleted
-(in the background). A crash at any point leaves the previous good checkpoint in place; a
+(``checksums``); rank 0 then fsyncs it; every rank reads its share of the file back and
+the checksums are verified; only then is it renamed to its final name, ``latest`` pointed
+at it (both renames made durable by one fsync of the directory), and checkpoints beyond
+``keep_last`` deleted (in the background). A crash at any point leaves the previous good checkpoint in place; a
 torn or corrupt file is detected by its checksums and skipped by ``--resume auto``.
 """
 
@@ -165,40 +165,40 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
             tmp.unlink(missing_ok=True)
         raise
 
-    def publish():
+    def flush_to_disk():
         if rank == 0:
             try:
                 _fsync_path(tmp)
-                tmp.replace(final)
-                _fsync_path(directory)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise CheckpointError(f"checkpoint at step {state.step}: {describe_io_error(exc)}; "
                                       f"earlier checkpoints are untouched") from None
-    agree(comm, publish)
+    agree(comm, flush_to_disk)
 
-    if verify_after_write:
-        problems = _verify_together(comm, final)
+    if verify_after_write:    # before the rename: a file that fails never gets a final name
+        problems = _verify_together(comm, tmp)
 
         def check():
             if problems:
-                raise CheckpointError(f"checkpoint {final} failed verification after writing: "
+                raise CheckpointError(f"checkpoint {tmp} failed verification after writing: "
                                       f"{problems[0]}; earlier checkpoints are untouched")
         try:
             agree(comm, check)
         except UserError:
             if rank == 0:
-                final.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
             raise
 
-    def index():
+    def publish():
         if rank == 0:
             try:
+                tmp.replace(final)
                 _update_index(directory, state.step, keep_last)
             except OSError as exc:
-                raise CheckpointError(f"checkpoint {final} was written but the index "
-                                      f"{directory / 'latest'} was not: {describe_io_error(exc)}") from None
-    agree(comm, index)
+                raise CheckpointError(f"checkpoint {final} was written but not published "
+                                      f"({describe_io_error(exc)}); earlier checkpoints are "
+                                      f"untouched") from None
+    agree(comm, publish)
     return final
 
 

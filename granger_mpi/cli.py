@@ -87,7 +87,7 @@ def cmd_train(args):
     if result.stopped:
         return _leave(comm, result, EXIT_STOPPED)
     acc = "" if result.final_accuracy is None else f", accuracy {100 * result.final_accuracy:.2f}% (last batch)"
-    say(comm, f"done: {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.4f}{acc}")
+    say(comm, f"done: {result.steps} steps in {result.seconds:.2f} s, loss {result.final_loss:.4f}{acc}")
     if result.test_loss is not None:
         test_acc = "" if result.test_accuracy is None else f", accuracy {100 * result.test_accuracy:.2f}%"
         say(comm, f"test set {job.data.test_path}: loss {result.test_loss:.6f}{test_acc}")

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 
 from granger_mpi.errors import WriteError, describe_io_error
-from granger_mpi.reporters import Reporter
+from granger_mpi.reporters import Reporter, Reporters, extra_sinks
 from granger_mpi.timing import COLUMNS as TIMING_COLUMNS
 
 FIELDS = {  # name: dtype
@@ -123,6 +123,19 @@ class MetricsFile(Reporter):
                     self._file.close()
                 except (OSError, RuntimeError):
                     pass   # the flush above has already raised the error worth reporting
+
+
+def open_sinks(run_dir, job, attrs=None, resume_step=None):
+    """Rank 0's sinks as one ``Reporters``: ``metrics.h5`` (cut back to ``resume_step`` if
+    given) and the others the job asks for (``reporters.extra_sinks``)."""
+    sinks = [MetricsFile(run_dir / "metrics.h5", job.output.metrics_flush_steps, attrs,
+                         resume_step=resume_step)]
+    try:
+        sinks += extra_sinks(run_dir, job, resume_step)
+    except BaseException:
+        sinks[0].close()
+        raise
+    return Reporters(sinks)
 
 
 def format_duration(seconds):

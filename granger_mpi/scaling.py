@@ -203,6 +203,55 @@ def measured_training(ddp_csv):
     return {p: (statistics.median(v), min(v)) for p, v in by_ranks.items()}
 
 
+# scripts/bench's worker-scaling problem (docs/bench/suite_workers.csv).
+SUITE_SIZES, SUITE_BATCH = (64, 256, 10), 512
+
+
+def measured_scaling(suite_csv):
+    """{ranks: median seconds per step} of ``scripts/bench``'s worker scaling, or {}."""
+    try:
+        with open(suite_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return {}
+    return {int(r["ranks"]): SUITE_BATCH / float(r["samples_per_s"]) for r in rows}
+
+
+def scaling_errors(measured, fits, local, flops, cores):
+    """Lines comparing the model with the measured worker scaling.
+
+    Two terms are fitted to the points with a core per rank (P <= cores), by least squares:
+    a fixed cost per step (Python's per-step work: the loader's queue, the optimizer call,
+    metrics, status) and a factor on the kernel benchmark's compute time (the kernel runs
+    at another rate at this model's shapes). Points beyond the cores are predicted with
+    compute stretched by P / cores; they test the model, they were not fitted.
+    """
+    def parts(p):
+        fit = fits.get(f"allreduce_p{p}", local)
+        _, compute, comm, algorithm = predict_step(SUITE_SIZES, SUITE_BATCH, p, flops, fit.model)
+        return compute, comm, algorithm, fit.source
+
+    fitted = [p for p in sorted(measured) if p <= cores]
+    if not fitted:
+        return ["no measured point with P <= cores to fit the per-step terms to"]
+    design = np.array([[1.0, parts(p)[0]] for p in fitted])
+    target = np.array([measured[p] - parts(p)[1] for p in fitted])
+    (fixed, factor), *_ = np.linalg.lstsq(design, target, rcond=None)
+    if fixed < 0 or factor <= 0 or len(fitted) == 1:    # under-determined: compute as measured
+        fixed, factor = max(0.0, float(target[0] - design[0, 1])), 1.0
+    lines = [f"fitted at P = {', '.join(map(str, fitted))}: fixed {1e3 * fixed:.3f} ms per step, "
+             f"compute x {factor:.2f} of the kernel benchmark's time"]
+    for p, seconds in sorted(measured.items()):
+        compute, comm, algorithm, source = parts(p)
+        shared = max(1.0, p / cores)    # ranks beyond the cores take turns: compute stretches
+        step = (fixed + factor * compute) * shared + comm
+        lines.append(f"  P={p:<3} measured {1e3 * seconds:8.3f} ms/step; model {1e3 * step:8.3f} "
+                     f"(fixed+compute {1e3 * (fixed + factor * compute) * shared:.3f}, {algorithm} "
+                     f"{1e3 * comm:.3f}, {source}){'' if p <= cores else ' predicted'}; error "
+                     f"{100 * (step - seconds) / seconds:+.0f}%")
+    return lines
+
+
 def _rate(seconds_per_byte):
     """``x.xx GB/s``; a zero fitted cost means the data could not resolve it."""
     return f"{1 / seconds_per_byte / 1e9:.2f} GB/s" if seconds_per_byte > 0 else "unresolved"
@@ -254,6 +303,13 @@ def report(bench_dir, sizes, global_batch, ranks, networks, per_rank_batch, read
                          f"(compute{' + reads' if read_s_per_row else ''} {1e3 * compute * shared:.3f}"
                          f"{f' with {p} ranks on {cores} cores' if shared > 1 else ''}, {algorithm} "
                          f"{1e3 * comm:.3f}); error {errors[0]:+.0f}% vs median, {errors[1]:+.0f}% vs fastest")
+    suite_csv = bench_dir / "suite_workers.csv"
+    measured = measured_scaling(suite_csv)
+    if measured:
+        lines += ["", f"measured worker scaling ({suite_csv}, scripts/bench: "
+                      f"{','.join(map(str, SUITE_SIZES))}, global batch {SUITE_BATCH}, median samples/s) "
+                      f"against the model:"]
+        lines += scaling_errors(measured, fits, local, flops, len(os.sched_getaffinity(0)))
     for name in networks:
         if name == "local":
             model, label = local.model, f"this machine ({local.source})"

@@ -21,8 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import (checkpoint, collectives, dataset, faults, metrics, modelfile, models,
-                         reporters, timing,
-                         optimizer, partition, status, threads, zero)
+                         optimizer, partition, status, threads, timing, zero)
 from granger_mpi.errors import UserError
 from granger_mpi.kernels import checks
 from granger_mpi.runtime import agree, bcast_text
@@ -210,31 +209,18 @@ def fault_mode(comm, job, log):
     return ulfm
 
 
-def _open_reporters(run_dir, job, attrs, resume_step):
-    """Rank 0's sinks: ``metrics.h5`` (cut back to ``resume_step`` if given) and the others
-    the job asks for (``reporters.extra_sinks``)."""
-    sinks = [metrics.MetricsFile(run_dir / "metrics.h5", job.output.metrics_flush_steps, attrs,
-                                 resume_step=resume_step)]
-    try:
-        sinks += reporters.extra_sinks(run_dir, job, resume_step)
-    except BaseException:
-        sinks[0].close()
-        raise
-    return reporters.Reporters(sinks)
-
-
 def _reopen_reporters(run_dir, job, resume_step, log):
     """The sinks after a failure, cut back to ``resume_step``; if the old rank 0 died while
     writing ``metrics.h5`` and left it unreadable, it is kept aside and a new one started."""
     path = run_dir / "metrics.h5"
     try:
-        return _open_reporters(run_dir, job, None, resume_step)
+        return metrics.open_sinks(run_dir, job, None, resume_step)
     except (OSError, RuntimeError, KeyError) as exc:
         aside = path.with_name(f"metrics.damaged-{int(time.time())}.h5")
         path.replace(aside)
         log(f"metrics file {path} unreadable after the failure ({exc}); kept as {aside}, "
             f"starting a new one at step {resume_step}")
-        return _open_reporters(run_dir, job, None, None)
+        return metrics.open_sinks(run_dir, job, None, None)
 
 
 def _recover(comm, completed, params, opt_state, before, idents):
@@ -401,14 +387,14 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
     try:
         injector = faults.Injector(injections, rank)
 
-        metrics_file = progress = None
+        sinks = progress = None
 
         def open_outputs():
             if rank == 0:
                 (run_dir / "job.toml").write_text(job.text)
-                return _open_reporters(run_dir, job, {"job": job.to_json(), "world_size": size},
+                return metrics.open_sinks(run_dir, job, {"job": job.to_json(), "world_size": size},
                                        state.step if source else None)
-        metrics_file = agree(comm, open_outputs)    # a user's reporter may fail: all ranks stop
+        sinks = agree(comm, open_outputs)    # rank 0's Reporters; a user's may fail: all stop
         if rank == 0:
             progress = metrics.Progress(total_steps - state.step, job.output.progress_interval_s)
             log(f"training {model.kind} {list(model.sizes)} ({n_params:,} parameters) on "
@@ -448,7 +434,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             rest of the epoch re-split among the survivors. Returns why the run must stop now
             (the [fault] limits), or None to carry on."""
             nonlocal comm, rank, size, idents, completed, generation, stream, batches
-            nonlocal metrics_file, progress, algorithm, pending_event
+            nonlocal sinks, progress, algorithm, pending_event
             detected, entered = time.time(), rank_status.since
             rank_status.set(status.RECOVERING, note=f"rank failure during {where}")
             old_size = size
@@ -467,9 +453,9 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                     f"(world ranks {gone}); {size} continue from step {completed} "
                     f"(revoke+shrink+agree {recovery_s:.3f} s)")
             if rank == 0 and stream is not None:    # still training: metrics go on
-                if metrics_file is not None:
-                    metrics_file.close()
-                metrics_file = _reopen_reporters(run_dir, job, completed, log)
+                if sinks is not None:
+                    sinks.close()
+                sinks = _reopen_reporters(run_dir, job, completed, log)
                 progress = progress or metrics.Progress(total_steps - completed,
                                                         job.output.progress_interval_s)
             pending_event = dict(time=detected, step=completed, kind=f"rank failure ({where})",
@@ -519,8 +505,8 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                     f"saving a checkpoint at step {completed}; continue with --resume auto"
                     if fault.on_limit == "stop" else "continue with --resume auto"))
             if fault.on_limit == "stop":
-                if metrics_file is not None:
-                    metrics_file.flush()
+                if sinks is not None:
+                    sinks.flush()
                 save(completed)
 
         timer = timing.PhaseTimer()
@@ -529,7 +515,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             """Every ``timing_every_steps`` steps and at the end: the window's per-rank split."""
             window = timer.gather(comm, idents, len(hosts))
             if window is not None:
-                metrics_file.timings({"step": done - 1, **window})
+                sinks.timings({"step": done - 1, **window})
 
         try:
             timer.start()
@@ -600,7 +586,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                 accuracy = float(stats[CORRECT]) if classification else None
                 if rank == 0:
                     step_time = time.perf_counter() - t0
-                    metrics_file.step(dict(step=step_index, epoch=epoch, loss=loss,
+                    sinks.step(dict(step=step_index, epoch=epoch, loss=loss,
                                            accuracy=np.nan if accuracy is None else accuracy,
                                            grad_norm=grad_norm, learning_rate=lr, step_time_s=step_time,
                                            samples_per_s=batch_len / max(step_time, 1e-12)))
@@ -611,7 +597,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                 if pending_event is not None:
                     if rank == 0:
                         pending_event["first_step_s"] = time.time() - pending_event["time"]
-                        metrics_file.event(pending_event)
+                        sinks.event(pending_event)
                         log(f"first step after the failure completed {pending_event['first_step_s']:.3f} s "
                             f"after it was detected")
                     pending_event = None
@@ -622,8 +608,8 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                         break
                 periodic = ckpt.every_steps is not None and done % ckpt.every_steps == 0
                 if (stats[SAVE] > 0 or stats[STOP] > 0 or periodic) and done < total_steps:
-                    if metrics_file is not None:
-                        metrics_file.flush()
+                    if sinks is not None:
+                        sinks.flush()
                     _, limit_reason = guarded(
                         lambda: save(done, injector.checkpoint_hook(done)), "a checkpoint")
                     if limit_reason:
@@ -641,9 +627,9 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             stream = None
             if row_log is not None:
                 row_log.close()
-            if metrics_file is not None:
-                metrics_file.close()
-                metrics_file = None
+            if sinks is not None:
+                sinks.close()
+                sinks = None
 
         def finish():
             check_replicas_identical(comm, params, "parameters at the end of training")
