@@ -237,7 +237,9 @@ def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     if slabs:   # where this rank's shard starts in the flat datasets (before any write can fail)
         offsets = np.cumsum([0] + comm.allgather(slabs[0][1].size))
         start = int(offsets[comm.Get_rank()])
-    pipeline = CrcPipeline(len(datasets) + len(slab_datasets))
+    mine = sum(array[lo:hi].nbytes for _, array in tensors
+               for lo, hi in [_rows(array.shape[0], comm)[0]]) + sum(slab.nbytes for _, slab in slabs)
+    pipeline = CrcPipeline(len(datasets) + len(slab_datasets), mine)
     failed = None
     try:
         for i, (dset, (_, array)) in enumerate(zip(datasets, tensors)):
@@ -303,7 +305,8 @@ def _dataset_crcs(f, comm):
     dataset, each rank reading its rows (in chunks, the CRC overlapping the next read)."""
     datasets = []
     f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
-    pipeline = CrcPipeline(len(datasets))
+    share = 1 if comm is None else comm.Get_size()
+    pipeline = CrcPipeline(len(datasets), sum(dset.nbytes for _, dset in datasets) // share)
     layout = []
     for i, (name, dset) in enumerate(datasets):
         stored = int(dset.attrs["crc32"]) if "crc32" in dset.attrs else None

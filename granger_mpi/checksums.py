@@ -11,6 +11,7 @@ cheap enough to sit on the save path:
   overlaps the HDF5 I/O instead of following it.
 """
 
+import functools
 import threading
 import zlib
 from queue import SimpleQueue
@@ -18,6 +19,7 @@ from queue import SimpleQueue
 import numpy as np
 
 CHUNK_BYTES = 16 << 20      # the unit of overlap between I/O and CRC
+THREAD_BYTES = 8 << 20      # below this much in all, the helper thread costs more than it saves
 _POLY = 0xEDB88320          # CRC-32 (reflected), as in zlib
 
 
@@ -43,15 +45,21 @@ for _ in range(31):
     _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
 
 
-def crc32_combine(crc1, crc2, len2):
-    """CRC32 of A + B from ``crc1`` = CRC32(A), ``crc2`` = CRC32(B) and ``len2`` = len(B)."""
-    p, k, n = 1 << 31, 3, len2     # x^(8 * len2): k = 3 is the factor 8
+@functools.lru_cache(maxsize=1024)
+def _shift(nbytes):
+    """x^(8 * nbytes) modulo the polynomial (the same slab lengths recur every save)."""
+    p, k, n = 1 << 31, 3, nbytes     # k = 3 is the factor 8
     while n:
         if n & 1:
             p = _multmodp(_X2N[k & 31], p)
         n >>= 1
         k += 1
-    return _multmodp(p, crc1) ^ crc2
+    return p
+
+
+def crc32_combine(crc1, crc2, len2):
+    """CRC32 of A + B from ``crc1`` = CRC32(A), ``crc2`` = CRC32(B) and ``len2`` = len(B)."""
+    return _multmodp(_shift(len2), crc1) ^ crc2
 
 
 def combine(slab_crcs, slab_bytes):
@@ -72,15 +80,18 @@ class CrcPipeline:
     """CRC32s of several byte streams, computed in a helper thread as chunks are fed.
 
     ``feed(i, chunk)`` adds the next chunk of stream ``i`` (the array must not change until
-    ``results()`` returns); ``results()`` waits and returns one CRC per stream.
+    ``results()`` returns); ``results()`` waits and returns one CRC per stream. With less
+    than ``THREAD_BYTES`` in all (``total_bytes``), chunks are checksummed as they are fed.
     """
 
-    def __init__(self, streams):
+    def __init__(self, streams, total_bytes):
         self._crcs = [0] * streams
         self._queue = SimpleQueue()
         self._error = None
-        self._thread = threading.Thread(target=self._work, name="crc32", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if total_bytes >= THREAD_BYTES:
+            self._thread = threading.Thread(target=self._work, name="crc32", daemon=True)
+            self._thread.start()
 
     def _work(self):
         while (item := self._queue.get()) is not None:
@@ -92,11 +103,15 @@ class CrcPipeline:
                 self._error = exc
 
     def feed(self, index, chunk):
-        self._queue.put((index, chunk))
+        if self._thread is None:
+            self._crcs[index] = zlib.crc32(np.ascontiguousarray(chunk).view(np.uint8), self._crcs[index])
+        else:
+            self._queue.put((index, chunk))
 
     def results(self):
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
         if self._error is not None:
             raise self._error
         return list(self._crcs)

@@ -27,10 +27,20 @@ def test_slabs_of_uneven_ranks_combine_to_the_whole_tensor():
 def test_pipeline_chains_chunks_per_stream_in_a_helper_thread(monkeypatch):
     monkeypatch.setattr(checksums, "CHUNK_BYTES", 1 << 20)
     data = [np.random.default_rng(i).random(3_000_000).astype(np.float32) for i in range(2)]
-    pipeline = checksums.CrcPipeline(2)
+    pipeline = checksums.CrcPipeline(2, checksums.THREAD_BYTES)
+    assert pipeline._thread is not None
     ranges = checksums.chunks(data[0].size, data[0].itemsize)
     assert len(ranges) == 12 and ranges[-1][1] == data[0].size
     for lo, hi in ranges:
         for i in (0, 1):
             pipeline.feed(i, data[i][lo:hi])
     assert pipeline.results() == [zlib.crc32(d.view(np.uint8)) for d in data]
+
+
+def test_small_totals_are_checksummed_inline_with_the_same_result():
+    data = np.arange(1000, dtype=np.float32)
+    pipeline = checksums.CrcPipeline(1, data.nbytes)
+    assert pipeline._thread is None
+    for lo, hi in ((0, 10), (10, 999), (999, 1000)):
+        pipeline.feed(0, data[lo:hi])
+    assert pipeline.results() == [zlib.crc32(data.view(np.uint8))]
