@@ -104,7 +104,8 @@ def _fsync_path(path):
 
 def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attrs=None,
          verify_after_write=True, on_written=None, single_writer=False):
-    """Write ``state`` as a new checkpoint; collective over ``comm``. Returns its path.
+    """Write ``state`` as a new checkpoint; collective over ``comm`` (None: this process
+    alone, with serial HDF5 and no MPI call, as ``AsyncSaver``'s thread). Returns its path.
 
     ``verify_after_write`` reads the file back and checks every checksum before ``latest``
     points at it (about 30% of the save's time; the checksums are checked on every load
@@ -123,7 +124,8 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     directory = checkpoint_dir(run_dir)
     final = directory / file_name(state.step)
     tmp = final.with_name(final.name + ".tmp")
-    rank, size = comm.Get_rank(), comm.Get_size()
+    rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
+    single_writer = single_writer or comm is None
     tensors = _tensors(model, state)
     slabs = []   # (dataset path, this rank's slab); sharded optimizer state only
     if state.optimizer_shard is not None:
@@ -133,7 +135,7 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
         if rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
             wait_for_pruning()
-    agree(comm, prepare)
+    _agree(comm, prepare)
     attrs = {"format": FORMAT, "step": state.step, "epoch": state.epoch,
              "step_in_epoch": state.step_in_epoch, "world_size": size, "seed": seed,
              "model": json.dumps(model.spec()), "job": job_json,
@@ -144,13 +146,13 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
         if not single_writer:
             with h5py.File(tmp, "w", driver="mpio", comm=comm) as f:
                 failed = _write(f, comm, tensors, attrs, on_written, slabs, state.params.size)
-                if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
-                    failed = OSError(28, "No space left on device")
         elif rank == 0:
             with h5py.File(tmp, "w") as f:
                 failed = _write(f, None, tensors, attrs, on_written)
         elif on_written is not None:
             on_written()
+        if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == (0 if single_writer else size - 1):
+            failed = OSError(28, "No space left on device")
     except (OSError, RuntimeError) as exc:
         failed = failed or exc
     def report_write():
@@ -159,7 +161,7 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
                                   f"{tmp} ({describe_io_error(failed)}); earlier checkpoints "
                                   f"are untouched")
     try:
-        agree(comm, report_write)
+        _agree(comm, report_write)
     except UserError:
         if rank == 0:
             tmp.unlink(missing_ok=True)
@@ -173,17 +175,17 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
                 tmp.unlink(missing_ok=True)
                 raise CheckpointError(f"checkpoint at step {state.step}: {describe_io_error(exc)}; "
                                       f"earlier checkpoints are untouched") from None
-    agree(comm, flush_to_disk)
+    _agree(comm, flush_to_disk)
 
     if verify_after_write:    # before the rename: a file that fails never gets a final name
-        problems = _verify_together(comm, tmp)
+        problems = verify(tmp) if comm is None else _verify_together(comm, tmp)
 
         def check():
             if problems:
                 raise CheckpointError(f"checkpoint {tmp} failed verification after writing: "
                                       f"{problems[0]}; earlier checkpoints are untouched")
         try:
-            agree(comm, check)
+            _agree(comm, check)
         except UserError:
             if rank == 0:
                 tmp.unlink(missing_ok=True)
@@ -198,8 +200,65 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
                 raise CheckpointError(f"checkpoint {final} was written but not published "
                                       f"({describe_io_error(exc)}); earlier checkpoints are "
                                       f"untouched") from None
-    agree(comm, publish)
+    _agree(comm, publish)
     return final
+
+
+def _agree(comm, fn):
+    """``agree`` over ``comm``; with no communicator, just ``fn()``."""
+    return fn() if comm is None else agree(comm, fn)
+
+
+class AsyncSaver:
+    """One checkpoint at a time written in the background from a copy of the state
+    (``[checkpoint].async_write``), so training goes on while it is written.
+
+    Rank 0's helper thread writes the whole file with serial HDF5 and no MPI call (the
+    state is the same on every rank), then fsyncs, verifies and publishes it exactly as
+    ``save``. A crash meanwhile leaves a ``.tmp`` file and the previous good checkpoint.
+    ``wait`` (collective) ends the save in flight and agrees on its outcome; it is called
+    before the next save and at the end of training, so a failure is raised there.
+    """
+
+    def __init__(self):
+        self.step = None          # the step of the save in flight, on every rank
+        self._thread = None
+        self._failure = None
+
+    def start(self, comm, run_dir, model, state, **save_args):
+        """Hand a copy of ``state`` to the writer (rank 0); returns at once on every rank."""
+        self.step, self._run_dir, self._failure = state.step, run_dir, None
+        if comm.Get_rank() != 0:
+            return
+        snapshot = TrainState(state.params.copy(), state.optimizer_state.copy(), state.step,
+                              state.epoch, state.step_in_epoch, state.optimizer_slots)
+
+        def write():
+            try:
+                save(None, run_dir, model, snapshot, **save_args)
+            except Exception as exc:    # noqa: BLE001 - handed to every rank by wait()
+                self._failure = exc
+        self._thread = threading.Thread(target=write, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self, comm):
+        """Collective: the path of the save in flight once it is published (None if there
+        was none); ``CheckpointError`` on every rank if it failed."""
+        if self.step is None:
+            return None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        step, self.step = self.step, None
+
+        def outcome():
+            if isinstance(self._failure, UserError):
+                raise self._failure
+            if self._failure is not None:
+                raise CheckpointError(f"background checkpoint at step {step} failed: "
+                                      f"{describe_io_error(self._failure)}")
+        _agree(comm, outcome)
+        return checkpoint_dir(self._run_dir) / file_name(step)
 
 
 def _rows(length, comm):

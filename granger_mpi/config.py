@@ -148,6 +148,9 @@ class CheckpointConfig:
     keep_last: int = _spec(3, kind=int, min=1)
     at_end: bool = _spec(True, kind=bool)
     verify_after_write: bool = _spec(True, kind=bool)
+    # Periodic and SIGUSR1 saves written in the background from a copy of the state (rank 0,
+    # serial HDF5) while training goes on; not with a sharded optimizer or under ULFM.
+    async_write: bool = _spec(False, kind=bool)
 
 
 @dataclass(frozen=True, kw_only=True)

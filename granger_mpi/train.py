@@ -481,23 +481,41 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                     if reason:
                         return None, reason
 
-        def save(next_index, on_written=None):
+        writer = checkpoint.AsyncSaver()
+
+        def finish_background_save():
+            """Wait for the checkpoint being written in the background, if any."""
+            nonlocal saved
+            step = writer.step
+            path = writer.wait(comm)
+            if path is not None:
+                saved = path
+                if rank == 0:
+                    log(f"checkpoint {saved} (step {step}, written in the background)")
+
+        def save(next_index, on_written=None, background=False):
             nonlocal saved, last_save
             rank_status.set(status.CHECKPOINTING, note=f"checkpoint at step {next_index}")
             # A USR1 that reached this rank a step later than the others is served by this
             # save too; left set, it would ask for a second checkpoint at the next step.
             requests.save = False
+            finish_background_save()    # one in flight at most, published in step order
             position = checkpoint.TrainState(params, opt_state, next_index, next_index // per_epoch,
                                              next_index % per_epoch, opt.slots, shard)
-            saved = checkpoint.save(comm, run_dir, model, position, job_json=job.to_json(),
-                                    seed=job.train.seed, keep_last=ckpt.keep_last,
-                                    extra_attrs={"n_rows": info.n_rows},
-                                    verify_after_write=ckpt.verify_after_write,
-                                    on_written=on_written, single_writer=ulfm)
+            save_args = dict(job_json=job.to_json(), seed=job.train.seed, keep_last=ckpt.keep_last,
+                             extra_attrs={"n_rows": info.n_rows, "world_size": size},
+                             verify_after_write=ckpt.verify_after_write)
+            if background and ckpt.async_write and not (sharded or ulfm):
+                if on_written is not None:
+                    on_written()
+                writer.start(comm, run_dir, model, position, **save_args)
+            else:
+                saved = checkpoint.save(comm, run_dir, model, position, on_written=on_written,
+                                        single_writer=ulfm, **save_args)
+                if rank == 0:
+                    log(f"checkpoint {saved} (step {next_index})")
             last_save = time.perf_counter()
             timer.lap(timing.CHECKPOINT)
-            if rank == 0:
-                log(f"checkpoint {saved} (step {next_index})")
 
         def stop_past_limits(reason):
             if rank == 0:
@@ -611,7 +629,8 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                     if sinks is not None:
                         sinks.flush()
                     _, limit_reason = guarded(
-                        lambda: save(done, injector.checkpoint_hook(done)), "a checkpoint")
+                        lambda: save(done, injector.checkpoint_hook(done), background=stats[STOP] == 0),
+                        "a checkpoint")
                     if limit_reason:
                         break
                 if stats[STOP] > 0 and done < total_steps:
@@ -630,6 +649,8 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             if sinks is not None:
                 sinks.close()
                 sinks = None
+
+        finish_background_save()
 
         def finish():
             check_replicas_identical(comm, params, "parameters at the end of training")

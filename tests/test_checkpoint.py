@@ -281,6 +281,42 @@ def test_a_failed_write_on_one_rank_fails_the_save_on_all(small_dataset, tmp_pat
     assert granger("inspect", run_dir / "ckpt" / "step_00000010.h5", "--verify").returncode == 0
 
 
+def test_background_checkpoints_resume_bitwise_identical(straight, small_dataset, tmp_path):
+    """[checkpoint].async_write: saves at 10, 20, 30 written by rank 0's writer thread while
+    training goes on; a resume from them ends bit-identical to an uninterrupted run."""
+    run_dir = tmp_path / "run"
+    first = mpirun(2, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
+                                        train={"max_steps": 37},
+                                        checkpoint={"every_steps": 10, "async_write": True}),
+                   timeout=120)
+    assert first.returncode == 0, first.output
+    for step in (10, 20, 30):
+        assert f"step_{step:08d}.h5 (step {step}, written in the background)" in first.stdout
+    assert "step_00000037.h5 (step 37)" in first.stdout       # the end of a run waits for its save
+    for name in ("step_00000020.h5", "step_00000030.h5", "step_00000037.h5"):
+        assert granger("inspect", run_dir / "ckpt" / name, "--verify").returncode == 0
+    with h5py.File(run_dir / "ckpt" / "step_00000030.h5", "r") as f:
+        assert f.attrs["world_size"] == 2
+    second = mpirun(2, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir),
+                    "--resume", run_dir / "ckpt" / "step_00000030.h5", timeout=120)
+    assert second.returncode == 0, second.output
+    assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(straight[2]))
+
+
+def test_a_failed_background_save_fails_the_run_at_the_next_save(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir,
+                   checkpoint={"every_steps": 10, "async_write": True})
+    run = mpirun(2, "train", job, timeout=120, env={"GRANGER_TEST_ENOSPC_IN_CHECKPOINT": "20"})
+    assert run.returncode == 1, run.output
+    errors = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]
+    assert len(errors) == 1, run.output
+    assert "checkpoint at step 20 could not be written" in errors[0]
+    assert "No space left on device" in errors[0]
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", "step_00000010.h5"]
+    assert json.loads((run_dir / "ckpt" / "latest").read_text())["step"] == 10
+
+
 def test_stop_file_saves_and_stops_then_resume_finishes_identically(straight, small_dataset, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
