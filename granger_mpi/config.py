@@ -120,7 +120,7 @@ class OutputConfig:
     """``[output]``: where results go and how often progress is printed.
 
     ``timing_every_steps``: how often each rank's time split (data, compute, communication,
-    checkpoint, wait) is gathered into ``metrics.h5``. Besides ``metrics.h5``: ``jsonl``
+    checkpoint, other, wait) is gathered into ``metrics.h5``. Besides ``metrics.h5``: ``jsonl``
     writes ``RUN_DIR/metrics.jsonl``, ``http_url`` POSTs the same lines there, and
     ``reporters`` names your own sinks as ``"package.module:factory"`` (see
     ``granger_mpi.reporters``).

@@ -23,7 +23,7 @@ SMOOTH_COLOR = "#08519c"
 NOT_RECORDED = ("per-rank time breakdown: this run recorded no timing windows (metrics.h5 "
                 "group 'ranks'; async runs and runs of older versions have none)")
 BREAKDOWN_COLORS = {"data": "#9467bd", "compute": "#2ca02c", "transfer": "#1f77b4",
-                    "wait": "#ff7f0e", "checkpoint": "#8c564b"}
+                    "wait": "#ff7f0e", "checkpoint": "#8c564b", "other": "#7f7f7f"}
 TIME_AXIS_NOTE = ("training time = cumulative step_time_s of rank 0; time spent in "
                   "checkpoints, recoveries and the final evaluation is not included")
 
@@ -169,7 +169,7 @@ def _breakdown(record, path):
     # Per rank, ms per step over the whole run; communication split into moving bytes and
     # waiting for the slowest rank (wait = comm - least comm of any rank in the window).
     parts = {"data": t["data_s"], "compute": t["compute_s"], "transfer": t["comm_s"] - t["wait_s"],
-             "wait": t["wait_s"], "checkpoint": t["checkpoint_s"]}
+             "wait": t["wait_s"], "checkpoint": t["checkpoint_s"], "other": t["other_s"]}
     per_rank = {name: 1000 * np.nansum(values, axis=0) / max(total_steps, 1)
                 for name, values in parts.items()}
     ranks = np.arange(t["comm_s"].shape[1])
@@ -183,7 +183,7 @@ def _breakdown(record, path):
     axes[0].set_ylabel("ms per step")
     axes[0].set_title(f"where each rank's time went ({total_steps:,.0f} steps, "
                       f"{len(t['step'])} windows)")
-    axes[0].legend(fontsize=8, ncol=5, loc="upper right")
+    axes[0].legend(fontsize=8, ncol=6, loc="upper right")
     for r in ranks:
         axes[1].plot(t["step"], 1000 * t["wait_s"][:, r] / steps[:, 0], marker=".", label=f"rank {r}")
     _mark_events(axes[1:], [e["step"] for e in record.events], record.events)
@@ -234,8 +234,9 @@ def write_plots(record, out_dir):
     if record.timings and len(record.timings["step"]):
         charts.append(Chart("time_per_rank.png", "Time per rank",
                             "each rank's milliseconds per step in data loading, compute, "
-                            "communication (moving bytes, and waiting for the slowest rank) "
-                            "and checkpoints; below, the wait per window" + events_note))
+                            "communication (moving bytes, and waiting for the slowest rank), "
+                            "checkpoints and the rest (metrics, progress, status); below, the "
+                            "wait per window" + events_note))
         _breakdown(record, out_dir / charts[-1].file_name)
     lines = [f"charts of {record.run_dir} ({record.steps:,} steps)", ""]
     lines += [f"{c.file_name}: {c.description}" for c in charts]

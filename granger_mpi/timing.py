@@ -1,4 +1,5 @@
-"""Where each rank's time goes: data, compute, communication, checkpoint, and waiting.
+"""Where each rank's time goes: data, compute, communication, checkpoint, the rest, and
+waiting.
 
 Every rank adds up its own seconds per phase; every ``[output].timing_every_steps`` steps
 (and at the end) one ``Gather`` brings the window's totals to rank 0, which records them
@@ -15,8 +16,9 @@ import time
 
 import numpy as np
 
-PHASES = ("data", "compute", "comm", "checkpoint")
-DATA, COMPUTE, COMM, CHECKPOINT = range(len(PHASES))
+# other: rank 0's metrics and progress line, status updates, the timing report itself.
+PHASES = ("data", "compute", "comm", "checkpoint", "other")
+DATA, COMPUTE, COMM, CHECKPOINT, OTHER = range(len(PHASES))
 # Written to metrics.h5 (group ``ranks``) and to reporters, in seconds per window.
 COLUMNS = tuple(f"{phase}_s" for phase in PHASES) + ("wait_s",)
 

@@ -538,6 +538,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
         try:
             timer.start()
             while True:
+                timer.lap(timing.OTHER)    # the previous step's bookkeeping
                 try:
                     epoch, step, batch_len, rows, X, y = next(batches)
                 except StopIteration:
