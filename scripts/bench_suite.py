@@ -112,6 +112,17 @@ def repeat(reps, fn, **labels):
     return row
 
 
+def text_table(rows, first, middle=()):
+    """Aligned lines: the ``first`` and ``middle`` columns, then throughput, wall time and
+    accuracy; a column is ``(header, width, format of a row)``."""
+    columns = [first, ("samples/s", 11, lambda r: f"{r['samples_per_s']:,.0f}"),
+               ("min", 9, lambda r: f"{r['min']:,.0f}"), ("max", 9, lambda r: f"{r['max']:,.0f}"),
+               *middle, ("wall s", 7, lambda r: f"{r['wall_s']:.1f}"),
+               ("test acc", 8, lambda r: f"{r['test_accuracy']:.1f}%")]
+    return [" ".join(f"{header:>{width}}" for header, width, _ in columns)] + \
+        [" ".join(f"{fmt(r):>{width}}" for _, width, fmt in columns) for r in rows]
+
+
 def write_csv(rows, path):
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -157,13 +168,11 @@ def workers(tmp, args, cores):
     eff.set(xscale="log", xlabel="ranks P", ylabel="efficiency vs P = 1", ylim=(0, 1.2))
     eff.set_xticks(ranks, [str(p) for p in ranks])
     fig.savefig(OUT / "suite_workers.png")
-    table = [f"{'P':>3} {'samples/s':>11} {'min':>9} {'max':>9} {'efficiency':>10} {'wall s':>7} "
-             f"{'test acc':>8}"]
-    table += [f"{r['ranks']:>3} {r['samples_per_s']:>11,.0f} {r['min']:>9,.0f} {r['max']:>9,.0f} "
-              f"{r['efficiency']:>10.2f} {r['wall_s']:>7.1f} {r['test_accuracy']:>7.1f}%" for r in rows]
+    table = text_table(rows, ("P", 3, lambda r: str(r["ranks"])),
+                       [("efficiency", 10, lambda r: f"{r['efficiency']:.2f}")])
     return (f"Worker scaling: {PROBLEM}, 3 epochs (384 steps), allreduce auto, "
-            f"P = {', '.join(map(str, args.ranks))} on {cores} cores (P > {cores} oversubscribed). Efficiency = throughput / (P x "
-            f"throughput at P = 1).", table)
+            f"P = {', '.join(map(str, args.ranks))} on {cores} cores (P > {cores} oversubscribed). "
+            f"Efficiency = throughput / (P x throughput at P = 1).", table)
 
 
 def data_scaling(tmp, args, cores):
@@ -182,10 +191,8 @@ def data_scaling(tmp, args, cores):
     wall.plot(sizes, [r["wall_s"] for r in rows], marker="o")
     wall.set(xscale="log", yscale="log", xlabel="rows", ylabel="wall seconds (with start-up)")
     fig.savefig(OUT / "suite_data.png")
-    table = [f"{'rows':>9} {'epochs':>6} {'samples/s':>11} {'min':>9} {'max':>9} {'wall s':>7} "
-             f"{'test acc':>8}"]
-    table += [f"{r['rows']:>9,} {r['epochs']:>6} {r['samples_per_s']:>11,.0f} {r['min']:>9,.0f} "
-              f"{r['max']:>9,.0f} {r['wall_s']:>7.1f} {r['test_accuracy']:>7.1f}%" for r in rows]
+    table = text_table(rows, ("rows", 9, lambda r: f"{r['rows']:,}"),
+                       [("epochs", 6, lambda r: str(r["epochs"]))])
     return (f"Data scaling: P = 2, the same problem at other sizes, 1 epoch (small sets: "
             f"enough epochs for {MIN_STEPS} steps); throughput excludes start-up, wall time "
             f"includes it.", table)
@@ -204,9 +211,7 @@ def strategies(tmp, args, cores):
     ax.bar([r["strategy"] for r in rows], rate, yerr=spread, capsize=3)
     ax.set(ylabel="samples/s", title="strategies at P = 4 (async: 1 server + 3 workers)")
     fig.savefig(OUT / "suite_strategies.png")
-    table = [f"{'strategy':>12} {'samples/s':>11} {'min':>9} {'max':>9} {'wall s':>7} {'test acc':>8}"]
-    table += [f"{r['strategy']:>12} {r['samples_per_s']:>11,.0f} {r['min']:>9,.0f} {r['max']:>9,.0f} "
-              f"{r['wall_s']:>7.1f} {r['test_accuracy']:>7.1f}%" for r in rows]
+    table = text_table(rows, ("strategy", 12, lambda r: r["strategy"]))
     return ("Strategies at P = 4 on the worker-scaling problem: the allreduce algorithms "
             "(hierarchical with emulated nodes of 2 ranks) and the asynchronous parameter "
             "server (rank 0 serves, 3 workers; its samples/s is the server's update rate times "
