@@ -347,7 +347,7 @@ def build_parser():
                         "(jobs/train.sbatch keys it by the Slurm job name)")
     p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
                    help="make a rank fail on purpose, for tests and demos (repeatable): "
-                        "rank=R,step=S[,mode=exit|kill9|hang|slow][,at=compute|allreduce|checkpoint]"
+                        "rank=R,step=S[,mode=exit|kill9|hang|slow][,at=compute|allreduce|checkpoint|report]"
                         "[,seconds=T]; R is the rank in MPI_COMM_WORLD, S the step index (for "
                         "at=checkpoint the checkpoint of S completed steps); default mode kill9, "
                         "at compute; slow stalls T seconds (default 1) and goes on: a straggler")

@@ -10,8 +10,10 @@ when it reaches step ``S``:
   which the per-rank time split in ``metrics.h5`` shows);
 - ``at``: ``compute`` (before its gradient is exchanged; default), ``allreduce`` (inside
   the hand-written allreduce, after its first point-to-point exchange, so its peers are
-  mid-collective; with ``native``, just before entering ``MPI_Allreduce``) or ``checkpoint`` (after writing its share of the checkpoint at step
-  ``S``, before the file is closed).
+  mid-collective; with ``native``, just before entering ``MPI_Allreduce``), ``checkpoint``
+  (after writing its share of the checkpoint at step ``S``, before the file is closed) or
+  ``report`` (after step ``S``, just before the per-rank timing report's ``Gather``, which
+  only rank 0 sees fail: the others meet the failure in the next allreduce).
 
 Each injection fires once per process. The line it prints first (``inject: ...`` with a
 wall-clock time) lets benchmarks measure detection and recovery from the moment of failure.
@@ -27,7 +29,7 @@ from granger_mpi.collectives import buffers
 from granger_mpi.errors import UserError
 
 MODES = ("exit", "kill9", "hang", "slow")
-PLACES = ("compute", "allreduce", "checkpoint")
+PLACES = ("compute", "allreduce", "checkpoint", "report")
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,13 @@ class Injector:
             fail(injection)
         if injection:
             buffers.after_exchange = lambda: fail(injection)
+
+    def at_report(self, step):
+        """Called before the timing report after step ``step``."""
+        if self.pending:
+            injection = self._take(step, "report")
+            if injection:
+                fail(injection)
 
     def checkpoint_hook(self, step):
         """A callable for ``checkpoint.save(on_written=...)`` at ``step``, or None."""

@@ -606,9 +606,9 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                 if rank == 0:
                     step_time = time.perf_counter() - t0
                     sinks.step(dict(step=step_index, epoch=epoch, loss=loss,
-                                           accuracy=np.nan if accuracy is None else accuracy,
-                                           grad_norm=grad_norm, learning_rate=lr, step_time_s=step_time,
-                                           samples_per_s=batch_len / max(step_time, 1e-12)))
+                                    accuracy=np.nan if accuracy is None else accuracy,
+                                    grad_norm=grad_norm, learning_rate=lr, step_time_s=step_time,
+                                    samples_per_s=batch_len / max(step_time, 1e-12)))
                     progress.update(step_index - state.step, epoch, job.train.epochs, loss, accuracy,
                                     batch_len, force=step_index + 1 == total_steps,
                                     detail=f"allreduce {collectives.in_use(comm, exchange.nbytes, algorithm)} "
@@ -621,10 +621,6 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                             f"after it was detected")
                     pending_event = None
                 done = step_index + 1
-                if done % job.output.timing_every_steps == 0 or done == total_steps:
-                    _, limit_reason = guarded(lambda: report_timings(done), "a timing report")
-                    if limit_reason:
-                        break
                 periodic = ckpt.every_steps is not None and done % ckpt.every_steps == 0
                 if (stats[SAVE] > 0 or stats[STOP] > 0 or periodic) and done < total_steps:
                     if sinks is not None:
@@ -639,6 +635,19 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                         stop_file.unlink()    # honoured; a resumed run must not stop again at once
                     stopped = True
                     break
+                # Last in the step, so that the survivors of a failure here all go on to the
+                # same place: a Gather's root sees a dead rank that the others do not, and
+                # those fail in the next step's allreduce instead; both recover and continue.
+                if done % job.output.timing_every_steps == 0 or done == total_steps:
+                    try:
+                        injector.at_report(step_index)
+                        report_timings(done)
+                    except MPI.Exception as exc:
+                        if not (ulfm and _is_rank_failure(exc, comm)):
+                            raise
+                        limit_reason = recover(exc, "a timing report")
+                        if limit_reason:
+                            break
             if limit_reason:
                 stop_past_limits(limit_reason)
         finally:

@@ -155,6 +155,25 @@ def test_a_rank_killed_inside_the_allreduce(small_dataset, tmp_path, algorithm, 
     assert_every_sample_once(log_dir, 3)
 
 
+def test_a_rank_killed_before_the_timing_report_only_rank_0_sees_it_there(small_dataset, tmp_path):
+    """Rank 2 dies just before the per-rank timing Gather after step 29: the root fails in
+    the Gather, ranks 1 and 3 (their sends done) in the next allreduce; all must meet again
+    (CI once hung here when the root re-ran the Gather while the others went on)."""
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, output={"timing_every_steps": 10},
+                   fault={"step_timeout_s": 30.0})
+    run, log_dir = ulfm_train(4, job, "rank=2,step=29,at=report", tmp_path=tmp_path)
+    record = completion(run_dir, run)
+    assert record["world_size"] == 3 and record["lost_world_ranks"] == [2], record
+    assert "during a timing report" in run.stdout and "3 continue from step 30" in run.stdout
+    assert_every_sample_once(log_dir, 3)
+    with h5py.File(run_dir / "metrics.h5", "r") as f:
+        steps, comm_s = f["ranks/step"][...], f["ranks/comm_s"][...]
+    assert steps.tolist() == [9, 19, 39, 49, 59, 69, 79, 89, 95]   # the window of step 29 is lost
+    assert not np.isnan(comm_s[:2]).any() and np.isnan(comm_s[2:, 2]).all()
+    assert not np.isnan(comm_s[2:, [0, 1, 3]]).any()
+
+
 def test_the_writer_killed_while_writing_a_checkpoint(small_dataset, tmp_path):
     """Under ULFM rank 0 writes checkpoints alone (see checkpoint.save): kill it mid-write."""
     run_dir = tmp_path / "run"
