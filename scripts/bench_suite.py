@@ -261,7 +261,10 @@ def update_performance(blocks, command):
     text = PERFORMANCE.read_text()
     if BEGIN not in text or END not in text:
         text = (text.rstrip("\n") + f"\n\n{BEGIN}\n## Benchmark suite\n\nCommand: `scripts/bench` "
-                f"(all sections; `--only` reruns some). CSV and PNG: `docs/bench/suite_*`.\n\n{END}\n")
+                f"(all sections; `--only` reruns some). CSV and PNG: `docs/bench/suite_*`. Ranks "
+                f"yield when idle (`OMPI_MCA_mpi_yield_when_idle=1`); throughput leaves out the "
+                f"first {WARMUP_STEPS} steps and start-up; median of `--reps` runs, min and max "
+                f"beside.\n\n{END}\n")
     for section, (caption, lines) in blocks.items():
         start, stop = f"<!-- suite: {section} -->", f"<!-- /suite: {section} -->"
         body = "\n".join([start, f"### {section}", "", f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, "
@@ -302,7 +305,7 @@ def main():
             blocks[section] = (caption, lines)
             print("\n".join(lines), flush=True)
     if not args.no_doc:
-        update_performance(blocks, "scripts/bench " + " ".join(sys.argv[1:]))
+        update_performance(blocks, " ".join(["scripts/bench", *sys.argv[1:]]))
         print(f"updated {PERFORMANCE}")
     return 0
 
