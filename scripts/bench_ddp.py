@@ -5,7 +5,7 @@ order (see ``bench_ddp_torch.py``), with the same global batch, epochs, SGD with
 and weight decay, and the same threads per rank, launched by the same ``scripts/mpirun``
 at each P. Repetitions alternate which side goes first, so that the machine's other load
 hits both alike. Throughput = rows x epochs / training-loop seconds (granger-mpi's
-"done: N steps in X s", printed to 0.1 s, which excludes start-up and the test
+"done: N steps in X s", printed to 0.01 s, which excludes start-up and the test
 evaluation; DDP's loop between two barriers, data already in memory). Final accuracy is on
 the test file.
 
