@@ -294,8 +294,9 @@ def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     for key, value in attrs.items():
         f.attrs[key] = value
     if slabs:   # where this rank's shard starts in the flat datasets (before any write can fail)
-        offsets = np.cumsum([0] + comm.allgather(slabs[0][1].size))
-        start = int(offsets[comm.Get_rank()])
+        shard_sizes = np.empty(comm.Get_size(), np.int64)
+        comm.Allgather(np.array([slabs[0][1].size], np.int64), shard_sizes)
+        start = int(shard_sizes[:comm.Get_rank()].sum())
     mine = sum(array[lo:hi].nbytes for _, array in tensors
                for lo, hi in [_rows(array.shape[0], comm)[0]]) + sum(slab.nbytes for _, slab in slabs)
     pipeline = CrcPipeline(len(datasets) + len(slab_datasets), mine)
@@ -321,7 +322,7 @@ def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
         _, counts = _rows(array.shape[0], comm)
         dset.attrs["crc32"] = combine(every[:, i], [n * array[:1].nbytes for n in counts])
     for i, dset in enumerate(slab_datasets, start=len(datasets)):
-        dset.attrs["crc32"] = combine(every[:, i], np.diff(offsets) * 4)
+        dset.attrs["crc32"] = combine(every[:, i], shard_sizes * 4)
     f.attrs["complete"] = 1
     return failed
 
@@ -425,7 +426,9 @@ def _verify_together(comm, path):
         f, opened = None, str(exc)
     except (OSError, KeyError, ValueError) as exc:
         f, opened = None, f"{path}: unreadable ({exc})"
-    if comm.allreduce(opened is not None, op=MPI.LOR):
+    failed = np.array([opened is not None], np.int32)
+    comm.Allreduce(MPI.IN_PLACE, failed, op=MPI.MAX)
+    if failed[0]:
         if f is not None:
             f.close()
         return [opened or f"{path}: unreadable on another rank"]
