@@ -107,8 +107,8 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     """Write ``state`` as a new checkpoint; collective over ``comm`` (None: this process
     alone, with serial HDF5 and no MPI call, as ``AsyncSaver``'s thread). Returns its path.
 
-    ``verify_after_write`` reads the file back and checks every checksum before ``latest``
-    points at it (about 30% of the save's time; the checksums are checked on every load
+    ``verify_after_write`` reads the file back (every rank its share) and checks every
+    checksum before the file gets its final name (the checksums are checked on every load
     either way).
 
     Raises ``CheckpointError`` on every rank if any part fails (a full disk, say); the
@@ -297,13 +297,13 @@ def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
         shard_sizes = np.empty(comm.Get_size(), np.int64)
         comm.Allgather(np.array([slabs[0][1].size], np.int64), shard_sizes)
         start = int(shard_sizes[:comm.Get_rank()].sum())
-    mine = sum(array[lo:hi].nbytes for _, array in tensors
-               for lo, hi in [_rows(array.shape[0], comm)[0]]) + sum(slab.nbytes for _, slab in slabs)
+    rows = [_rows(array.shape[0], comm) for _, array in tensors]   # ((lo, hi), every rank's count)
+    mine = sum(array[lo:hi].nbytes for (_, array), ((lo, hi), _) in zip(tensors, rows)) + \
+        sum(slab.nbytes for _, slab in slabs)
     pipeline = CrcPipeline(len(datasets) + len(slab_datasets), mine)
     failed = None
     try:
-        for i, (dset, (_, array)) in enumerate(zip(datasets, tensors)):
-            (lo, hi), _ = _rows(array.shape[0], comm)
+        for i, (dset, (_, array), ((lo, hi), _)) in enumerate(zip(datasets, tensors, rows)):
             row_bytes = array[:1].nbytes
             for a, b in chunks(hi - lo, row_bytes):
                 part = array[lo + a:lo + b]
@@ -318,8 +318,7 @@ def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     except (OSError, RuntimeError) as exc:
         failed = exc
     every = _gather_crcs(comm, pipeline.results())
-    for i, (dset, (_, array)) in enumerate(zip(datasets, tensors)):
-        _, counts = _rows(array.shape[0], comm)
+    for i, (dset, (_, array), (_, counts)) in enumerate(zip(datasets, tensors, rows)):
         dset.attrs["crc32"] = combine(every[:, i], [n * array[:1].nbytes for n in counts])
     for i, dset in enumerate(slab_datasets, start=len(datasets)):
         dset.attrs["crc32"] = combine(every[:, i], shard_sizes * 4)
