@@ -292,10 +292,9 @@ def main_checkpoint(comm, args):
             if rank == 0:
                 target = work / "dd.bin"
                 t0 = time.perf_counter()
-                subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=4M",
-                                f"count={max(1, nbytes >> 22)}", "conv=fsync"],
-                               check=True, capture_output=True)
-                dd_seconds[0] = (time.perf_counter() - t0) * nbytes / (max(1, nbytes >> 22) << 22)
+                subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={nbytes}",
+                                "iflag=count_bytes", "conv=fsync"], check=True, capture_output=True)
+                dd_seconds[0] = time.perf_counter() - t0
                 target.unlink()
             comm.Bcast(dd_seconds, root=0)
             rows.append({"ranks": size, "mib": nbytes / 2**20, "rep": rep, "save_s": ours,

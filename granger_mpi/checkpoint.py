@@ -10,25 +10,30 @@ Layout of ``RUN_DIR/ckpt/step_XXXXXXXX.h5`` (``h5ls -r`` and ``h5dump`` read it)
   either layout resumes at any number of ranks, sharded or not (a sharded run reads and
   keeps only its new shard).
 * root attributes: ``format``, ``step`` (steps completed), ``epoch``, ``step_in_epoch``,
-  ``world_size``, ``seed``, ``model`` and ``job`` (JSON), ``versions`` (JSON),
-  ``optimizer_slots`` (JSON list), ``complete`` (written last). The optimizer's step
-  count is ``step`` (one update per step).
+  ``world_size``, ``writers`` (the ranks that wrote the file: 1 or ``world_size``),
+  ``seed``, ``model`` and ``job`` (JSON), ``versions`` (JSON), ``optimizer_slots`` (JSON
+  list), ``complete`` (written last). The optimizer's step count is ``step``.
 
-How a save stays atomic (SCR, PyTorch DCP): every rank writes its rows of every tensor into
-``step_XXXXXXXX.h5.tmp`` (independent writes into one file opened with the mpio driver;
-creating datasets and attributes is collective), checksumming them from memory as it goes
-(``checksums``); rank 0 then fsyncs it; every rank reads its share of the file back and
-the checksums are verified; only then is it renamed to its final name, ``latest`` pointed
-at it (both renames made durable by one fsync of the directory), and checkpoints beyond
-``keep_last`` deleted (in the background). A crash at any point leaves the previous good checkpoint in place; a
-torn or corrupt file is detected by its checksums and skipped by ``--resume auto``.
+How a save stays atomic (SCR, PyTorch DCP): the state goes into ``step_XXXXXXXX.h5.tmp``,
+each tensor checksummed from memory as it is written (``checksums``); the file is fsynced,
+read back and its checksums verified; only then is it renamed to its final name,
+``latest`` pointed at it (both renames made durable by one fsync of the directory), and
+checkpoints beyond ``keep_last`` deleted (in the background). A crash at any point leaves
+the previous good checkpoint in place; a torn or corrupt file is detected by its checksums
+and skipped by ``--resume auto``.
+
+Who writes: a large or sharded state is written by every rank, its rows of every tensor
+into the one file opened with the mpio driver (creating datasets and attributes is
+collective, the writes independent), and read back by every rank, its share. A small
+unsharded state (``[checkpoint].parallel_write_from_mib``) is the same on every rank, and
+rank 0 writes, checks and publishes it alone with serial HDF5 while the others wait for
+the outcome: a collective open, close and read-back cost more than they share there.
 """
 
 import json
 import os
 import re
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +44,8 @@ from mpi4py import MPI
 from granger_mpi import partition
 from granger_mpi.checksums import CrcPipeline, chunks, combine, crc32
 from granger_mpi.errors import UserError, WriteError, describe_io_error
-from granger_mpi.h5files import open_for_reading
+from granger_mpi.h5files import (datasets, int_attr, new_dataset, open_for_reading, read_rows,
+                                 set_attr, write_rows)
 from granger_mpi.runtime import agree
 
 FORMAT = "granger-mpi checkpoint"
@@ -102,30 +108,66 @@ def _fsync_path(path):
         os.close(fd)
 
 
+# Below this much unsharded state, rank 0 writes the whole file alone with serial HDF5 (the
+# state is the same on every rank): a collective open, close and read-back then cost more
+# than sharing the writes saves (1 MiB at P = 4: 17 ms alone, 36 ms collectively; the two
+# meet near 64 MiB on one node). ``[checkpoint].parallel_write_from_mib`` sets it per job.
+PARALLEL_FROM_BYTES = 64 << 20
+
+
 def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attrs=None,
-         verify_after_write=True, on_written=None, single_writer=False):
+         verify_after_write=True, on_written=None, parallel_from_bytes=PARALLEL_FROM_BYTES):
     """Write ``state`` as a new checkpoint; collective over ``comm`` (None: this process
     alone, with serial HDF5 and no MPI call, as ``AsyncSaver``'s thread). Returns its path.
 
-    ``verify_after_write`` reads the file back (every rank its share) and checks every
-    checksum before the file gets its final name (the checksums are checked on every load
-    either way).
+    ``verify_after_write`` reads the file back and checks every checksum before the file
+    gets its final name (the checksums are checked on every load either way).
 
     Raises ``CheckpointError`` on every rank if any part fails (a full disk, say); the
     checkpoints written before are left as they were. ``on_written`` is called after this
     rank's writes, before the file is closed (fault injection).
 
-    ``single_writer``: rank 0 writes the whole file with serial HDF5 (every rank holds all
-    of the state) while the others only agree. For ULFM runs: when a peer died inside
-    parallel HDF5's collective calls, the survivors' HDF5 crashed at its next call, even on
-    another file; this way no MPI call runs inside HDF5, and a failure surfaces as an MPI
-    error on ``comm`` that the survivors recover from and then save again.
+    Who writes: with sharded optimizer state, or at least ``parallel_from_bytes`` of state,
+    every rank writes its rows into one file through the mpio driver and reads its share
+    back. Otherwise rank 0 writes, verifies and publishes the whole file with serial HDF5
+    while the others wait for the outcome. ULFM runs always take the latter (``inf``): when
+    a peer died inside parallel HDF5's collective calls, the survivors' HDF5 crashed at its
+    next call, even on another file; this way no MPI call runs inside HDF5, and a failure
+    surfaces as an MPI error on ``comm`` that the survivors recover from and then save again.
     """
+    save_args = dict(job_json=job_json, seed=seed, keep_last=keep_last, extra_attrs=extra_attrs,
+                     verify_after_write=verify_after_write)
+    if comm is None:
+        return _save(None, run_dir, model, state, on_written=on_written, world_size=1, **save_args)
+    nbytes = state.params.nbytes + state.optimizer_state.nbytes
+    if state.optimizer_shard is not None or nbytes >= parallel_from_bytes:
+        return _save(comm, run_dir, model, state, on_written=on_written,
+                     world_size=comm.Get_size(), **save_args)
+    failure = None
+    if comm.Get_rank() == 0:
+        try:
+            _save(None, run_dir, model, state, on_written=on_written,
+                  world_size=comm.Get_size(), **save_args)
+        except UserError as exc:
+            failure = exc
+    elif on_written is not None:
+        on_written()
+
+    def outcome():
+        if failure is not None:
+            raise failure
+    _agree(comm, outcome)
+    return checkpoint_dir(run_dir) / file_name(state.step)
+
+
+def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs,
+          verify_after_write, on_written, world_size):
+    """``save`` by every rank of ``comm`` through the mpio driver, or (``comm`` None) by
+    this process alone with serial HDF5."""
     directory = checkpoint_dir(run_dir)
     final = directory / file_name(state.step)
     tmp = final.with_name(final.name + ".tmp")
     rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
-    single_writer = single_writer or comm is None
     tensors = _tensors(model, state)
     slabs = []   # (dataset path, this rank's slab); sharded optimizer state only
     if state.optimizer_shard is not None:
@@ -137,21 +179,16 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
             wait_for_pruning()
     _agree(comm, prepare)
     attrs = {"format": FORMAT, "step": state.step, "epoch": state.epoch,
-             "step_in_epoch": state.step_in_epoch, "world_size": size, "seed": seed,
+             "step_in_epoch": state.step_in_epoch, "world_size": world_size, "writers": size,
+             "seed": seed,
              "model": json.dumps(model.spec()), "job": job_json,
              "versions": json.dumps(_versions()),
              "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
     failed = None
     try:
-        if not single_writer:
-            with h5py.File(tmp, "w", driver="mpio", comm=comm) as f:
-                failed = _write(f, comm, tensors, attrs, on_written, slabs, state.params.size)
-        elif rank == 0:
-            with h5py.File(tmp, "w") as f:
-                failed = _write(f, None, tensors, attrs, on_written)
-        elif on_written is not None:
-            on_written()
-        if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == (0 if single_writer else size - 1):
+        with (h5py.File(tmp, "w") if comm is None else h5py.File(tmp, "w", driver="mpio", comm=comm)) as f:
+            failed = _write(f, comm, tensors, attrs, on_written, slabs, state.params.size)
+        if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
             failed = OSError(28, "No space left on device")
     except (OSError, RuntimeError) as exc:
         failed = failed or exc
@@ -283,16 +320,15 @@ def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     """Create every dataset (collective under mpio), write this rank's rows of each and its
     slab of each sharded dataset, then store every dataset's CRC32 as its ``crc32``.
 
-    The CRC of what this rank writes is computed from memory in a helper thread while the
-    writes go on; the ranks' slab CRCs are then combined (one ``Allgather``). Returns the
-    OSError/RuntimeError of a failed write (the file is still closed collectively), or None.
+    The CRC of what this rank writes is computed from memory (in a helper thread while the
+    writes go on, when there is enough of it); the ranks' slab CRCs are then combined (one
+    ``Allgather``). Returns the OSError/RuntimeError of a failed write (the file is still
+    closed collectively), or None.
     """
-    datasets = [f.create_dataset(path, array.shape, array.dtype, fill_time="never")
-                for path, array in tensors]
-    slab_datasets = [f.create_dataset(path, (slab_length,), np.float32, fill_time="never")
-                     for path, _ in slabs]
+    datasets = [new_dataset(f, path, array.shape, array.dtype) for path, array in tensors]
+    slab_datasets = [new_dataset(f, path, (slab_length,), np.float32) for path, _ in slabs]
     for key, value in attrs.items():
-        f.attrs[key] = value
+        set_attr(f.id, key, value)
     if slabs:   # where this rank's shard starts in the flat datasets (before any write can fail)
         shard_sizes = np.empty(comm.Get_size(), np.int64)
         comm.Allgather(np.array([slabs[0][1].size], np.int64), shard_sizes)
@@ -304,14 +340,13 @@ def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     failed = None
     try:
         for i, (dset, (_, array), ((lo, hi), _)) in enumerate(zip(datasets, tensors, rows)):
-            row_bytes = array[:1].nbytes
-            for a, b in chunks(hi - lo, row_bytes):
+            for a, b in chunks(hi - lo, array[:1].nbytes):
                 part = array[lo + a:lo + b]
-                dset[lo + a:lo + b] = part
+                write_rows(dset, lo + a, part)
                 pipeline.feed(i, part)
         for i, (dset, (_, slab)) in enumerate(zip(slab_datasets, slabs), start=len(datasets)):
             for a, b in chunks(slab.size, slab.itemsize):
-                dset[start + a:start + b] = slab[a:b]
+                write_rows(dset, start + a, slab[a:b])
                 pipeline.feed(i, slab[a:b])
         if on_written is not None:
             on_written()
@@ -319,10 +354,10 @@ def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
         failed = exc
     every = _gather_crcs(comm, pipeline.results())
     for i, (dset, (_, array), (_, counts)) in enumerate(zip(datasets, tensors, rows)):
-        dset.attrs["crc32"] = combine(every[:, i], [n * array[:1].nbytes for n in counts])
+        set_attr(dset, "crc32", combine(every[:, i], [n * array[:1].nbytes for n in counts]))
     for i, dset in enumerate(slab_datasets, start=len(datasets)):
-        dset.attrs["crc32"] = combine(every[:, i], shard_sizes * 4)
-    f.attrs["complete"] = 1
+        set_attr(dset, "crc32", combine(every[:, i], shard_sizes * 4))
+    set_attr(f.id, "complete", 1)
     return failed
 
 
@@ -362,23 +397,21 @@ def wait_for_pruning():
 def _dataset_crcs(f, comm):
     """``(path, stored crc32 or None, this rank's slab CRC, every rank's slab bytes)`` of each
     dataset, each rank reading its rows (in chunks, the CRC overlapping the next read)."""
-    datasets = []
-    f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    found = datasets(f)
     share = 1 if comm is None else comm.Get_size()
-    pipeline = CrcPipeline(len(datasets), sum(dset.nbytes for _, dset in datasets) // share)
+    pipeline = CrcPipeline(len(found), sum(int(np.prod(did.shape)) * did.dtype.itemsize
+                                           for _, did in found) // share)
+    scratch = np.empty(0, np.uint8) if pipeline.inline else None   # checksummed at once: reused
     layout = []
-    for i, (name, dset) in enumerate(datasets):
-        stored = int(dset.attrs["crc32"]) if "crc32" in dset.attrs else None
-        (lo, hi), counts = _rows(dset.shape[0] if dset.ndim else 1, comm)
-        if dset.ndim == 0:    # not written by granger-mpi, but must not stop a check
-            if lo < hi:
-                pipeline.feed(i, np.asarray(dset[()]))
-            layout.append((name, stored, [n * dset.dtype.itemsize for n in counts]))
-            continue
-        row_bytes = dset.dtype.itemsize * int(np.prod(dset.shape[1:], dtype=np.int64))
+    for i, (name, did) in enumerate(found):
+        shape = did.shape or (1,)    # a scalar (not written by granger-mpi) is one row
+        row_bytes = did.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        (lo, hi), counts = _rows(shape[0], comm)
         for a, b in chunks(hi - lo, row_bytes):
-            pipeline.feed(i, dset[lo + a:lo + b])
-        layout.append((name, stored, [n * row_bytes for n in counts]))
+            if scratch is not None and scratch.size < (b - a) * row_bytes:
+                scratch = np.empty((b - a) * row_bytes, np.uint8)
+            pipeline.feed(i, read_rows(did, lo + a, lo + b, scratch))
+        layout.append((name, int_attr(did, "crc32"), [n * row_bytes for n in counts]))
     return [(name, stored, crc, nbytes) for (name, stored, nbytes), crc in zip(layout, pipeline.results())]
 
 
@@ -411,7 +444,7 @@ def verify(path, comm=None):
             return _problems(f, path, comm)
     except UserError as exc:
         return [str(exc)]
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         return [f"{path}: unreadable ({exc})"]
 
 
@@ -481,7 +514,7 @@ def _read_part(f, path, group, model, out, lo, hi):
             for start in range(0, n, READ_CHUNK_ELEMENTS):
                 stop = min(n, start + READ_CHUNK_ELEMENTS)
                 chunk = np.ascontiguousarray(node[start:stop], np.float32)
-                checksum = zlib.crc32(chunk.view(np.uint8), checksum)
+                checksum = crc32(chunk, checksum)
                 a, b = max(start, lo), min(stop, hi)
                 if a < b:
                     out[a - lo:b - lo] = chunk[a - start:b - start]

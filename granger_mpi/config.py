@@ -151,6 +151,9 @@ class CheckpointConfig:
     # Periodic and SIGUSR1 saves written in the background from a copy of the state (rank 0,
     # serial HDF5) while training goes on; not with a sharded optimizer or under ULFM.
     async_write: bool = _spec(False, kind=bool)
+    # States smaller than this (and not sharded) are written by rank 0 alone with serial
+    # HDF5, larger ones by every rank into its part of the file; 0: always every rank.
+    parallel_write_from_mib: float = _spec(64.0, kind=float, min=0)
 
 
 @dataclass(frozen=True, kw_only=True)

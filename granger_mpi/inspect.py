@@ -11,7 +11,7 @@ from granger_mpi import checkpoint
 from granger_mpi.errors import UserError
 from granger_mpi.h5files import open_for_reading
 
-SCALARS = ("format", "step", "epoch", "step_in_epoch", "world_size", "seed", "n_rows")
+SCALARS = ("format", "step", "epoch", "step_in_epoch", "world_size", "writers", "seed", "n_rows")
 
 
 def resolve(path):

@@ -6,12 +6,12 @@ allreduce and every rank sees the same numbers.
 """
 
 import json
+import math
 import os
 import shutil
 import signal
 import socket
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from mpi4py import MPI
 
 from granger_mpi import (checkpoint, collectives, dataset, faults, metrics, modelfile, models,
                          optimizer, partition, status, threads, timing, zero)
+from granger_mpi.checksums import crc32
 from granger_mpi.errors import UserError
 from granger_mpi.kernels import checks
 from granger_mpi.runtime import agree, bcast_text
@@ -511,7 +512,8 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                 writer.start(comm, run_dir, model, position, **save_args)
             else:
                 saved = checkpoint.save(comm, run_dir, model, position, on_written=on_written,
-                                        single_writer=ulfm, **save_args)
+                                        parallel_from_bytes=math.inf if ulfm else
+                                        ckpt.parallel_write_from_mib * 2**20, **save_args)
                 if rank == 0:
                     log(f"checkpoint {saved} (step {next_index})")
             last_save = time.perf_counter()
@@ -711,7 +713,7 @@ def _report_bad_row(comm, info, local_row, epoch, step):
 
 def check_replicas_identical(comm, params, what):
     """Raise if ``params`` differ between ranks (CRC32 of the bytes, gathered)."""
-    crc = np.array([zlib.crc32(params.view(np.uint8))], np.int64)
+    crc = np.array([crc32(params)], np.int64)
     crcs = np.empty(comm.Get_size(), np.int64)
     comm.Allgather(crc, crcs)
     if np.unique(crcs).size != 1:

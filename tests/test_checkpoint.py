@@ -38,14 +38,24 @@ def straight(small_dataset, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3])
-def test_stop_and_resume_is_bitwise_identical(straight, small_dataset, tmp_path, ranks):
+def writers(path):
+    """How many ranks wrote a checkpoint file."""
+    with h5py.File(path, "r") as f:
+        return int(f.attrs["writers"])
+
+
+# A small state is written by rank 0 alone unless parallel_write_from_mib = 0: P = 3 takes
+# the collective path (every rank its rows, through the mpio driver).
+@pytest.mark.parametrize("ranks,parallel_from", [(1, 64), (2, 64), (3, 0)])
+def test_stop_and_resume_is_bitwise_identical(straight, small_dataset, tmp_path, ranks, parallel_from):
     """Stop after 37 of 96 steps (as a time limit would), resume, finish: same bits."""
     run_dir = tmp_path / "run"
     first = mpirun(ranks, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
-                                            train={"max_steps": 37}), timeout=120)
+                                            train={"max_steps": 37},
+                                            checkpoint={"parallel_write_from_mib": parallel_from}),
+                   timeout=120)
     assert first.returncode == 0, first.output
-    assert (run_dir / "ckpt" / "step_00000037.h5").exists()
+    assert writers(run_dir / "ckpt" / "step_00000037.h5") == (ranks if parallel_from == 0 else 1)
     second = mpirun(ranks, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir),
                     "--resume", "auto", timeout=120)
     assert second.returncode == 0, second.output
@@ -79,8 +89,11 @@ def test_resume_at_another_world_size_uses_every_sample_once(small_dataset, tmp_
     log_dir.mkdir()
     env = {"GRANGER_ROW_LOG": str(log_dir)}
     first = mpirun(before, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
-                                             train={"max_steps": 45}), timeout=120, env=env)
+                                             train={"max_steps": 45},
+                                             checkpoint={"parallel_write_from_mib": 0}),
+                   timeout=120, env=env)
     assert first.returncode == 0, first.output
+    assert writers(run_dir / "ckpt" / "step_00000045.h5") == before
     second = mpirun(after, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir),
                     "--resume", "auto", timeout=120, env=env)
     assert second.returncode == 0, second.output
@@ -266,10 +279,11 @@ def test_full_disk_fails_the_save_and_keeps_earlier_checkpoints(small_dataset, t
 
 
 def test_a_failed_write_on_one_rank_fails_the_save_on_all(small_dataset, tmp_path):
-    """ENOSPC injected into the last rank's write at step 20: every rank reports it, the
-    temporary file is removed, the checkpoint of step 10 stays the newest and good."""
+    """ENOSPC injected into the last rank's write at step 20 (every rank writing): every
+    rank reports it, the temporary file is removed, step 10 stays the newest and good."""
     run_dir = tmp_path / "run"
-    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, checkpoint={"every_steps": 10})
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir,
+                   checkpoint={"every_steps": 10, "parallel_write_from_mib": 0})
     run = mpirun(3, "train", job, timeout=120, env={"GRANGER_TEST_ENOSPC_IN_CHECKPOINT": "20"})
     assert run.returncode == 1, run.output
     errors = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]
