@@ -7,8 +7,10 @@ times (``GRANGER_BENCH_REPS``) and we compare median times of the training loop 
 reports it ("done: N steps in X s", start-up and the final evaluation left out), and the
 ratio within each rep. Identical runs differ by tens of percent on a shared machine, so the
 script also reads what the loop itself spent in its saves, from each run's per-rank time
-split (``metrics.h5``, ``ranks/checkpoint_s``, the slowest rank): ms per save, and their
-sum as a share of the loop's time in that run.
+split (``metrics.h5``, ``ranks/checkpoint_s``): ms per save, and their sum as a share of
+the loop's time in that run. It takes the rank that spent least: a rank that reaches the
+save first also counts, inside it, its wait for the others (rank 0's metrics and progress
+line), which it would otherwise spend in the next allreduce (``wait_s`` uses the same rule).
 """
 
 import os
@@ -67,7 +69,7 @@ def main():
                 if every:
                     saves = len(re.findall(r"^checkpoint .*\(step \d+", out, re.M))
                     with h5py.File(tmp / f"run-{rep}-{k}" / "metrics.h5", "r") as f:
-                        spent = float(np.nansum(f["ranks/checkpoint_s"][...], axis=0).max())
+                        spent = float(np.nansum(f["ranks/checkpoint_s"][...], axis=0).min())
                     split[label].append((1e3 * spent / saves, spent / seconds[label][-1]))
         base = statistics.median(seconds["none"])
         print(f"training overhead of checkpointing (P = 2, 784-256-10 MLP, 1,180 steps, {REPS} reps)")
