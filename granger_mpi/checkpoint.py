@@ -46,7 +46,7 @@ from granger_mpi.checksums import CrcPipeline, chunks, combine, crc32
 from granger_mpi.errors import UserError, WriteError, describe_io_error
 from granger_mpi.h5files import (datasets, int_attr, new_dataset, open_for_reading, read_rows,
                                  set_attr, write_rows)
-from granger_mpi.runtime import agree
+from granger_mpi.runtime import agree, barrier_sleeping
 
 FORMAT = "granger-mpi checkpoint"
 NAME = re.compile(r"^step_(\d{8})\.h5$")
@@ -152,6 +152,7 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
             failure = exc
     elif on_written is not None:
         on_written()
+    barrier_sleeping(comm)
 
     def outcome():
         if failure is not None:
@@ -204,29 +205,27 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
             tmp.unlink(missing_ok=True)
         raise
 
-    def flush_to_disk():
-        if rank == 0:
-            try:
-                _fsync_path(tmp)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                raise CheckpointError(f"checkpoint at step {state.step}: {describe_io_error(exc)}; "
-                                      f"earlier checkpoints are untouched") from None
-    _agree(comm, flush_to_disk)
-
-    if verify_after_write:    # before the rename: a file that fails never gets a final name
+    # rank 0 fsyncs the file in a helper thread while the ranks read it back (from the page
+    # cache either way): the two overlap, and the file is renamed only after both.
+    fsynced = _in_background(_fsync_path, tmp) if rank == 0 else None
+    problems = []
+    if verify_after_write:
         problems = verify(tmp) if comm is None else _verify_together(comm, tmp)
 
-        def check():
-            if problems:
-                raise CheckpointError(f"checkpoint {tmp} failed verification after writing: "
-                                      f"{problems[0]}; earlier checkpoints are untouched")
-        try:
-            _agree(comm, check)
-        except UserError:
-            if rank == 0:
-                tmp.unlink(missing_ok=True)
-            raise
+    def flushed_and_verified():
+        failure = fsynced() if fsynced is not None else None
+        if failure is not None:
+            raise CheckpointError(f"checkpoint at step {state.step}: {describe_io_error(failure)}; "
+                                  f"earlier checkpoints are untouched")
+        if problems:
+            raise CheckpointError(f"checkpoint {tmp} failed verification after writing: "
+                                  f"{problems[0]}; earlier checkpoints are untouched")
+    try:
+        _agree(comm, flushed_and_verified)
+    except UserError:
+        if rank == 0:
+            tmp.unlink(missing_ok=True)
+        raise
 
     def publish():
         if rank == 0:
@@ -239,6 +238,25 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
                                       f"untouched") from None
     _agree(comm, publish)
     return final
+
+
+def _in_background(fn, *args):
+    """Start ``fn(*args)`` in a thread; returns a function that waits for it and returns the
+    OSError it raised, or None."""
+    failure = []
+
+    def run():
+        try:
+            fn(*args)
+        except OSError as exc:
+            failure.append(exc)
+    thread = threading.Thread(target=run, name="checkpoint-fsync", daemon=True)
+    thread.start()
+
+    def wait():
+        thread.join()
+        return failure[0] if failure else None
+    return wait
 
 
 def _agree(comm, fn):

@@ -4,6 +4,7 @@ Every function takes its communicator as an argument; only the CLI touches COMM_
 """
 
 import sys
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -46,6 +47,15 @@ def agree(comm, fn, *args, **kwargs):
     agreed = UserError(message, agreed=True)
     agreed.exit_code = int(code[0])
     raise agreed
+
+
+def barrier_sleeping(comm, interval_s=1e-4):
+    """``Barrier`` that sleeps between polls instead of spinning: for ranks that wait a long
+    time for one busy rank (a checkpoint rank 0 writes alone), so that they leave the
+    cores to its I/O threads and the kernel's writeback. Costs at most ``interval_s``."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(interval_s)
 
 
 def say(comm, message, *, file=sys.stdout):

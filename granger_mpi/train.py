@@ -627,6 +627,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
                 if (stats[SAVE] > 0 or stats[STOP] > 0 or periodic) and done < total_steps:
                     if sinks is not None:
                         sinks.flush()
+                    timer.lap(timing.OTHER)    # this step's metrics and progress, as in any step
                     _, limit_reason = guarded(
                         lambda: save(done, injector.checkpoint_hook(done), background=stats[STOP] == 0),
                         "a checkpoint")

@@ -3,15 +3,15 @@
 A 784-256-10 MLP (about 1.6 MiB of parameters and momentum) on 30,000 generated rows, 2
 ranks, 10 epochs (1,180 steps, 11 checkpoints); no checkpoints, a checkpoint every 100
 steps, and the same written in the background (``[checkpoint].async_write``) alternate 5
-times (``GRANGER_BENCH_REPS``) and we compare median times of the training loop as the job
-reports it ("done: N steps in X s", start-up and the final evaluation left out), and the
-ratio within each rep. Identical runs differ by tens of percent on a shared machine, so the
-script also reads what the loop itself spent in its saves, from each run's per-rank time
-split (``metrics.h5``, ``ranks/checkpoint_s``): ms per save, and their sum as a share of
-the loop's time in that run. It takes the rank that spent least: a rank that reaches the
-save first also counts, inside it, its wait for the others (rank 0's metrics and progress
-line), which it would otherwise spend in the next allreduce (``wait_s`` uses the same rule).
-"""
+times (``GRANGER_BENCH_REPS``, each rep in another order). We compare median times of the
+training loop as the job reports it ("done: N steps in X s", start-up and the final
+evaluation left out), and the ratio within each rep. Identical runs differ by tens of
+percent on a shared machine, so the script also reads what the loop itself spent in its
+saves, from each run's per-rank time split (``metrics.h5``, ``ranks/checkpoint_s``): ms per
+save, and their sum as a share of the loop's time in that run. It takes the rank that
+spent least: a rank that reaches the save first also counts, inside it, its wait for the
+others (rank 0's metrics and progress line), which it would otherwise spend in the next
+allreduce (``wait_s`` uses the same rule)."""
 
 import os
 import re
@@ -60,7 +60,10 @@ def main():
         seconds = {label: [] for label, _ in variants}
         split = {label: [] for label, _ in variants[1:]}   # (ms per save, share of the loop)
         for rep in range(REPS):
-            for k, (label, every) in enumerate(variants):
+            # Each rep starts with another variant, so that drift and order effects spread
+            # over all of them instead of always favouring the first.
+            for k in [(rep + j) % len(variants) for j in range(len(variants))]:
+                label, every = variants[k]
                 job = tmp / f"{rep}-{k}.toml"
                 job.write_text(JOB.format(data=data, run=tmp / f"run-{rep}-{k}", every=every))
                 out = subprocess.run([*MPIRUN, "train", str(job)], check=True, capture_output=True,
