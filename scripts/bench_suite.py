@@ -225,7 +225,7 @@ def script(name):
         if done.returncode != 0:
             sys.exit(f"scripts/{name}: exit {done.returncode}\n{(done.stdout + done.stderr)[-3000:]}")
         lines = [line for line in done.stdout.splitlines() if line.strip()]
-        return (f"`scripts/{name}` (its own section below explains the method).", lines)
+        return (f"`scripts/{name}` (its own section earlier in this file explains the method).", lines)
     return run
 
 
