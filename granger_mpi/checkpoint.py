@@ -193,17 +193,13 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
             failed = OSError(28, "No space left on device")
     except (OSError, RuntimeError) as exc:
         failed = failed or exc
+
     def report_write():
         if failed is not None:
             raise CheckpointError(f"checkpoint at step {state.step} could not be written to "
                                   f"{tmp} ({describe_io_error(failed)}); earlier checkpoints "
                                   f"are untouched")
-    try:
-        _agree(comm, report_write)
-    except UserError:
-        if rank == 0:
-            tmp.unlink(missing_ok=True)
-        raise
+    _agree_or_remove(comm, report_write, tmp)
 
     # rank 0 fsyncs the file in a helper thread while the ranks read it back (from the page
     # cache either way): the two overlap, and the file is renamed only after both.
@@ -220,12 +216,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
         if problems:
             raise CheckpointError(f"checkpoint {tmp} failed verification after writing: "
                                   f"{problems[0]}; earlier checkpoints are untouched")
-    try:
-        _agree(comm, flushed_and_verified)
-    except UserError:
-        if rank == 0:
-            tmp.unlink(missing_ok=True)
-        raise
+    _agree_or_remove(comm, flushed_and_verified, tmp)
 
     def publish():
         if rank == 0:
@@ -262,6 +253,16 @@ def _in_background(fn, *args):
 def _agree(comm, fn):
     """``agree`` over ``comm``; with no communicator, just ``fn()``."""
     return fn() if comm is None else agree(comm, fn)
+
+
+def _agree_or_remove(comm, fn, tmp):
+    """``_agree(comm, fn)``; when it fails on any rank, rank 0 removes the file ``tmp``."""
+    try:
+        return _agree(comm, fn)
+    except UserError:
+        if comm is None or comm.Get_rank() == 0:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 class AsyncSaver:
