@@ -117,8 +117,7 @@ PARALLEL_FROM_BYTES = 64 << 20
 
 def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attrs=None,
          verify_after_write=True, on_written=None, parallel_from_bytes=PARALLEL_FROM_BYTES):
-    """Write ``state`` as a new checkpoint; collective over ``comm`` (None: this process
-    alone, with serial HDF5 and no MPI call, as ``AsyncSaver``'s thread). Returns its path.
+    """Write ``state`` as a new checkpoint; collective over ``comm``. Returns its path.
 
     ``verify_after_write`` reads the file back and checks every checksum before the file
     gets its final name (the checksums are checked on every load either way).
@@ -137,8 +136,6 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     """
     save_args = dict(job_json=job_json, seed=seed, keep_last=keep_last, extra_attrs=extra_attrs,
                      verify_after_write=verify_after_write)
-    if comm is None:
-        return _save(None, run_dir, model, state, on_written=on_written, world_size=1, **save_args)
     nbytes = state.params.nbytes + state.optimizer_state.nbytes
     if state.optimizer_shard is not None or nbytes >= parallel_from_bytes:
         return _save(comm, run_dir, model, state, on_written=on_written,
@@ -164,7 +161,8 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
 def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs,
           verify_after_write, on_written, world_size):
     """``save`` by every rank of ``comm`` through the mpio driver, or (``comm`` None) by
-    this process alone with serial HDF5."""
+    this process alone with serial HDF5 and no MPI call (rank 0 for all, and
+    ``AsyncSaver``'s thread); ``world_size`` is the number of ranks the state is from."""
     directory = checkpoint_dir(run_dir)
     final = directory / file_name(state.step)
     tmp = final.with_name(final.name + ".tmp")
@@ -203,7 +201,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
 
     # rank 0 fsyncs the file in a helper thread while the ranks read it back (from the page
     # cache either way): the two overlap, and the file is renamed only after both.
-    fsynced = _in_background(_fsync_path, tmp) if rank == 0 else None
+    fsynced = _fsync_in_background(tmp) if rank == 0 else None
     problems = []
     if verify_after_write:
         problems = verify(tmp) if comm is None else _verify_together(comm, tmp)
@@ -231,14 +229,14 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
     return final
 
 
-def _in_background(fn, *args):
-    """Start ``fn(*args)`` in a thread; returns a function that waits for it and returns the
-    OSError it raised, or None."""
+def _fsync_in_background(path):
+    """Start fsyncing ``path`` in a thread; returns a function that waits for it and returns
+    the OSError it raised, or None."""
     failure = []
 
     def run():
         try:
-            fn(*args)
+            _fsync_path(path)
         except OSError as exc:
             failure.append(exc)
     thread = threading.Thread(target=run, name="checkpoint-fsync", daemon=True)
@@ -282,16 +280,19 @@ class AsyncSaver:
         self._failure = None
 
     def start(self, comm, run_dir, model, state, **save_args):
-        """Hand a copy of ``state`` to the writer (rank 0); returns at once on every rank."""
+        """Hand a copy of ``state`` to the writer (rank 0); returns at once on every rank.
+        ``save_args``: all of ``save``'s keyword arguments but ``on_written``."""
         self.step, self._run_dir, self._failure = state.step, run_dir, None
         if comm.Get_rank() != 0:
             return
         snapshot = TrainState(state.params.copy(), state.optimizer_state.copy(), state.step,
                               state.epoch, state.step_in_epoch, state.optimizer_slots)
+        world_size = comm.Get_size()    # asked here: the thread makes no MPI call
 
         def write():
             try:
-                save(None, run_dir, model, snapshot, **save_args)
+                _save(None, run_dir, model, snapshot, on_written=None, world_size=world_size,
+                      **save_args)
             except Exception as exc:    # noqa: BLE001 - handed to every rank by wait()
                 self._failure = exc
         self._thread = threading.Thread(target=write, name="checkpoint-writer", daemon=True)

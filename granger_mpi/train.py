@@ -504,7 +504,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             position = checkpoint.TrainState(params, opt_state, next_index, next_index // per_epoch,
                                              next_index % per_epoch, opt.slots, shard)
             save_args = dict(job_json=job.to_json(), seed=job.train.seed, keep_last=ckpt.keep_last,
-                             extra_attrs={"n_rows": info.n_rows, "world_size": size},
+                             extra_attrs={"n_rows": info.n_rows},
                              verify_after_write=ckpt.verify_after_write)
             if background and ckpt.async_write and not (sharded or ulfm):
                 if on_written is not None:
