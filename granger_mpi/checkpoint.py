@@ -204,7 +204,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
     fsynced = _fsync_in_background(tmp) if rank == 0 else None
     problems = []
     if verify_after_write:
-        problems = verify(tmp) if comm is None else _verify_together(comm, tmp)
+        problems = verify(tmp, comm)
 
     def flushed_and_verified():
         failure = fsynced() if fsynced is not None else None
@@ -435,14 +435,33 @@ def _dataset_crcs(f, comm):
     return [(name, stored, crc, nbytes) for (name, stored, nbytes), crc in zip(layout, pipeline.results())]
 
 
-def _problems(f, path, comm):
-    """What is wrong with an open checkpoint file (collective over ``comm``)."""
-    if f.attrs.get("format") != FORMAT:
-        return [f"{path}: not a granger-mpi checkpoint"]
-    if f.attrs.get("complete") != 1:
-        return [f"{path}: incomplete (the save did not finish)"]
-    found = _dataset_crcs(f, comm)
-    every = _gather_crcs(comm, [crc for _, _, crc, _ in found])
+def verify(path, comm=None):
+    """Problems found in a checkpoint file (empty when it is good); needs no MPI.
+
+    With a ``comm`` (collective), each rank reads and checksums its share of every
+    dataset's rows and all get the same answer: a rank that cannot open or read the file
+    says so (one ``Allreduce``) before the others would wait for it in the ``Allgather``.
+    """
+    f, found, problem = None, [], None
+    try:
+        f = open_for_reading(path, "checkpoint")
+        if f.attrs.get("format") != FORMAT:
+            problem = f"{path}: not a granger-mpi checkpoint"
+        elif f.attrs.get("complete") != 1:
+            problem = f"{path}: incomplete (the save did not finish)"
+        else:
+            found = _dataset_crcs(f, comm)
+    except UserError as exc:
+        problem = str(exc)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        problem = f"{path}: unreadable ({exc})"
+    try:
+        if _failed_anywhere(comm, problem is not None):
+            return [problem or f"{path}: unreadable on another rank"]
+        every = _gather_crcs(comm, [crc for _, _, crc, _ in found])
+    finally:
+        if f is not None:
+            f.close()
     problems = []
     for i, (name, stored, _, nbytes) in enumerate(found):
         computed = combine(every[:, i], nbytes)
@@ -453,39 +472,13 @@ def _problems(f, path, comm):
     return problems
 
 
-def verify(path, comm=None):
-    """Problems found in a checkpoint file (empty when it is good); needs no MPI.
-
-    With a ``comm`` (collective), each rank reads and checksums its share of every
-    dataset's rows and all get the same answer.
-    """
-    try:
-        with open_for_reading(path, "checkpoint") as f:
-            return _problems(f, path, comm)
-    except UserError as exc:
-        return [str(exc)]
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        return [f"{path}: unreadable ({exc})"]
-
-
-def _verify_together(comm, path):
-    """``verify`` by all ranks of ``comm``; a rank that cannot open the file must not leave
-    the others in the ``Allgather``, so opening is agreed first."""
-    try:
-        f = open_for_reading(path, "checkpoint")
-        opened = None
-    except UserError as exc:
-        f, opened = None, str(exc)
-    except (OSError, KeyError, ValueError) as exc:
-        f, opened = None, f"{path}: unreadable ({exc})"
-    failed = np.array([opened is not None], np.int32)
-    comm.Allreduce(MPI.IN_PLACE, failed, op=MPI.MAX)
-    if failed[0]:
-        if f is not None:
-            f.close()
-        return [opened or f"{path}: unreadable on another rank"]
-    with f:
-        return _problems(f, path, comm)
+def _failed_anywhere(comm, failed):
+    """Whether ``failed`` is true on any rank of ``comm`` (None: this process)."""
+    if comm is None:
+        return failed
+    flag = np.array([failed], np.int32)
+    comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+    return bool(flag[0])
 
 
 def candidates(run_dir):

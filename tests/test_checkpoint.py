@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (MPIRUN, PER_STEP_READS, PYTHON, _env, granger, mpirun, read_params,
-                      run_command, write_job)
+from conftest import (MPIRUN, PER_STEP_READS, PYTHON, _env, granger, mpirun, mpirun_script,
+                      read_params, run_command, write_job)
 
 
 def job_file(path, dataset, run_dir, **sections):
@@ -293,6 +293,32 @@ def test_a_failed_write_on_one_rank_fails_the_save_on_all(small_dataset, tmp_pat
     assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", "step_00000010.h5"]
     assert json.loads((run_dir / "ckpt" / "latest").read_text())["step"] == 10
     assert granger("inspect", run_dir / "ckpt" / "step_00000010.h5", "--verify").returncode == 0
+
+
+def test_a_read_failing_on_one_rank_fails_the_shared_verification_on_all(tmp_path):
+    """Each rank reads its share back; one whose read fails must tell the others, which
+    would otherwise wait for it in the CRC Allgather until the watchdog."""
+    run = mpirun_script(2, f"""
+        import numpy as np
+        from mpi4py import MPI
+        from granger_mpi import checkpoint
+        from granger_mpi.models import Model
+        comm = MPI.COMM_WORLD
+        model = Model("mlp", (16, 8, 2), "relu", "classification")
+        params = np.arange(model.layout.size, dtype=np.float32)
+        state = checkpoint.TrainState(params, params.copy(), 3, 0, 0)
+        path = checkpoint.save(comm, "{tmp_path / 'run'}", model, state, job_json="{{}}", seed=0,
+                               parallel_from_bytes=0)
+        assert checkpoint.verify(path, comm) == []
+        if comm.Get_rank() == 1:
+            def broken(*args, **kwargs):
+                raise OSError(5, "Input/output error")
+            checkpoint.read_rows = broken
+        print("rank", comm.Get_rank(), checkpoint.verify(path, comm), flush=True)
+    """, tmp_path=tmp_path, timeout=60)
+    assert run.returncode == 0, run.output
+    assert "rank 0 ['" in run.stdout and "unreadable on another rank']" in run.stdout
+    assert "rank 1 ['" in run.stdout and "unreadable ([Errno 5] Input/output error)']" in run.stdout
 
 
 def test_background_checkpoints_resume_bitwise_identical(straight, small_dataset, tmp_path):
