@@ -31,9 +31,11 @@ the outcome: a collective open, close and read-back cost more than they share th
 """
 
 import json
+import math
 import os
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +46,8 @@ from mpi4py import MPI
 from granger_mpi import partition
 from granger_mpi.checksums import CrcPipeline, chunks, combine, crc32
 from granger_mpi.errors import UserError, WriteError, describe_io_error
-from granger_mpi.h5files import (datasets, int_attr, new_dataset, open_for_reading, read_rows,
-                                 set_attr, write_rows)
+from granger_mpi.h5files import (create_file, datasets, int_attr, new_dataset, open_file,
+                                 open_for_reading, read_rows, set_attr, str_attr, write_rows)
 from granger_mpi.runtime import agree, barrier_sleeping
 
 FORMAT = "granger-mpi checkpoint"
@@ -185,8 +187,11 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
              "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
     failed = None
     try:
-        with (h5py.File(tmp, "w") if comm is None else h5py.File(tmp, "w", driver="mpio", comm=comm)) as f:
-            failed = _write(f, comm, tensors, attrs, on_written, slabs, state.params.size)
+        fid = create_file(tmp, comm)
+        try:
+            failed = _write(fid, comm, tensors, attrs, on_written, slabs, state.params.size)
+        finally:
+            fid.close()
         if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
             failed = OSError(28, "No space left on device")
     except (OSError, RuntimeError) as exc:
@@ -199,7 +204,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
                                   f"are untouched")
     _agree_or_remove(comm, report_write, tmp)
 
-    # rank 0 fsyncs the file in a helper thread while the ranks read it back (from the page
+    # rank 0 fsyncs the file in the helper thread while the ranks read it back (from the page
     # cache either way): the two overlap, and the file is renamed only after both.
     fsynced = _fsync_in_background(tmp) if rank == 0 else None
     problems = []
@@ -229,22 +234,36 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
     return final
 
 
+# One helper thread, started once, for the file-system work a save need not wait for at
+# once: fsyncing the new file, deleting old ones.
+_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-io")
+
+
 def _fsync_in_background(path):
-    """Start fsyncing ``path`` in a thread; returns a function that waits for it and returns
-    the OSError it raised, or None."""
-    failure = []
+    """Start fsyncing ``path`` in the helper thread; returns a function that waits for it
+    and returns the OSError it raised, or None."""
+    started = threading.Event()
 
     def run():
         try:
-            _fsync_path(path)
-        except OSError as exc:
-            failure.append(exc)
-    thread = threading.Thread(target=run, name="checkpoint-fsync", daemon=True)
-    thread.start()
+            fd = os.open(path, os.O_RDONLY)
+        finally:
+            started.set()
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    done = _io.submit(run)
+    # Wait until the helper is in fsync: it needs the GIL to get there, and the read-back
+    # that follows would hold it for up to the interpreter's switch interval (5 ms).
+    started.wait()
 
     def wait():
-        thread.join()
-        return failure[0] if failure else None
+        try:
+            done.result()
+        except OSError as exc:
+            return exc
+        return None
     return wait
 
 
@@ -336,7 +355,7 @@ def _gather_crcs(comm, crcs):
     return every
 
 
-def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
+def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     """Create every dataset (collective under mpio), write this rank's rows of each and its
     slab of each sharded dataset, then store every dataset's CRC32 as its ``crc32``.
 
@@ -345,10 +364,10 @@ def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     ``Allgather``). Returns the OSError/RuntimeError of a failed write (the file is still
     closed collectively), or None.
     """
-    datasets = [new_dataset(f, path, array.shape, array.dtype) for path, array in tensors]
-    slab_datasets = [new_dataset(f, path, (slab_length,), np.float32) for path, _ in slabs]
+    datasets = [new_dataset(fid, path, array.shape, array.dtype) for path, array in tensors]
+    slab_datasets = [new_dataset(fid, path, (slab_length,), np.float32) for path, _ in slabs]
     for key, value in attrs.items():
-        set_attr(f.id, key, value)
+        set_attr(fid, key, value)
     if slabs:   # where this rank's shard starts in the flat datasets (before any write can fail)
         shard_sizes = np.empty(comm.Get_size(), np.int64)
         comm.Allgather(np.array([slabs[0][1].size], np.int64), shard_sizes)
@@ -377,7 +396,7 @@ def _write(f, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
         set_attr(dset, "crc32", combine(every[:, i], [n * array[:1].nbytes for n in counts]))
     for i, dset in enumerate(slab_datasets, start=len(datasets)):
         set_attr(dset, "crc32", combine(every[:, i], shard_sizes * 4))
-    set_attr(f.id, "complete", 1)
+    set_attr(fid, "complete", 1)
     return failed
 
 
@@ -386,12 +405,12 @@ def _versions():
     return versions()
 
 
-_pruning = None   # the thread deleting checkpoints beyond keep_last (rank 0)
+_pruning = None   # the deletion of checkpoints beyond keep_last in flight (rank 0)
 
 
 def _update_index(directory, step, keep_last):
     """Point ``latest`` at ``step``; checkpoints beyond the newest ``keep_last`` good ones are
-    deleted by a helper thread (unlinking a GiB file takes a good part of a second, which
+    deleted by the helper thread (unlinking a GiB file takes a good part of a second, which
     training need not wait for; the next save, and ``wait_for_pruning``, wait for it)."""
     global _pruning
     steps = sorted(int(m.group(1)) for p in directory.iterdir() if (m := NAME.match(p.name)))
@@ -403,29 +422,26 @@ def _update_index(directory, step, keep_last):
     _fsync_path(directory)
     doomed = [directory / file_name(s) for s in steps if s not in keep and s < step]
     if doomed:
-        _pruning = threading.Thread(target=lambda: [p.unlink(missing_ok=True) for p in doomed],
-                                    name="checkpoint-prune", daemon=True)
-        _pruning.start()
+        _pruning = _io.submit(lambda: [p.unlink(missing_ok=True) for p in doomed])
 
 
 def wait_for_pruning():
     """Wait until old checkpoints are deleted (before a process that saved ends)."""
     if _pruning is not None:
-        _pruning.join()
+        _pruning.result()
 
 
-def _dataset_crcs(f, comm):
+def _dataset_crcs(fid, comm):
     """``(path, stored crc32 or None, this rank's slab CRC, every rank's slab bytes)`` of each
     dataset, each rank reading its rows (in chunks, the CRC overlapping the next read)."""
-    found = datasets(f)
+    found = [(name, did, did.shape or (1,), did.dtype) for name, did in datasets(fid)]   # a scalar: one row
     share = 1 if comm is None else comm.Get_size()
-    pipeline = CrcPipeline(len(found), sum(int(np.prod(did.shape)) * did.dtype.itemsize
-                                           for _, did in found) // share)
+    pipeline = CrcPipeline(len(found), sum(math.prod(shape) * dtype.itemsize
+                                           for _, _, shape, dtype in found) // share)
     scratch = np.empty(0, np.uint8) if pipeline.inline else None   # checksummed at once: reused
     layout = []
-    for i, (name, did) in enumerate(found):
-        shape = did.shape or (1,)    # a scalar (not written by granger-mpi) is one row
-        row_bytes = did.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    for i, (name, did, shape, dtype) in enumerate(found):
+        row_bytes = dtype.itemsize * math.prod(shape[1:])
         (lo, hi), counts = _rows(shape[0], comm)
         for a, b in chunks(hi - lo, row_bytes):
             if scratch is not None and scratch.size < (b - a) * row_bytes:
@@ -442,15 +458,15 @@ def verify(path, comm=None):
     dataset's rows and all get the same answer: a rank that cannot open or read the file
     says so (one ``Allreduce``) before the others would wait for it in the ``Allgather``.
     """
-    f, found, problem = None, [], None
+    fid, found, problem = None, [], None
     try:
-        f = open_for_reading(path, "checkpoint")
-        if f.attrs.get("format") != FORMAT:
+        fid = open_file(path, "checkpoint")
+        if str_attr(fid, "format") != FORMAT:
             problem = f"{path}: not a granger-mpi checkpoint"
-        elif f.attrs.get("complete") != 1:
+        elif int_attr(fid, "complete") != 1:
             problem = f"{path}: incomplete (the save did not finish)"
         else:
-            found = _dataset_crcs(f, comm)
+            found = _dataset_crcs(fid, comm)
     except UserError as exc:
         problem = str(exc)
     except (OSError, KeyError, ValueError, TypeError) as exc:
@@ -460,8 +476,8 @@ def verify(path, comm=None):
             return [problem or f"{path}: unreadable on another rank"]
         every = _gather_crcs(comm, [crc for _, _, crc, _ in found])
     finally:
-        if f is not None:
-            f.close()
+        if fid is not None:
+            fid.close()
     problems = []
     for i, (name, stored, _, nbytes) in enumerate(found):
         computed = combine(every[:, i], nbytes)
