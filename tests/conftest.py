@@ -128,6 +128,25 @@ def small_dataset(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def reference_run(small_dataset, tmp_path_factory):
+    """``reference_run(n)``: ``(the finished mpirun, its run dir)`` of the default small job
+    (2 epochs, sync, with the test set) at P = n, trained once per session for every test
+    that compares with it; tests only read its run dir."""
+    base = tmp_path_factory.mktemp("reference")
+    done = {}
+
+    def run(n):
+        if n not in done:
+            job = write_job(base / f"p{n}.toml", dataset=small_dataset, run_dir=base / f"p{n}",
+                            data={"test_path": str(small_dataset.with_name("small-test.h5"))})
+            finished = mpirun(n, "train", job, timeout=180)
+            assert finished.returncode == 0, finished.output
+            done[n] = (finished, base / f"p{n}")
+        return done[n]
+    return run
+
+
 def read_params(model_path):
     """Flat parameters of a model file, read with h5py (independent of granger-mpi)."""
     import h5py

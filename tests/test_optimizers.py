@@ -122,25 +122,25 @@ def test_adam_stop_and_resume_is_bitwise_identical(small_dataset, tmp_path):
     assert "holds optimizer state m, v" in other.stderr and "needs velocity" in other.stderr
 
 
-def test_accumulation_matches_one_pass_and_options_train(small_dataset, tmp_path):
+def test_accumulation_matches_one_pass_and_options_train(small_dataset, reference_run, tmp_path):
     """accumulation_steps changes only the order of sums; Nesterov, AdamW, GELU, step decay
     and clipping by value all train to a good test accuracy."""
     test_path = str(small_dataset.with_name("small-test.h5"))
+    plain_run, plain_dir = reference_run(2)     # the default job: one pass per step
     runs = {
-        "plain": {},
         "accumulated": {"train": {"epochs": 2, "accumulation_steps": 3}},
         "nesterov": {"optimizer": {"nesterov": True, "schedule": "step", "step_size": 40, "gamma": 0.5,
                                    "clip_value": 1.0}},
         "adamw": {"optimizer": {**ADAM, "name": "adamw", "weight_decay": 0.01, "scale_with_batch": True,
                                 "base_batch": 128}, "model": {"activation": "gelu", "hidden": [16, 8]}},
     }
-    accuracy = {}
+    accuracy = {"plain": float(plain_run.stdout.split("test set")[1].split("accuracy")[1].split("%")[0])}
     for name, sections in runs.items():
         run = mpirun(2, "train", job(tmp_path, name, small_dataset, data={"test_path": test_path},
                                      **sections), timeout=120)
         assert run.returncode == 0, run.output
         accuracy[name] = float(run.stdout.split("test set")[1].split("accuracy")[1].split("%")[0])
-    plain = read_params(tmp_path / "plain" / "model.h5").astype(np.float64)
+    plain = read_params(plain_dir / "model.h5").astype(np.float64)
     accumulated = read_params(tmp_path / "accumulated" / "model.h5").astype(np.float64)
     relative = np.abs(accumulated - plain).max() / np.abs(plain).max()
     print(f"accumulation_steps = 3 vs 1: max relative difference {relative:.2e}; accuracies {accuracy}")

@@ -3,16 +3,13 @@
 import h5py
 import numpy as np
 
-from conftest import granger, mpirun, write_job
+from conftest import granger, mpirun
 
 
-def test_predict_and_evaluate_from_model_and_checkpoint(small_dataset, tmp_path):
+def test_predict_and_evaluate_from_model_and_checkpoint(small_dataset, reference_run, tmp_path):
     test_file = small_dataset.with_name("small-test.h5")
-    run_dir = tmp_path / "run"
-    trained = mpirun(2, "train", write_job(tmp_path / "job.toml", dataset=small_dataset, run_dir=run_dir,
-                                           train={"epochs": 1}), timeout=120)
-    assert trained.returncode == 0, trained.output
-    ckpt = run_dir / "ckpt" / "step_00000032.h5"
+    _, run_dir = reference_run(2)
+    ckpt = run_dir / "ckpt" / "step_00000064.h5"     # the final checkpoint: model.h5's parameters
     from_model = mpirun(2, "predict", run_dir / "model.h5", test_file, tmp_path / "a.h5")
     from_ckpt = mpirun(2, "predict", ckpt, test_file, tmp_path / "b.h5")
     for run in (from_model, from_ckpt):

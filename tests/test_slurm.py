@@ -180,10 +180,10 @@ def rank_pids(run_dir):
 
 @pytest.fixture(scope="module")
 def job(small_dataset, tmp_path_factory):
-    """A job of 12,800 steps at P = 2 (seconds of training), run by the tests below."""
+    """A job of 6,400 steps at P = 2 (seconds of training), run by the tests below."""
     base = tmp_path_factory.mktemp("slurm-jobs")
     return write_job(base / "long.toml", dataset=small_dataset, run_dir=base / "direct",
-                     train={"epochs": 400}, collectives={"algorithm": "ring"},
+                     train={"epochs": 200}, collectives={"algorithm": "ring"},
                      output={"progress_interval_s": 0.2}, data=PER_STEP_READS)
 
 
@@ -215,7 +215,7 @@ def test_time_limit_checkpoints_requeues_resumes_and_ends_bitwise_identical(slur
     out = tmp_path / f"{name}.out"
     run_dir = tmp_path / "runs" / name
     with reported(slurm, lambda _: out) as jobs:
-        job_id = slurm.sbatch("-J", name, "-n", "2", "--time=10", "--signal=B:USR1@60",
+        job_id = slurm.sbatch("-J", name, "-n", "2", "--time=10", "--signal=B:USR1@120",
                               "-o", out, SBATCH_SCRIPT, job, cwd=tmp_path)
         jobs.append(job_id)
         wait_until(lambda: "\nstep " in text_of(out), 120, "the first progress line")
@@ -226,17 +226,17 @@ def test_time_limit_checkpoints_requeues_resumes_and_ends_bitwise_identical(slur
                            60, "the checkpoint asked for with USR1")[0]
         wait_until(lambda: lines_after(out, saved, "step "), 60, "training to go on after the checkpoint")
         assert slurm.job(job_id)["JobState"] == "RUNNING"
-        assert granger("inspect", saved.split()[1], "--verify").returncode == 0
 
-        # Freeze the ranks, and bring the time limit within a minute: Slurm's warning follows.
+        # Freeze the ranks, and bring the time limit within two minutes: Slurm's warning follows.
         ranks = rank_pids(run_dir)
         assert len(ranks) == 2, f"training ended too early to be interrupted: ranks {ranks}\n{text_of(out)}"
         for pid in ranks:
             os.kill(pid, signal.SIGSTOP)
         try:
-            # Limit (whole minutes) such that 45-105 s remain: the warning (lead 60 s) comes at
-            # slurmctld's next 30-second check that finds at most 90 s left.
-            minutes = -(-(seconds(slurm.job(job_id)["RunTime"]) + 45) // 60)
+            assert granger("inspect", saved.split()[1], "--verify").returncode == 0
+            # Limit (whole minutes) such that 60-120 s remain: the warning (lead 120 s) comes at
+            # slurmctld's next 30-second check, with at least 30 s left for the checkpoint.
+            minutes = -(-(seconds(slurm.job(job_id)["RunTime"]) + 60) // 60)
             slurm.command("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}")
             wait_until(lambda: "left before the time limit: checkpoint, stop, requeue" in text_of(out),
                        90, "Slurm's time-limit signal (USR1 to the batch shell)")
@@ -258,7 +258,7 @@ def test_time_limit_checkpoints_requeues_resumes_and_ends_bitwise_identical(slur
         assert np.array_equal(bits(slurm_params), bits(direct()))
         import h5py
         with h5py.File(run_dir / "metrics.h5", "r") as f:   # every step once across the requeue
-            assert np.array_equal(f["step"][...], np.arange(12800))
+            assert np.array_equal(f["step"][...], np.arange(6400))
         assert not (run_dir / "STOP").exists()
         print(f"bitwise identical: {slurm_params.size} parameters of {run_dir / 'model.h5'} and the "
               f"direct mpirun run's")
