@@ -185,11 +185,22 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
              "model": json.dumps(model.spec()), "job": job_json,
              "versions": json.dumps(_versions()),
              "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
+    # Rank 0 makes the file durable in two steps, each in a helper thread: an fdatasync as
+    # soon as its rows are written, under the metadata HDF5 still has to write, then an
+    # fsync after closing, under the read-back (from the page cache either way). The file
+    # is renamed only after both; a small one's fsync takes as long as all the rest.
+    syncs = []
+
+    def written():
+        if rank == 0:
+            syncs.append(_fsync_in_background(tmp, data_only=True))
+        if on_written is not None:
+            on_written()
     failed = None
     try:
         fid = create_file(tmp, comm)
         try:
-            failed = _write(fid, comm, tensors, attrs, on_written, slabs, state.params.size)
+            failed = _write(fid, comm, tensors, attrs, written, slabs, state.params.size)
         finally:
             fid.close()
         if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
@@ -204,15 +215,14 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
                                   f"are untouched")
     _agree_or_remove(comm, report_write, tmp)
 
-    # rank 0 fsyncs the file in the helper thread while the ranks read it back (from the page
-    # cache either way): the two overlap, and the file is renamed only after both.
-    fsynced = _fsync_in_background(tmp) if rank == 0 else None
+    if rank == 0:
+        syncs.append(_fsync_in_background(tmp))
     problems = []
     if verify_after_write:
         problems = verify(tmp, comm)
 
     def flushed_and_verified():
-        failure = fsynced() if fsynced is not None else None
+        failure = next((exc for exc in [wait() for wait in syncs] if exc is not None), None)
         if failure is not None:
             raise CheckpointError(f"checkpoint at step {state.step}: {describe_io_error(failure)}; "
                                   f"earlier checkpoints are untouched")
@@ -234,14 +244,14 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
     return final
 
 
-# One helper thread, started once, for the file-system work a save need not wait for at
-# once: fsyncing the new file, deleting old ones.
-_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-io")
+# Helper threads, started once, for the file-system work a save need not wait for at once:
+# fsyncing the new file (twice, the second while the first may still run), deleting old ones.
+_io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checkpoint-io")
 
 
-def _fsync_in_background(path):
-    """Start fsyncing ``path`` in the helper thread; returns a function that waits for it
-    and returns the OSError it raised, or None."""
+def _fsync_in_background(path, data_only=False):
+    """Start fsyncing (``data_only``: fdatasyncing) ``path`` in a helper thread; returns a
+    function that waits for it and returns the OSError it raised, or None."""
     started = threading.Event()
 
     def run():
@@ -250,7 +260,7 @@ def _fsync_in_background(path):
         finally:
             started.set()
         try:
-            os.fsync(fd)
+            (os.fdatasync if data_only else os.fsync)(fd)
         finally:
             os.close(fd)
     done = _io.submit(run)
@@ -357,7 +367,8 @@ def _gather_crcs(comm, crcs):
 
 def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     """Create every dataset (collective under mpio), write this rank's rows of each and its
-    slab of each sharded dataset, then store every dataset's CRC32 as its ``crc32``.
+    slab of each sharded dataset (then call ``on_written``), then store the root attributes
+    ``attrs`` and every dataset's CRC32 as its ``crc32``.
 
     The CRC of what this rank writes is computed from memory (in a helper thread while the
     writes go on, when there is enough of it); the ranks' slab CRCs are then combined (one
@@ -366,8 +377,6 @@ def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     """
     datasets = [new_dataset(fid, path, array.shape, array.dtype) for path, array in tensors]
     slab_datasets = [new_dataset(fid, path, (slab_length,), np.float32) for path, _ in slabs]
-    for key, value in attrs.items():
-        set_attr(fid, key, value)
     if slabs:   # where this rank's shard starts in the flat datasets (before any write can fail)
         shard_sizes = np.empty(comm.Get_size(), np.int64)
         comm.Allgather(np.array([slabs[0][1].size], np.int64), shard_sizes)
@@ -381,16 +390,18 @@ def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
         for i, (dset, (_, array), ((lo, hi), _)) in enumerate(zip(datasets, tensors, rows)):
             for a, b in chunks(hi - lo, array[:1].nbytes):
                 part = array[lo + a:lo + b]
-                write_rows(dset, lo + a, part)
+                write_rows(dset, lo + a, part, array.shape[0])
                 pipeline.feed(i, part)
         for i, (dset, (_, slab)) in enumerate(zip(slab_datasets, slabs), start=len(datasets)):
             for a, b in chunks(slab.size, slab.itemsize):
-                write_rows(dset, start + a, slab[a:b])
+                write_rows(dset, start + a, slab[a:b], slab_length)
                 pipeline.feed(i, slab[a:b])
         if on_written is not None:
             on_written()
     except (OSError, RuntimeError) as exc:
         failed = exc
+    for key, value in attrs.items():
+        set_attr(fid, key, value)
     every = _gather_crcs(comm, pipeline.results())
     for i, (dset, (_, array), (_, counts)) in enumerate(zip(datasets, tensors, rows)):
         set_attr(dset, "crc32", combine(every[:, i], [n * array[:1].nbytes for n in counts]))
@@ -446,7 +457,7 @@ def _dataset_crcs(fid, comm):
         for a, b in chunks(hi - lo, row_bytes):
             if scratch is not None and scratch.size < (b - a) * row_bytes:
                 scratch = np.empty((b - a) * row_bytes, np.uint8)
-            pipeline.feed(i, read_rows(did, lo + a, lo + b, scratch))
+            pipeline.feed(i, read_rows(did, lo + a, lo + b, scratch, (shape, dtype)))
         layout.append((name, int_attr(did, "crc32"), [n * row_bytes for n in counts]))
     return [(name, stored, crc, nbytes) for (name, stored, nbytes), crc in zip(layout, pipeline.results())]
 

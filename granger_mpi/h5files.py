@@ -132,23 +132,28 @@ def _rows_space(did, lo, count):
     return space
 
 
-def write_rows(did, lo, rows):
-    """``dataset[lo:lo + len(rows)] = rows`` (C-contiguous ``rows``, at least one)."""
-    did.write(h5s.create_simple(rows.shape), _rows_space(did, lo, rows.shape),
-              np.ascontiguousarray(rows))
+def write_rows(did, lo, rows, dataset_rows=None):
+    """``dataset[lo:lo + len(rows)] = rows`` (C-contiguous ``rows``, at least one). Given the
+    dataset's row count ``dataset_rows``, a write of all its rows needs no selection."""
+    rows = np.ascontiguousarray(rows)
+    if lo == 0 and len(rows) == dataset_rows:
+        did.write(h5s.ALL, h5s.ALL, rows)
+    else:
+        did.write(h5s.create_simple(rows.shape), _rows_space(did, lo, rows.shape), rows)
 
 
-def read_rows(did, lo, hi, scratch=None):
+def read_rows(did, lo, hi, scratch=None, layout=None):
     """``dataset[lo:hi]`` (``hi > lo``; a scalar dataset: its value), as a new array or, to
-    spare the page faults of a fresh one, a view of ``scratch`` (bytes, large enough)."""
-    dims, dtype = did.shape, did.dtype
+    spare the page faults of a fresh one, a view of ``scratch`` (bytes, large enough).
+    ``layout``: the dataset's ``(shape, dtype)``, when the caller has them."""
+    dims, dtype = layout or (did.shape, did.dtype)
     shape = (hi - lo,) + dims[1:] if dims else ()
     if scratch is None:
         out = np.empty(shape, dtype)
     else:
         out = scratch[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
-    if shape:
-        did.read(h5s.create_simple(shape), _rows_space(did, lo, shape), out)
-    else:
+    if not dims or (lo == 0 and hi == dims[0]):    # the whole dataset: no selection needed
         did.read(h5s.ALL, h5s.ALL, out)
+    else:
+        did.read(h5s.create_simple(shape), _rows_space(did, lo, shape), out)
     return out
