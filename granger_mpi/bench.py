@@ -279,26 +279,37 @@ def main_checkpoint(comm, args):
         params = np.random.default_rng(0).random(model.layout.size).astype(np.float32)
         state = checkpoint.TrainState(params, params.copy(), 0, 0, 0)
         nbytes = 2 * params.nbytes
-        for rep in range(args.reps):
-            state.step = rep + 1
+        def save():
             comm.Barrier()
             t0 = time.perf_counter()
             checkpoint.save(comm, work / f"{mib}", model, state, job_json="{}", seed=0, keep_last=1,
                             verify_after_write=not args.no_verify)
             comm.Barrier()
-            ours = time.perf_counter() - t0
-            checkpoint.wait_for_pruning()    # its deletions must not slow the dd below
-            dd_seconds = np.zeros(1)
+            seconds = time.perf_counter() - t0
+            checkpoint.wait_for_pruning()    # its deletions must not slow the dd
+            return seconds
+
+        def dd():
+            seconds = np.zeros(1)
             if rank == 0:
                 target = work / "dd.bin"
                 t0 = time.perf_counter()
                 subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={nbytes}",
                                 "iflag=count_bytes", "conv=fsync"], check=True, capture_output=True)
-                dd_seconds[0] = time.perf_counter() - t0
+                seconds[0] = time.perf_counter() - t0
                 target.unlink()
-            comm.Bcast(dd_seconds, root=0)
+            comm.Bcast(seconds, root=0)
+            return float(seconds[0])
+        for rep in range(args.reps):
+            state.step = rep + 1
+            # Each goes first in every other rep: what runs just before (busy or waiting)
+            # changes how fast a small fsync is here.
+            if rep % 2:
+                dd_s, ours = dd(), save()
+            else:
+                ours, dd_s = save(), dd()
             rows.append({"ranks": size, "mib": nbytes / 2**20, "rep": rep, "save_s": ours,
-                         "dd_s": float(dd_seconds[0])})
+                         "dd_s": dd_s})
         shutil.rmtree(work / f"{mib}", ignore_errors=True) if rank == 0 else None
     if rank == 0:
         write_csv(rows, Path(args.out) / f"checkpoint{'_noverify' if args.no_verify else ''}_p{size}.csv")
