@@ -15,10 +15,10 @@ Layout of ``RUN_DIR/ckpt/step_XXXXXXXX.h5`` (``h5ls -r`` and ``h5dump`` read it)
   list), ``complete`` (written last). The optimizer's step count is ``step``.
 
 How a save stays atomic (SCR, PyTorch DCP): the state goes into ``step_XXXXXXXX.h5.tmp``,
-each tensor checksummed from memory as it is written (``checksums``); the file is fsynced,
-read back and its checksums verified; only then is it renamed to its final name,
-``latest`` pointed at it (both renames made durable by one fsync of the directory), and
-checkpoints beyond ``keep_last`` deleted (in the background). A crash at any point leaves
+each tensor checksummed from memory as it is written (``checksums``); the file is fsynced
+(starting as soon as its data is written) and read back, its checksums verified; only then
+is it renamed to its final name, ``latest`` pointed at it (both renames made durable by one
+fsync of the directory), and checkpoints beyond ``keep_last`` deleted (in the background). A crash at any point leaves
 the previous good checkpoint in place; a torn or corrupt file is detected by its checksums
 and skipped by ``--resume auto``.
 
@@ -188,7 +188,8 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
     # Rank 0 makes the file durable in two steps, each in a helper thread: an fdatasync as
     # soon as its rows are written, under the metadata HDF5 still has to write, then an
     # fsync after closing, under the read-back (from the page cache either way). The file
-    # is renamed only after both; a small one's fsync takes as long as all the rest.
+    # is renamed only after both. (A 1 MiB file's fsync takes as long as the rest of its
+    # save: 3-6 ms here; this hides it.)
     syncs = []
 
     def written():
