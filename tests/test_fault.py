@@ -58,7 +58,7 @@ def test_p4_rank_killed_from_outside_finishes_on_3_and_matches_an_undisturbed_ru
     run_dir = tmp_path / "run"
     log_dir = tmp_path / "rows"
     log_dir.mkdir()
-    epochs = 30
+    epochs = 100
     test_set = small_dataset.with_name("small-test.h5")
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": epochs},
                    data={"test_path": str(test_set), **PER_STEP_READS},
