@@ -10,8 +10,8 @@ def test_predict_and_evaluate_from_model_and_checkpoint(small_dataset, reference
     test_file = small_dataset.with_name("small-test.h5")
     _, run_dir = reference_run(2)
     ckpt = run_dir / "ckpt" / "step_00000064.h5"     # the final checkpoint: model.h5's parameters
-    from_model = mpirun(2, "predict", run_dir / "model.h5", test_file, tmp_path / "a.h5")
-    from_ckpt = mpirun(2, "predict", ckpt, test_file, tmp_path / "b.h5")
+    from_model = mpirun(2, "predict", run_dir / "model.h5", test_file, tmp_path / "a.h5", timeout=120)
+    from_ckpt = mpirun(2, "predict", ckpt, test_file, tmp_path / "b.h5", timeout=120)
     for run in (from_model, from_ckpt):
         assert run.returncode == 0, run.output
         assert "predictions for 500 rows" in run.stdout
