@@ -132,18 +132,20 @@ def small_dataset(tmp_path_factory):
 def reference_run(small_dataset, tmp_path_factory):
     """``reference_run(n)``: ``(the finished mpirun, its run dir)`` of the default small job
     (2 epochs, sync, with the test set) at P = n, trained once per session for every test
-    that compares with it; tests only read its run dir."""
+    that compares with it; tests only read its run dir. ``reference_run(n, copy=1)``: the
+    same job trained once more, in a run dir of its own."""
     base = tmp_path_factory.mktemp("reference")
     done = {}
 
-    def run(n):
-        if n not in done:
-            job = write_job(base / f"p{n}.toml", dataset=small_dataset, run_dir=base / f"p{n}",
+    def run(n, copy=0):
+        label = f"p{n}" + (f"-copy{copy}" if copy else "")
+        if label not in done:
+            job = write_job(base / f"{label}.toml", dataset=small_dataset, run_dir=base / label,
                             data={"test_path": str(small_dataset.with_name("small-test.h5"))})
             finished = mpirun(n, "train", job, timeout=180)
             assert finished.returncode == 0, finished.output
-            done[n] = (finished, base / f"p{n}")
-        return done[n]
+            done[label] = (finished, base / label)
+        return done[label]
     return run
 
 
