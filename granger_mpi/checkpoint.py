@@ -48,7 +48,7 @@ from granger_mpi.checksums import CrcPipeline, chunks, combine, crc32
 from granger_mpi.errors import UserError, WriteError, describe_io_error
 from granger_mpi.h5files import (create_file, datasets, int_attr, new_dataset, open_file,
                                  open_for_reading, read_rows, set_attr, str_attr, write_rows)
-from granger_mpi.runtime import agree, barrier_sleeping
+from granger_mpi.runtime import agree, raise_agreed
 
 FORMAT = "granger-mpi checkpoint"
 NAME = re.compile(r"^step_(\d{8})\.h5$")
@@ -151,12 +151,7 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
             failure = exc
     elif on_written is not None:
         on_written()
-    barrier_sleeping(comm)
-
-    def outcome():
-        if failure is not None:
-            raise failure
-    _agree(comm, outcome)
+    raise_agreed(comm, failure, sleeping=True)
     return checkpoint_dir(run_dir) / file_name(state.step)
 
 
@@ -428,11 +423,20 @@ def _update_index(directory, step, keep_last):
     steps = sorted(int(m.group(1)) for p in directory.iterdir() if (m := NAME.match(p.name)))
     keep = [s for s in steps if s <= step][-keep_last:]
     index = {"latest": file_name(step), "step": step, "kept": [file_name(s) for s in keep]}
-    tmp = directory / "latest.tmp"
+    tmp, latest, old = (directory / name for name in ("latest.tmp", "latest", "latest.old"))
     tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, directory / "latest")
+    # The old index gets a second name first, which the helper thread deletes: a rename
+    # over a file's last name frees its blocks on the save's path (0.8 ms here, 0.3 this way).
+    try:
+        os.link(latest, old)
+    except FileExistsError:     # left by a process that ended before deleting it
+        old.unlink()
+        os.link(latest, old)
+    except OSError:             # the first save, or no hard links on this file system
+        old = None
+    os.replace(tmp, latest)
     _fsync_path(directory)
-    doomed = [directory / file_name(s) for s in steps if s not in keep and s < step]
+    doomed = [directory / file_name(s) for s in steps if s not in keep and s < step] + [old] * bool(old)
     if doomed:
         _pruning = _io.submit(lambda: [p.unlink(missing_ok=True) for p in doomed])
 

@@ -102,22 +102,30 @@ def datasets(fid):
     return found
 
 
+def _open_attr(oid, name):
+    """Attribute ``name`` of the object with low-level id ``oid``, or None if it has none
+    (one call where asking first would make two)."""
+    try:
+        return h5a.open(oid, name.encode())
+    except KeyError:
+        return None
+
+
 def int_attr(oid, name):
     """Integer attribute ``name`` of the object with low-level id ``oid``, or None."""
-    if not h5a.exists(oid, name.encode()):
+    attr = _open_attr(oid, name)
+    if attr is None:
         return None
     value = np.empty((), np.int64)
-    h5a.open(oid, name.encode()).read(value)
+    attr.read(value)
     return int(value)
 
 
 def str_attr(oid, name):
     """String attribute ``name`` of the object with low-level id ``oid``, or None (also when
     it holds no string)."""
-    if not h5a.exists(oid, name.encode()):
-        return None
-    attr = h5a.open(oid, name.encode())
-    if attr.get_type().get_class() != h5t.STRING:
+    attr = _open_attr(oid, name)
+    if attr is None or attr.get_type().get_class() != h5t.STRING:
         return None
     value = np.empty((), _STRING)
     attr.read(value, mtype=_types(_STRING)[1])

@@ -35,12 +35,33 @@ def agree(comm, fn, *args, **kwargs):
         result = fn(*args, **kwargs)
     except UserError as exc:
         error = exc
+    raise_agreed(comm, error)
+    return result
+
+
+_POLL_S = 1e-4    # how long ranks that agree ``sleeping`` sleep between polls
+
+
+def raise_agreed(comm, error, sleeping=False):
+    """Collective over ``comm``: when ``error`` (a ``UserError``, or None) is set on any
+    rank, raise the lowest such rank's error (message and exit code) on every rank.
+
+    ``sleeping``: the ranks poll the agreement and sleep in between instead of spinning in
+    MPI, for ranks that wait a long time for one busy rank (a checkpoint rank 0 writes
+    alone), so that they leave the cores to its I/O threads and the kernel's writeback. It
+    costs at most ``_POLL_S`` more, and it also serves as the barrier those ranks wait in.
+    """
     rank = comm.Get_rank()
     failing = np.array([rank if error is not None else comm.Get_size()], np.int64)
-    comm.Allreduce(MPI.IN_PLACE, failing, op=MPI.MIN)
+    if sleeping:
+        request = comm.Iallreduce(MPI.IN_PLACE, failing, op=MPI.MIN)
+        while not request.Test():
+            time.sleep(_POLL_S)
+    else:
+        comm.Allreduce(MPI.IN_PLACE, failing, op=MPI.MIN)
     first = int(failing[0])
     if first == comm.Get_size():
-        return result
+        return
     code = np.array([error.exit_code if rank == first else 0], np.int64)
     comm.Bcast(code, root=first)
     message = bcast_text(comm, str(error) if rank == first else "", first)
@@ -48,14 +69,6 @@ def agree(comm, fn, *args, **kwargs):
     agreed.exit_code = int(code[0])
     raise agreed
 
-
-def barrier_sleeping(comm, interval_s=1e-4):
-    """``Barrier`` that sleeps between polls instead of spinning: for ranks that wait a long
-    time for one busy rank (a checkpoint rank 0 writes alone), so that they leave the
-    cores to its I/O threads and the kernel's writeback. Costs at most ``interval_s``."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(interval_s)
 
 
 def say(comm, message, *, file=sys.stdout):
