@@ -30,6 +30,7 @@ rank 0 writes, checks and publishes it alone with serial HDF5 while the others w
 the outcome: a collective open, close and read-back cost more than they share there.
 """
 
+import functools
 import json
 import math
 import os
@@ -178,7 +179,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
              "step_in_epoch": state.step_in_epoch, "world_size": world_size, "writers": size,
              "seed": seed,
              "model": json.dumps(model.spec()), "job": job_json,
-             "versions": json.dumps(_versions()),
+             "versions": _versions_json(),
              "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
     # Rank 0 makes the file durable in two steps, each in a helper thread: an fdatasync as
     # soon as its rows are written, under the metadata HDF5 still has to write, then an
@@ -407,9 +408,11 @@ def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     return failed
 
 
-def _versions():
+@functools.cache
+def _versions_json():
+    """The ``versions`` attribute (the same for every save of a process)."""
     from granger_mpi.modelfile import versions
-    return versions()
+    return json.dumps(versions())
 
 
 _pruning = None   # the deletion of checkpoints beyond keep_last in flight (rank 0)

@@ -144,10 +144,12 @@ def write_rows(did, lo, rows, dataset_rows=None):
     """``dataset[lo:lo + len(rows)] = rows`` (C-contiguous ``rows``, at least one). Given the
     dataset's row count ``dataset_rows``, a write of all its rows needs no selection."""
     rows = np.ascontiguousarray(rows)
+    memory_type = _types(rows.dtype)[1]     # h5py would make a new one for every call
     if lo == 0 and len(rows) == dataset_rows:
-        did.write(h5s.ALL, h5s.ALL, rows)
+        did.write(h5s.ALL, h5s.ALL, rows, mtype=memory_type)
     else:
-        did.write(h5s.create_simple(rows.shape), _rows_space(did, lo, rows.shape), rows)
+        did.write(h5s.create_simple(rows.shape), _rows_space(did, lo, rows.shape), rows,
+                  mtype=memory_type)
 
 
 def read_rows(did, lo, hi, scratch=None, layout=None):
@@ -160,8 +162,9 @@ def read_rows(did, lo, hi, scratch=None, layout=None):
         out = np.empty(shape, dtype)
     else:
         out = scratch[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+    memory_type = _types(dtype)[1]
     if not dims or (lo == 0 and hi == dims[0]):    # the whole dataset: no selection needed
-        did.read(h5s.ALL, h5s.ALL, out)
+        did.read(h5s.ALL, h5s.ALL, out, mtype=memory_type)
     else:
-        did.read(h5s.create_simple(shape), _rows_space(did, lo, shape), out)
+        did.read(h5s.create_simple(shape), _rows_space(did, lo, shape), out, mtype=memory_type)
     return out
