@@ -152,7 +152,9 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
             failure = exc
     elif on_written is not None:
         on_written()
-    raise_agreed(comm, failure, sleeping=True)
+    # The others have waited all along: rank 0, the last to arrive, finishes the agreement
+    # at once (sleeping between polls, it paid a sleep per message round, 0.3 ms at P = 4).
+    raise_agreed(comm, failure, sleeping=comm.Get_rank() != 0)
     return checkpoint_dir(run_dir) / file_name(state.step)
 
 

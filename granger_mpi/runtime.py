@@ -42,23 +42,26 @@ def agree(comm, fn, *args, **kwargs):
 _POLL_S = 1e-4    # how long ranks that agree ``sleeping`` sleep between polls
 
 
-def raise_agreed(comm, error, sleeping=False):
+def raise_agreed(comm, error, sleeping=None):
     """Collective over ``comm``: when ``error`` (a ``UserError``, or None) is set on any
     rank, raise the lowest such rank's error (message and exit code) on every rank.
 
-    ``sleeping``: the ranks poll the agreement and sleep in between instead of spinning in
-    MPI, for ranks that wait a long time for one busy rank (a checkpoint rank 0 writes
-    alone), so that they leave the cores to its I/O threads and the kernel's writeback. It
-    costs at most ``_POLL_S`` more, and it also serves as the barrier those ranks wait in.
+    ``sleeping`` True: this rank polls the agreement and sleeps in between instead of
+    spinning in MPI, for ranks that wait a long time for one busy rank (a checkpoint rank 0
+    writes alone), so that they leave the cores to its I/O threads and the kernel's
+    writeback; it costs at most ``_POLL_S`` more, and serves as the barrier they wait in.
+    False: the busy rank's side of that (it just waits). Every rank must pass None (a
+    blocking ``Allreduce``) or every rank True or False (one ``Iallreduce``).
     """
     rank = comm.Get_rank()
     failing = np.array([rank if error is not None else comm.Get_size()], np.int64)
-    if sleeping:
-        request = comm.Iallreduce(MPI.IN_PLACE, failing, op=MPI.MIN)
-        while not request.Test():
-            time.sleep(_POLL_S)
-    else:
+    if sleeping is None:
         comm.Allreduce(MPI.IN_PLACE, failing, op=MPI.MIN)
+    else:
+        request = comm.Iallreduce(MPI.IN_PLACE, failing, op=MPI.MIN)
+        while sleeping and not request.Test():
+            time.sleep(_POLL_S)
+        request.Wait()
     first = int(failing[0])
     if first == comm.Get_size():
         return
