@@ -382,7 +382,11 @@ def test_timed_checkpoints(small_dataset, tmp_path):
     assert len(saves) >= 2, run.stdout[-2000:]
     kept = sorted(p.name for p in (run_dir / "ckpt").glob("step_*.h5"))
     assert len(kept) == 2                                      # keep_last prunes the rest
-    assert json.loads((run_dir / "ckpt" / "latest").read_text())["latest"] == kept[-1]
+    index = json.loads((run_dir / "ckpt" / "latest").read_text())
+    assert index["latest"] == kept[-1] and index["kept"] == kept
+    # every replaced index (a second name, latest.old, until the pruning thread deletes it)
+    # and every temporary file is gone once the run has ended
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", *kept]
 
 
 def test_supervise_restarts_after_a_killed_rank_and_ends_bitwise_identical(straight, small_dataset,
