@@ -441,7 +441,9 @@ def _update_index(directory, step, keep_last):
         old = None
     os.replace(tmp, latest)
     _fsync_path(directory)
-    doomed = [directory / file_name(s) for s in steps if s not in keep and s < step] + [old] * bool(old)
+    doomed = [directory / file_name(s) for s in steps if s not in keep and s < step]
+    if old is not None:
+        doomed.append(old)
     if doomed:
         _pruning = _io.submit(lambda: [p.unlink(missing_ok=True) for p in doomed])
 

@@ -73,7 +73,6 @@ def raise_agreed(comm, error, sleeping=None):
     raise agreed
 
 
-
 def say(comm, message, *, file=sys.stdout):
     """Print from rank 0 only, flushed (stdout of other ranks is noise in a job log)."""
     if comm.Get_rank() == 0:
