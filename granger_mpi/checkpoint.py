@@ -18,9 +18,9 @@ How a save stays atomic (SCR, PyTorch DCP): the state goes into ``step_XXXXXXXX.
 each tensor checksummed from memory as it is written (``checksums``); the file is fsynced
 (starting as soon as its data is written) and read back, its checksums verified; only then
 is it renamed to its final name, ``latest`` pointed at it (both renames made durable by one
-fsync of the directory), and checkpoints beyond ``keep_last`` deleted (in the background). A crash at any point leaves
-the previous good checkpoint in place; a torn or corrupt file is detected by its checksums
-and skipped by ``--resume auto``.
+fsync of the directory), and checkpoints beyond ``keep_last`` deleted (in the background).
+A crash at any point leaves the previous good checkpoint in place; a torn or corrupt file
+is detected by its checksums and skipped by ``--resume auto``.
 
 Who writes: a large or sharded state is written by every rank, its rows of every tensor
 into the one file opened with the mpio driver (creating datasets and attributes is
