@@ -30,6 +30,7 @@ rank 0 writes, checks and publishes it alone with serial HDF5 while the others w
 the outcome: a collective open, close and read-back cost more than they share there.
 """
 
+import errno
 import functools
 import json
 import math
@@ -101,14 +102,6 @@ def _tensors(model, state):
         for name, view in model.layout.views(flat).items():
             out.append((f"{group}/{name}", view))
     return out
-
-
-def _fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # Below this much unsharded state, rank 0 writes the whole file alone with serial HDF5 (the
@@ -233,8 +226,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
     def publish():
         if rank == 0:
             try:
-                tmp.replace(final)
-                _update_index(directory, state.step, keep_last)
+                _publish(directory, state.step, keep_last)
             except OSError as exc:
                 raise CheckpointError(f"checkpoint {final} was written but not published "
                                       f"({describe_io_error(exc)}); earlier checkpoints are "
@@ -420,32 +412,52 @@ def _versions_json():
 _pruning = None   # the deletion of checkpoints beyond keep_last in flight (rank 0)
 
 
-def _update_index(directory, step, keep_last):
-    """Point ``latest`` at ``step``; checkpoints beyond the newest ``keep_last`` good ones are
-    deleted by the helper thread (unlinking a GiB file takes a good part of a second, which
-    training need not wait for; the next save, and ``wait_for_pruning``, wait for it)."""
+def _publish(directory, step, keep_last):
+    """Rename the verified ``step_XXXXXXXX.h5.tmp`` to its final name, point ``latest`` at
+    it, make both renames durable with one fsync of the directory, then start deleting the
+    checkpoints beyond the newest ``keep_last`` in the helper thread (unlinking a GiB file
+    takes a good part of a second, which training need not wait for; the next save, and
+    ``wait_for_pruning``, wait for it). Names are resolved through one descriptor of the
+    directory, the one fsynced: half the system calls of paths."""
     global _pruning
-    steps = sorted(int(m.group(1)) for p in directory.iterdir() if (m := NAME.match(p.name)))
-    keep = [s for s in steps if s <= step][-keep_last:]
-    index = {"latest": file_name(step), "step": step, "kept": [file_name(s) for s in keep]}
-    tmp, latest, old = (directory / name for name in ("latest.tmp", "latest", "latest.old"))
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    # The old index gets a second name first, which the helper thread deletes: a rename
-    # over a file's last name frees its blocks on the save's path (0.8 ms here, 0.3 this way).
+    name = file_name(step)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    at = dict(src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     try:
-        os.link(latest, old)
-    except FileExistsError:     # left by a process that ended before deleting it
-        old.unlink()
-        os.link(latest, old)
-    except OSError:             # the first save, or no hard links on this file system
-        old = None
-    os.replace(tmp, latest)
-    _fsync_path(directory)
+        os.replace(name + ".tmp", name, **at)
+        steps = sorted(int(m.group(1)) for entry in os.listdir(dir_fd) if (m := NAME.match(entry)))
+        keep = [s for s in steps if s <= step][-keep_last:]
+        index = {"latest": name, "step": step, "kept": [file_name(s) for s in keep]}
+        _write_new("latest.tmp", (json.dumps(index, indent=1) + "\n").encode(), dir_fd)
+        # The old index gets a second name first, which the helper thread deletes: a rename
+        # over a file's last name frees its blocks on the save's path (0.8 ms here, 0.3 this way).
+        old = "latest.old"
+        try:
+            os.link("latest", old, **at)
+        except FileExistsError:     # left by a process that ended before deleting it
+            os.unlink(old, dir_fd=dir_fd)
+            os.link("latest", old, **at)
+        except OSError:             # the first save, or no hard links on this file system
+            old = None
+        os.replace("latest.tmp", "latest", **at)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     doomed = [directory / file_name(s) for s in steps if s not in keep and s < step]
     if old is not None:
-        doomed.append(old)
+        doomed.append(directory / old)
     if doomed:
         _pruning = _io.submit(lambda: [p.unlink(missing_ok=True) for p in doomed])
+
+
+def _write_new(name, data, dir_fd):
+    """Write ``data`` to the file ``name`` in the directory open as ``dir_fd`` (truncated)."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dir_fd)
+    try:
+        if os.write(fd, data) != len(data):     # a regular file: short only when full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    finally:
+        os.close(fd)
 
 
 def wait_for_pruning():
