@@ -49,7 +49,8 @@ from granger_mpi import partition
 from granger_mpi.checksums import CrcPipeline, chunks, combine, crc32
 from granger_mpi.errors import UserError, WriteError, describe_io_error
 from granger_mpi.h5files import (create_file, datasets, int_attr, new_dataset, open_file,
-                                 open_for_reading, read_rows, set_attr, str_attr, write_rows)
+                                 open_for_reading, read_rows, set_attr, stored_layout, str_attr,
+                                 write_rows)
 from granger_mpi.runtime import agree, raise_agreed
 
 FORMAT = "granger-mpi checkpoint"
@@ -469,19 +470,20 @@ def wait_for_pruning():
 def _dataset_crcs(fid, comm):
     """``(path, stored crc32 or None, this rank's slab CRC, every rank's slab bytes)`` of each
     dataset, each rank reading its rows (in chunks, the CRC overlapping the next read)."""
-    found = [(name, did, did.shape or (1,), did.dtype) for name, did in datasets(fid)]   # a scalar: one row
+    found = [(name, did, stored_layout(did)) for name, did in datasets(fid)]
+    sizes = [(dims[0], file_type.get_size() * math.prod(dims[1:]))    # (rows, bytes a row)
+             for _, _, (dims, file_type) in found]
     share = 1 if comm is None else comm.Get_size()
-    pipeline = CrcPipeline(len(found), sum(math.prod(shape) * dtype.itemsize
-                                           for _, _, shape, dtype in found) // share)
-    scratch = np.empty(0, np.uint8) if pipeline.inline else None   # checksummed at once: reused
+    pipeline = CrcPipeline(len(found), sum(rows * row_bytes for rows, row_bytes in sizes) // share)
+    scratch = np.empty(0, np.uint8)
     layout = []
-    for i, (name, did, shape, dtype) in enumerate(found):
-        row_bytes = dtype.itemsize * math.prod(shape[1:])
-        (lo, hi), counts = _rows(shape[0], comm)
+    for i, ((name, did, stored), (rows, row_bytes)) in enumerate(zip(found, sizes)):
+        (lo, hi), counts = _rows(rows, comm)
         for a, b in chunks(hi - lo, row_bytes):
-            if scratch is not None and scratch.size < (b - a) * row_bytes:
+            # the helper thread may still hold a chunk it was fed
+            if not pipeline.inline or scratch.size < (b - a) * row_bytes:
                 scratch = np.empty((b - a) * row_bytes, np.uint8)
-            pipeline.feed(i, read_rows(did, lo + a, lo + b, scratch, (shape, dtype)))
+            pipeline.feed(i, read_rows(did, lo + a, lo + b, scratch, stored))
         layout.append((name, int_attr(did, "crc32"), [n * row_bytes for n in counts]))
     return [(name, stored, crc, nbytes) for (name, stored, nbytes), crc in zip(layout, pipeline.results())]
 

@@ -61,6 +61,8 @@ def _shift(nbytes):
 
 def crc32_combine(crc1, crc2, len2):
     """CRC32 of A + B from ``crc1`` = CRC32(A), ``crc2`` = CRC32(B) and ``len2`` = len(B)."""
+    if crc1 == 0:       # the product below is 0 (and A is often empty: the first slab)
+        return crc2
     return _multmodp(_shift(len2), crc1) ^ crc2
 
 

@@ -52,12 +52,11 @@ def open_for_reading(path, what):
 def open_file(path, what):
     """The low-level ``FileID`` of ``path`` opened read-only (its ``close()`` closes all
     that was opened in it); ``UserError`` naming ``what`` and ``path`` if that fails."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} not found")
     try:
         return h5f.open(str(path).encode(), h5f.ACC_RDONLY, fapl=_SERIAL_ACCESS)
     except OSError as exc:
+        if not Path(path).is_file():
+            raise UserError(f"{what} {path} not found") from None
         raise UserError(f"{what} {path} is not a readable HDF5 file ({exc})") from None
 
 
@@ -152,19 +151,24 @@ def write_rows(did, lo, rows, dataset_rows=None):
                   mtype=memory_type)
 
 
-def read_rows(did, lo, hi, scratch=None, layout=None):
-    """``dataset[lo:hi]`` (``hi > lo``; a scalar dataset: its value), as a new array or, to
-    spare the page faults of a fresh one, a view of ``scratch`` (bytes, large enough).
-    ``layout``: the dataset's ``(shape, dtype)``, when the caller has them."""
-    dims, dtype = layout or (did.shape, did.dtype)
-    shape = (hi - lo,) + dims[1:] if dims else ()
-    if scratch is None:
-        out = np.empty(shape, dtype)
+def stored_layout(did):
+    """``(dims, file type)`` of a dataset: its dims (a scalar's: ``(1,)``, one row) and the
+    type of its elements as stored."""
+    return did.shape or (1,), did.get_type()
+
+
+def read_rows(did, lo, hi, scratch, layout):
+    """The bytes of rows ``lo:hi`` (``hi > lo``) of a dataset of numbers, exactly
+    as stored (read with the file's own type: no conversion, and no numpy dtype to build),
+    as a view of ``scratch`` (bytes, large enough: reused, it spares the page faults of a
+    fresh array). ``layout``: ``stored_layout(did)``."""
+    dims, file_type = layout
+    if file_type.get_class() not in (h5t.INTEGER, h5t.FLOAT):    # no pointers to read raw
+        raise TypeError("a dataset of other elements than numbers")
+    row_shape = ((hi - lo),) + dims[1:]
+    out = scratch[:math.prod(row_shape) * file_type.get_size()]
+    if lo == 0 and hi == dims[0]:    # the whole dataset (or a scalar): no selection needed
+        did.read(h5s.ALL, h5s.ALL, out, mtype=file_type)
     else:
-        out = scratch[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
-    memory_type = _types(dtype)[1]
-    if not dims or (lo == 0 and hi == dims[0]):    # the whole dataset: no selection needed
-        did.read(h5s.ALL, h5s.ALL, out, mtype=memory_type)
-    else:
-        did.read(h5s.create_simple(shape), _rows_space(did, lo, shape), out, mtype=memory_type)
+        did.read(h5s.create_simple(row_shape), _rows_space(did, lo, row_shape), out, mtype=file_type)
     return out

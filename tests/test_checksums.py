@@ -13,6 +13,17 @@ def test_crc32_combine_matches_zlib_of_the_concatenation():
     for _ in range(300):
         a, b = os.urandom(int(rng.integers(0, 400))), os.urandom(int(rng.integers(0, 400)))
         assert checksums.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+        assert checksums.crc32_combine(0, zlib.crc32(b), len(b)) == zlib.crc32(b)   # A empty
+
+
+def test_combining_with_a_crc_of_zero_is_the_general_formula():
+    """``crc32_combine`` skips the polynomial product when CRC(A) is 0 (A empty, or any A
+    whose CRC happens to be 0): the product is 0 then."""
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        crc2, len2 = int(rng.integers(0, 2**32)), int(rng.integers(0, 2**40))
+        assert checksums._multmodp(checksums._shift(len2), 0) ^ crc2 == crc2
+        assert checksums.crc32_combine(0, crc2, len2) == crc2
 
 
 def test_slabs_of_uneven_ranks_combine_to_the_whole_tensor():
