@@ -321,6 +321,43 @@ def test_a_read_failing_on_one_rank_fails_the_shared_verification_on_all(tmp_pat
     assert "rank 1 ['" in run.stdout and "unreadable ([Errno 5] Input/output error)']" in run.stdout
 
 
+def test_a_failed_fsync_fails_the_save_and_leaves_the_directory_as_it_was(tmp_path):
+    """The next index is written while the new file is being fsynced; when that fsync fails,
+    the save fails on every rank and neither the file nor the next index is left behind."""
+    run = mpirun_script(2, f"""
+        import os
+        import numpy as np
+        from mpi4py import MPI
+        from granger_mpi import checkpoint
+        from granger_mpi.errors import UserError
+        from granger_mpi.models import Model
+        comm = MPI.COMM_WORLD
+        model = Model("mlp", (16, 8, 2), "relu", "classification")
+        params = np.arange(model.layout.size, dtype=np.float32)
+        save = lambda step: checkpoint.save(comm, "{tmp_path / 'run'}", model,
+                                            checkpoint.TrainState(params, params.copy(), step, 0, 0),
+                                            job_json="{{}}", seed=0)
+        save(3)
+        def failing(path, data_only=False):
+            return lambda: OSError(5, "Input/output error")
+        checkpoint._fsync_in_background = failing
+        try:
+            save(4)
+        except UserError as exc:    # the error agreed on by every rank
+            print("rank", comm.Get_rank(), "failed:", exc, flush=True)
+        checkpoint.wait_for_pruning()
+        comm.Barrier()
+        if comm.Get_rank() == 0:
+            print("left", sorted(os.listdir("{tmp_path / 'run' / 'ckpt'}")), flush=True)
+    """, tmp_path=tmp_path, timeout=60)
+    assert run.returncode == 0, run.output
+    for rank in (0, 1):
+        assert f"rank {rank} failed: checkpoint at step 4: Input/output error" in run.stdout, run.output
+    assert "left ['latest', 'step_00000003.h5']" in run.stdout, run.output
+    index = json.loads((tmp_path / "run" / "ckpt" / "latest").read_text())
+    assert index["latest"] == "step_00000003.h5"
+
+
 def test_background_checkpoints_resume_bitwise_identical(straight, small_dataset, tmp_path):
     """[checkpoint].async_write: saves at 10, 20, 30 written by rank 0's writer thread while
     training goes on; a resume from them ends bit-identical to an uninterrupted run."""
