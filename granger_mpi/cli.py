@@ -544,7 +544,7 @@ def build_parser():
                    help="state sizes in MiB, comma-separated (default 1,16,256,1024)")
     p.add_argument("--reps", type=int, default=3,
                    help="saves (and dd runs) per size (default 3); sizes under 64 MiB get at least "
-                        "15, as they take milliseconds and vary most")
+                        "31, as they take milliseconds and vary most")
     p.add_argument("--dir", default="runs/bench-checkpoint", help="where to write (same disk as dd)")
     p.add_argument("--no-verify", action="store_true", help="skip the read-back verification")
     p.add_argument("--out", default="docs/bench", help="folder for the CSV")
