@@ -158,14 +158,14 @@ def stored_layout(did):
 
 
 def read_rows(did, lo, hi, scratch, layout):
-    """The bytes of rows ``lo:hi`` (``hi > lo``) of a dataset of numbers, exactly
-    as stored (read with the file's own type: no conversion, and no numpy dtype to build),
-    as a view of ``scratch`` (bytes, large enough: reused, it spares the page faults of a
-    fresh array). ``layout``: ``stored_layout(did)``."""
+    """The bytes of rows ``lo:hi`` (``hi > lo``) of a dataset of numbers exactly as stored
+    (read with the file's own type: no conversion, and no numpy dtype to build), as a view
+    of ``scratch`` (bytes, large enough: reused, it spares the page faults of a fresh
+    array). ``layout``: ``stored_layout(did)``."""
     dims, file_type = layout
     if file_type.get_class() not in (h5t.INTEGER, h5t.FLOAT):    # no pointers to read raw
         raise TypeError("a dataset of other elements than numbers")
-    row_shape = ((hi - lo),) + dims[1:]
+    row_shape = (hi - lo,) + dims[1:]
     out = scratch[:math.prod(row_shape) * file_type.get_size()]
     if lo == 0 and hi == dims[0]:    # the whole dataset (or a scalar): no selection needed
         did.read(h5s.ALL, h5s.ALL, out, mtype=file_type)
