@@ -3,6 +3,8 @@
 Every function takes its communicator as an argument; only the CLI touches COMM_WORLD.
 """
 
+import math
+import os
 import sys
 import time
 
@@ -40,18 +42,22 @@ def agree(comm, fn, *args, **kwargs):
 
 
 _POLL_S = 1e-4    # how long ranks that agree ``sleeping`` sleep between polls
+_SPIN_S = 2e-3    # the most they poll without sleeping, from ``spin_after`` on
 
 
-def raise_agreed(comm, error, sleeping=None):
+def raise_agreed(comm, error, sleeping=None, spin_after=None):
     """Collective over ``comm``: when ``error`` (a ``UserError``, or None) is set on any
     rank, raise the lowest such rank's error (message and exit code) on every rank.
 
     ``sleeping`` True: this rank polls the agreement and sleeps in between instead of
     spinning in MPI, for ranks that wait a long time for one busy rank (a checkpoint rank 0
     writes alone), so that they leave the cores to its I/O threads and the kernel's
-    writeback; it costs at most ``_POLL_S`` more, and serves as the barrier they wait in.
-    False: the busy rank's side of that (it just waits). Every rank must pass None (a
-    blocking ``Allreduce``) or every rank True or False (one ``Iallreduce``).
+    writeback; it serves as the barrier they wait in. A sleeping rank sees the end 0.3-0.5
+    ms late here (its core has to wake up); ``spin_after`` (seconds, when this rank expects
+    the end about then) makes it poll without sleeping from then on, yielding its core
+    between polls, for at most ``_SPIN_S``. False: the busy rank's side of that (it just
+    waits). Every rank must pass None (a blocking ``Allreduce``) or every rank True or False
+    (one ``Iallreduce``).
     """
     rank = comm.Get_rank()
     failing = np.array([rank if error is not None else comm.Get_size()], np.int64)
@@ -59,8 +65,8 @@ def raise_agreed(comm, error, sleeping=None):
         comm.Allreduce(MPI.IN_PLACE, failing, op=MPI.MIN)
     else:
         request = comm.Iallreduce(MPI.IN_PLACE, failing, op=MPI.MIN)
-        while sleeping and not request.Test():
-            time.sleep(_POLL_S)
+        if sleeping:
+            _poll(request, spin_after)
         request.Wait()
     first = int(failing[0])
     if first == comm.Get_size():
@@ -71,6 +77,17 @@ def raise_agreed(comm, error, sleeping=None):
     agreed = UserError(message, agreed=True)
     agreed.exit_code = int(code[0])
     raise agreed
+
+
+def _poll(request, spin_after):
+    """Test ``request`` until it completes, sleeping ``_POLL_S`` between tests, except from
+    ``spin_after`` seconds to ``_SPIN_S`` later (None: never), when it yields instead."""
+    spin_from = time.perf_counter() + (math.inf if spin_after is None else spin_after)
+    while not request.Test():
+        if spin_from <= time.perf_counter() < spin_from + _SPIN_S:
+            os.sched_yield()
+        else:
+            time.sleep(_POLL_S)
 
 
 def say(comm, message, *, file=sys.stdout):
