@@ -121,8 +121,9 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     ``verify_after_write`` reads the file back and checks every checksum before the file
     gets its final name (the checksums are checked on every load either way).
 
-    Raises ``CheckpointError`` on every rank if any part fails (a full disk, say); the
-    checkpoints written before are left as they were. ``on_written`` is called after this
+    If any part fails (a full disk, say), every rank raises the same ``UserError``: the
+    message and exit code of the ``CheckpointError`` where it failed (``runtime.agree``);
+    the checkpoints written before are left as they were. ``on_written`` is called after this
     rank's writes, before the file is closed (fault injection).
 
     Who writes: with sharded optimizer state, or at least ``parallel_from_bytes`` of state,

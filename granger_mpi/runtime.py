@@ -52,7 +52,7 @@ def raise_agreed(comm, error, sleeping=None, spin_after=None):
     ``sleeping`` True: this rank polls the agreement and sleeps in between instead of
     spinning in MPI, for ranks that wait a long time for one busy rank (a checkpoint rank 0
     writes alone), so that they leave the cores to its I/O threads and the kernel's
-    writeback; it serves as the barrier they wait in. A sleeping rank sees the end 0.3-0.5
+    writeback; it serves as the barrier they wait in. A sleeping rank sees the end 0.3-0.6
     ms late here (its core has to wake up); ``spin_after`` (seconds, when this rank expects
     the end about then) makes it poll without sleeping from then on, yielding its core
     between polls, for at most ``_SPIN_S``. False: the busy rank's side of that (it just
