@@ -170,5 +170,6 @@ def read_rows(did, lo, hi, scratch, layout):
     if lo == 0 and hi == dims[0]:    # the whole dataset (or a scalar): no selection needed
         did.read(h5s.ALL, h5s.ALL, out, mtype=file_type)
     else:
-        did.read(h5s.create_simple(row_shape), _rows_space(did, lo, row_shape), out, mtype=file_type)
+        did.read(h5s.create_simple(row_shape), _rows_space(did, lo, row_shape), out,
+                 mtype=file_type)
     return out
