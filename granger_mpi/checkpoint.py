@@ -521,13 +521,13 @@ def _dataset_crcs(fid, comm):
     pipeline = CrcPipeline(len(found), sum(rows * row_bytes for rows, row_bytes in sizes) // share)
     scratch = np.empty(0, np.uint8)
     layout = []
-    for i, ((name, did, stored), (rows, row_bytes)) in enumerate(zip(found, sizes)):
+    for i, ((name, did, stored_as), (rows, row_bytes)) in enumerate(zip(found, sizes)):
         (lo, hi), counts = _rows(rows, comm)
         for a, b in chunks(hi - lo, row_bytes):
             # the helper thread may still hold a chunk it was fed
             if not pipeline.inline or scratch.size < (b - a) * row_bytes:
                 scratch = np.empty((b - a) * row_bytes, np.uint8)
-            pipeline.feed(i, read_rows(did, lo + a, lo + b, scratch, stored))
+            pipeline.feed(i, read_rows(did, lo + a, lo + b, scratch, stored_as))
         layout.append((name, int_attr(did, "crc32"), [n * row_bytes for n in counts]))
     return [(name, stored, crc, nbytes) for (name, stored, nbytes), crc in zip(layout, pipeline.results())]
 
