@@ -89,9 +89,11 @@ def set_attr(oid, name, value):
     h5a.create(oid, name.encode(), file_type, space).write(data, mtype=memory_type)
 
 
-def datasets(fid):
+def datasets(fid, paths=None):
     """``(path, DatasetID)`` of every dataset in the open file ``fid``, in HDF5's visiting
-    order."""
+    order; given ``paths``, of those (``KeyError`` if one is missing), without the visit."""
+    if paths is not None:
+        return [(path, h5d.open(fid, path.encode())) for path in paths]
     found = []
 
     def visit(name, info):

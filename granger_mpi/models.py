@@ -1,5 +1,6 @@
 """Models as a layout of named views over one flat parameter buffer, plus their kernels."""
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -64,9 +65,10 @@ class Model:
     activation: str
     task: str  # "classification" (softmax cross-entropy) or "regression" (squared error)
 
-    @property
+    @functools.cached_property
     def layout(self):
-        """The named views of the parameter buffer."""
+        """The named views of the parameter buffer (made once: a checkpoint asks for it on
+        its path)."""
         return mlp_layout(self.sizes)
 
     def spec(self):
