@@ -17,7 +17,7 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import collectives
-from granger_mpi.runtime import raise_agreed
+from granger_mpi.runtime import raise_from_root
 
 HAND_WRITTEN = ("ring", "rhd", "rd", "shm", "hierarchical")
 
@@ -304,7 +304,7 @@ def main_checkpoint(comm, args):
                 target.unlink()
             # The other ranks wait for dd as for rank 0's save, sleeping: spinning in MPI they
             # took the cores from dd (P = 2: dd 6.5-7.8 ms against 4.8-6.4 at P = 1).
-            raise_agreed(comm, None, sleeping=rank != 0)
+            raise_from_root(comm, None)
             comm.Bcast(seconds, root=0)
             return float(seconds[0])
         for rep in range(args.reps if mib >= 64 else max(args.reps, SMALL_REPS)):
