@@ -47,7 +47,7 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import partition
+from granger_mpi import fsync, partition
 from granger_mpi.checksums import CrcPipeline, chunks, combine, crc32
 from granger_mpi.errors import UserError, WriteError, describe_io_error
 from granger_mpi.h5files import (create_file, datasets, int_attr, new_dataset, open_file,
@@ -194,7 +194,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
              "model": json.dumps(model.spec()), "job": job_json,
              "versions": _versions_json(),
              "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
-    # Rank 0 makes the file durable in two steps, each in a helper thread: an fdatasync as
+    # Rank 0 makes the file durable in two steps, each in the background: an fdatasync as
     # soon as its rows are written, under the metadata HDF5 still has to write, then an
     # fsync after closing, under the read-back (from the page cache either way). The file
     # is renamed only after both. (A 1 MiB file's fsync takes as long as the rest of its
@@ -203,7 +203,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
 
     def written():
         if rank == 0:
-            syncs.append(_fsync_in_background(tmp, data_only=True))
+            syncs.append(fsync.start(tmp, data_only=True))
         if on_written is not None:
             on_written()
     failed = None
@@ -223,10 +223,15 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
             raise CheckpointError(f"checkpoint at step {state.step} could not be written to "
                                   f"{tmp} ({describe_io_error(failed)}); earlier checkpoints "
                                   f"are untouched")
-    _agree_or_remove(comm, report_write, tmp)
+    try:
+        _agree_or_remove(comm, report_write, tmp)
+    except UserError:
+        for wait in syncs:      # the fdatasync may still run; it holds a descriptor
+            wait()
+        raise
 
     if rank == 0:
-        syncs.append(_fsync_in_background(tmp))
+        syncs.append(fsync.start(tmp))
     problems = []
     if verify_after_write:
         problems = verify(tmp, comm, expected=[path for path, _ in tensors + slabs])
@@ -266,37 +271,8 @@ def _not_published(final, exc):
                            f"({describe_io_error(exc)}); earlier checkpoints are untouched")
 
 
-# Helper threads, started once, for the file-system work a save need not wait for at once:
-# fsyncing the new file (twice, the second while the first may still run), deleting old ones.
-_io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checkpoint-io")
-
-
-def _fsync_in_background(path, data_only=False):
-    """Start fsyncing (``data_only``: fdatasyncing) ``path`` in a helper thread; returns a
-    function that waits for it and returns the OSError it raised, or None."""
-    started = threading.Event()
-
-    def run():
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        finally:
-            started.set()
-        try:
-            (os.fdatasync if data_only else os.fsync)(fd)
-        finally:
-            os.close(fd)
-    done = _io.submit(run)
-    # Wait until the helper is in fsync: it needs the GIL to get there, and the read-back
-    # that follows would hold it for up to the interpreter's switch interval (5 ms).
-    started.wait()
-
-    def wait():
-        try:
-            done.result()
-        except OSError as exc:
-            return exc
-        return None
-    return wait
+# A helper thread for deleting old checkpoints, which a save need not wait for.
+_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-io")
 
 
 def _agree(comm, fn):

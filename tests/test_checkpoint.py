@@ -328,7 +328,7 @@ def test_a_failed_fsync_fails_the_save_and_leaves_the_directory_as_it_was(tmp_pa
         import os
         import numpy as np
         from mpi4py import MPI
-        from granger_mpi import checkpoint
+        from granger_mpi import checkpoint, fsync
         from granger_mpi.errors import UserError
         from granger_mpi.models import Model
         comm = MPI.COMM_WORLD
@@ -340,7 +340,7 @@ def test_a_failed_fsync_fails_the_save_and_leaves_the_directory_as_it_was(tmp_pa
         save(3)
         def failing(path, data_only=False):
             return lambda: OSError(5, "Input/output error")
-        checkpoint._fsync_in_background = failing
+        fsync.start = failing
         try:
             save(4)
         except UserError as exc:    # the error agreed on by every rank
