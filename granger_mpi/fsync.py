@@ -2,16 +2,16 @@
 
 A checkpoint starts two fsyncs of its new file and carries on reading it back. Run in a
 Python thread, each fsync cost the reading thread the GIL handovers around it: waiting for
-the helper to enter the call, and again when it came out (about 0.3 ms of a 1 MiB save
-here). glibc's POSIX AIO (``aio_fsync``) runs the fsync in a thread of its own that never
-touches the interpreter. Elsewhere (not glibc on 64-bit Linux) the fsync is done at once.
+the helper to enter the call, and again when it came out (0.2-0.6 ms of a 1 MiB save at
+P = 2 and 4 here). glibc's POSIX AIO (``aio_fsync``) runs the fsync in a thread of its own
+that never touches the interpreter. Elsewhere (not glibc on 64-bit Linux) the fsync is
+done at once.
 """
 
 import ctypes
 import errno
 import os
 import platform
-import threading
 
 _SIGEV_NONE = 1     # no notification: completion is polled with aio_error / aio_suspend
 
@@ -40,21 +40,20 @@ def _load_aio():
     for name in ("libc.so.6", "librt.so.1"):     # glibc < 2.34 keeps AIO in librt
         try:
             lib = ctypes.CDLL(name, use_errno=True)
-            calls = lib.aio_fsync, lib.aio_error, lib.aio_suspend
-        except (OSError, AttributeError):
+        except OSError:
             continue
-        pointer = ctypes.POINTER(_Aiocb)
-        for call, argtypes in zip(calls, ([ctypes.c_int, pointer], [pointer],
-                                          [ctypes.POINTER(pointer), ctypes.c_int, ctypes.c_void_p])):
-            call.argtypes, call.restype = argtypes, ctypes.c_int
+        if not all(hasattr(lib, call) for call in ("aio_fsync", "aio_error", "aio_suspend")):
+            continue
+        block = ctypes.POINTER(_Aiocb)
+        lib.aio_fsync.argtypes = [ctypes.c_int, block]
+        lib.aio_error.argtypes = [block]
+        lib.aio_suspend.argtypes = [ctypes.POINTER(block), ctypes.c_int, ctypes.c_void_p]
         return lib
     return None
 
 
 _aio = _load_aio()
-# Control blocks glibc may still write to, kept alive until their fsync is seen to end.
-_in_flight = {}
-_lock = threading.Lock()
+_in_flight = {}     # control blocks glibc may still write to, alive until seen to end
 
 
 def start(path, data_only=False):
@@ -67,13 +66,12 @@ def start(path, data_only=False):
         failure = exc
         return lambda: failure
     if _aio is None:
-        return _done(fd, path, data_only)
+        return _fsync_now(fd, path, data_only)
     block = _Aiocb(aio_fildes=fd)
     block.aio_sigevent.sigev_notify = _SIGEV_NONE
     if _aio.aio_fsync(os.O_DSYNC if data_only else os.O_SYNC, ctypes.byref(block)) != 0:
-        return _done(fd, path, data_only)     # no AIO resources: do it now
-    with _lock:
-        _in_flight[id(block)] = block
+        return _fsync_now(fd, path, data_only)     # no AIO resources: do it now
+    _in_flight[id(block)] = block
     outcome = []
 
     def wait():
@@ -84,15 +82,14 @@ def start(path, data_only=False):
                 _aio.aio_suspend(waiting, 1, None)     # releases the GIL; EINTR: ask again
             if code < 0:    # the block was not a request in flight (not expected)
                 code = ctypes.get_errno() or errno.EINVAL
-            with _lock:
-                del _in_flight[id(block)]
+            del _in_flight[id(block)]
             os.close(fd)
             outcome.append(OSError(code, os.strerror(code), path) if code else None)
         return outcome[0]
     return wait
 
 
-def _done(fd, path, data_only):
+def _fsync_now(fd, path, data_only):
     """fsync ``fd`` (of ``path``) now and close it; the waiting function ``start`` returns."""
     try:
         (os.fdatasync if data_only else os.fsync)(fd)

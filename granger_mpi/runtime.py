@@ -52,9 +52,12 @@ def raise_agreed(comm, error):
         return
     code = np.array([error.exit_code if rank == first else 0], np.int64)
     comm.Bcast(code, root=first)
-    message = bcast_text(comm, str(error) if rank == first else "", first)
+    _raise_agreed_error(bcast_text(comm, str(error) if rank == first else "", first), code[0])
+
+
+def _raise_agreed_error(message, exit_code):
     agreed = UserError(message, agreed=True)
-    agreed.exit_code = int(code[0])
+    agreed.exit_code = int(exit_code)
     raise agreed
 
 
@@ -84,7 +87,7 @@ def raise_from_root(comm, error, spin_after=None):
     header = np.array([failed, error.exit_code if failed else 0, len(text)], np.int64)
     if rank == 0:
         requests = [comm.Isend(header, dest=r, tag=_OUTCOME_TAG) for r in range(1, size)]
-        if text:
+        if failed:
             body = np.frombuffer(text, np.uint8)
             requests += [comm.Isend(body, dest=r, tag=_OUTCOME_TAG) for r in range(1, size)]
         MPI.Request.Waitall(requests)
@@ -97,9 +100,7 @@ def raise_from_root(comm, error, spin_after=None):
             comm.Recv(body, source=0, tag=_OUTCOME_TAG)
             text = body.tobytes()
     if header[0]:
-        agreed = UserError(text.decode(), agreed=True)
-        agreed.exit_code = int(header[1])
-        raise agreed
+        _raise_agreed_error(text.decode(), header[1])
 
 
 def _poll(request, spin_after):
