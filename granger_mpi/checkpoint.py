@@ -23,6 +23,13 @@ directory), and checkpoints beyond ``keep_last`` deleted (in the background). A 
 any point leaves the previous good checkpoint in place; a torn or corrupt file is detected
 by its checksums and skipped by ``--resume auto``.
 
+A small save keeps the newest checkpoint beyond ``keep_last`` as ``spare.h5`` (not a
+checkpoint any more: never resumed from) and the next small save of the same process
+renames it to its ``.tmp`` name and writes over it: the same layout, so every dataset and
+attribute lands where it was, and the file system neither allocates blocks nor fills fresh
+pages (a 1 MiB save: 1.0-1.4 ms of 7-8 here). Between saves the directory then holds
+``keep_last`` + 1 files, as many as during a save.
+
 Who writes: a large or sharded state is written by every rank, its rows of every tensor
 into the one file opened with the mpio driver (creating datasets and attributes is
 collective, the writes independent), and read back by every rank, its share. A small
@@ -50,9 +57,9 @@ from mpi4py import MPI
 from granger_mpi import fsync, partition
 from granger_mpi.checksums import CrcPipeline, chunks, combine, crc32
 from granger_mpi.errors import UserError, WriteError, describe_io_error
-from granger_mpi.h5files import (create_file, datasets, int_attr, new_dataset, open_file,
-                                 open_for_reading, read_rows, set_attr, stored_layout, str_attr,
-                                 write_rows)
+from granger_mpi.h5files import (create_file, datasets, int_attr, new_dataset,
+                                 open_file, open_for_reading, open_for_update, read_rows,
+                                 rewrite_attr, set_attr, stored_layout, str_attr, write_rows)
 from granger_mpi.runtime import agree, raise_from_root
 
 FORMAT = "granger-mpi checkpoint"
@@ -194,6 +201,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
              "model": json.dumps(model.spec()), "job": job_json,
              "versions": _versions_json(),
              "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
+    layout = _layout(tensors, attrs) if comm is None else None    # a spare's, for a small save
     # Rank 0 makes the file durable in two steps, each in the background: an fdatasync as
     # soon as its rows are written, under the metadata HDF5 still has to write, then an
     # fsync after closing, under the read-back (from the page cache either way). The file
@@ -208,9 +216,11 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
             on_written()
     failed = None
     try:
-        fid = create_file(tmp, comm)
+        fid, reused = (None, None) if comm is not None else _open_spare(directory, tmp, tensors, layout)
+        if fid is None:
+            fid = create_file(tmp, comm)
         try:
-            failed = _write(fid, comm, tensors, attrs, written, slabs, state.params.size)
+            failed = _write(fid, comm, tensors, attrs, written, slabs, state.params.size, reused)
         finally:
             fid.close()
         if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
@@ -259,7 +269,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
     def publish():
         if rank == 0:
             try:
-                _publish(directory, state.step, doomed)
+                _publish(directory, state.step, doomed, layout)
             except OSError as exc:
                 raise _not_published(final, exc) from None
     _agree(comm, publish)
@@ -364,17 +374,19 @@ def _gather_crcs(comm, crcs):
     return every
 
 
-def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
+def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0, reused=None):
     """Create every dataset (collective under mpio), write this rank's rows of each and its
     slab of each sharded dataset (then call ``on_written``), then store the root attributes
-    ``attrs`` and every dataset's CRC32 as its ``crc32``.
+    ``attrs`` and every dataset's CRC32 as its ``crc32``. ``reused``: the datasets of
+    ``tensors`` in a spare file (``_open_spare``), written over with the attributes.
 
     The CRC of what this rank writes is computed from memory (in a helper thread while the
     writes go on, when there is enough of it); the ranks' slab CRCs are then combined (one
     ``Allgather``). Returns the OSError/RuntimeError of a failed write (the file is still
     closed collectively), or None.
     """
-    datasets = [new_dataset(fid, path, array.shape, array.dtype) for path, array in tensors]
+    datasets = reused or [new_dataset(fid, path, array.shape, array.dtype) for path, array in tensors]
+    put_attr = set_attr if reused is None else rewrite_attr
     slab_datasets = [new_dataset(fid, path, (slab_length,), np.float32) for path, _ in slabs]
     if slabs:   # where this rank's shard starts in the flat datasets (before any write can fail)
         shard_sizes = np.empty(comm.Get_size(), np.int64)
@@ -400,14 +412,49 @@ def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     except (OSError, RuntimeError) as exc:
         failed = exc
     for key, value in attrs.items():
-        set_attr(fid, key, value)
+        if reused is None or not isinstance(value, str):    # a spare's strings are these
+            put_attr(fid, key, value)
     every = _gather_crcs(comm, pipeline.results())
     for i, (dset, (_, array), (_, counts)) in enumerate(zip(datasets, tensors, rows)):
-        set_attr(dset, "crc32", combine(every[:, i], [n * array[:1].nbytes for n in counts]))
+        put_attr(dset, "crc32", combine(every[:, i], [n * array[:1].nbytes for n in counts]))
     for i, dset in enumerate(slab_datasets, start=len(datasets)):
         set_attr(dset, "crc32", combine(every[:, i], shard_sizes * 4))
-    set_attr(fid, "complete", 1)
+    put_attr(fid, "complete", 1)
     return failed
+
+
+def _layout(tensors, attrs):
+    """What a file must hold for a save of ``tensors`` and ``attrs`` to be written over it:
+    the datasets' paths, shapes and types, the attributes' names, and their strings or the
+    types of their numbers."""
+    return (tuple((path, array.shape, array.dtype.str) for path, array in tensors),
+            tuple((key, value if isinstance(value, str) else np.asarray(value).dtype.str)
+                  for key, value in attrs.items()))
+
+
+def _open_spare(directory, tmp, tensors, layout):
+    """``(FileID, DatasetIDs of tensors)`` of the spare checkpoint renamed to ``tmp`` and
+    open for writing, when this process made it (``_prune``) from a save of the same
+    ``layout``; else ``(None, None)``, and ``tmp`` is created anew. (Checking a file made
+    elsewhere, attribute by attribute, cost more than the spare saves.)
+
+    Writing over a file spares the save what a new one costs the file system: the page
+    cache's fresh pages, and allocating blocks at the first fdatasync, which then also
+    commits the journal (a bare 1 MiB write and fdatasync here: 2.2 ms new, 1.4 over)."""
+    global _spare
+    trusted, _spare = _spare, None
+    if trusted != (directory, layout):
+        return None, None
+    try:
+        os.replace(directory / SPARE, tmp)
+        fid = open_for_update(tmp)
+    except OSError:
+        return None, None
+    try:
+        return fid, [did for _, did in datasets(fid, [path for path, _ in tensors])]
+    except (KeyError, OSError):
+        fid.close()
+        return None, None
 
 
 @functools.cache
@@ -418,6 +465,12 @@ def _versions_json():
 
 
 _pruning = None   # the deletion of checkpoints beyond keep_last in flight (rank 0)
+# A checkpoint past keep_last that the next small save writes over instead of creating a
+# new file (``_open_spare``); ``(directory, layout)`` of the one this process made; the
+# checkpoints this process wrote in small saves, and their layouts.
+SPARE = "spare.h5"
+_spare = None
+_made = {}
 
 
 # The index that will point at the new checkpoint, and a second name of the present one,
@@ -452,12 +505,12 @@ def _stage_index(directory, step, keep_last):
     return doomed + ([directory / old] if old else [])
 
 
-def _publish(directory, step, doomed):
+def _publish(directory, step, doomed, layout):
     """Rename the verified ``step_XXXXXXXX.h5.tmp`` to its final name and ``latest.tmp`` over
     ``latest``, make both renames durable with one fsync of the directory, then start
-    deleting ``doomed`` in the helper thread (unlinking a GiB file takes a good part of a
-    second, which training need not wait for; the next save, and ``wait_for_pruning``, wait
-    for it). Names are resolved through one descriptor of the directory, the one fsynced."""
+    ``_prune(directory, doomed, layout)`` in the helper thread (unlinking a GiB file takes a good part of a second,
+    which training need not wait for; the next save, and ``wait_for_pruning``, wait for
+    it). Names are resolved through one descriptor of the directory, the one fsynced."""
     global _pruning
     name = file_name(step)
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -467,8 +520,30 @@ def _publish(directory, step, doomed):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    if layout is not None:
+        _made[directory / name] = layout
     if doomed:
-        _pruning = _io.submit(lambda: [p.unlink(missing_ok=True) for p in doomed])
+        _pruning = _io.submit(_prune, directory, doomed, layout)
+
+
+def _prune(directory, doomed, layout):
+    """Delete the files ``doomed``, but for the newest checkpoint among them that this
+    process wrote with ``layout`` (a small save's): it becomes the spare, over any other.
+    With no ``layout`` (a large save) the spare is deleted too."""
+    global _spare
+    mine = [path for path in sorted(doomed) if layout is not None and _made.get(path) == layout]
+    if layout is None:
+        doomed = doomed + [directory / SPARE]
+    elif mine:
+        try:
+            os.replace(mine[-1], directory / SPARE)
+            _spare = (directory, layout)
+            doomed = [path for path in doomed if path != mine[-1]]
+        except OSError:
+            pass
+    for path in doomed:
+        _made.pop(path, None)
+        path.unlink(missing_ok=True)
 
 
 def _write_new(name, data, dir_fd):

@@ -358,6 +358,73 @@ def test_a_failed_fsync_fails_the_save_and_leaves_the_directory_as_it_was(tmp_pa
     assert index["latest"] == "step_00000003.h5"
 
 
+SPARE_SAVES = """
+    import json, os, sys
+    import numpy as np
+    from mpi4py import MPI
+    from granger_mpi import checkpoint
+    from granger_mpi.models import Model
+    comm = MPI.COMM_WORLD
+    run_dir, hidden, first, last, parallel_from = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:])
+    directory = os.path.join(run_dir, "ckpt")
+    model = Model("mlp", (16, hidden, 2), "relu", "classification")
+    for step in range(first, last + 1):
+        params = np.arange(model.layout.size, dtype=np.float32) * step
+        state = checkpoint.TrainState(params, -params, step, 0, step, ("velocity",))
+        spare = os.path.join(directory, "spare.h5")
+        before = os.stat(spare).st_ino if os.path.exists(spare) else None
+        path = checkpoint.save(comm, run_dir, model, state, job_json="{}", seed=0, keep_last=1,
+                               parallel_from_bytes=parallel_from << 20)
+        checkpoint.wait_for_pruning()
+        if comm.Get_rank() == 0:
+            back, attrs = checkpoint.read(path, model)
+            print(json.dumps({"step": step, "spare_before": before, "inode": os.stat(path).st_ino,
+                              "size": os.path.getsize(path), "files": sorted(os.listdir(directory)),
+                              "verify": checkpoint.verify(path), "step_attr": int(attrs["step"]),
+                              "candidates": [p.name for p in checkpoint.candidates(run_dir)],
+                              "same_bits": bool(np.array_equal(back.params.view(np.uint32),
+                                                               params.view(np.uint32))
+                                                and np.array_equal(back.optimizer_state, -params))}),
+                  flush=True)
+"""
+
+
+def spare_saves(tmp_path, *args):
+    run = mpirun_script(2, SPARE_SAVES, str(tmp_path / "run"), *map(str, args), tmp_path=tmp_path,
+                        timeout=60)
+    assert run.returncode == 0, run.output
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+def test_a_small_save_writes_over_the_spare_checkpoint_this_process_made(tmp_path):
+    """Past keep_last, an old checkpoint is kept as spare.h5 and the next small save writes
+    over it (its inode), and each file still holds exactly its own state; a spare left by
+    another process, or of another layout, is not written over, and a large save deletes
+    it."""
+    saves = spare_saves(tmp_path, 8, 1, 4, 64)
+    for save in saves:
+        assert save["verify"] == [] and save["same_bits"] and save["step_attr"] == save["step"]
+    assert saves[0]["files"] == ["latest", "step_00000001.h5"]
+    for save in saves[1:]:
+        assert save["files"] == ["latest", "spare.h5", f"step_{save['step']:08d}.h5"]
+    assert saves[1]["spare_before"] is None
+    for k in range(2, len(saves)):      # step 3 written over step 1's file, and on
+        assert saves[k]["spare_before"] == saves[k - 2]["inode"] == saves[k]["inode"]
+        assert saves[k]["size"] == saves[0]["size"]
+    assert saves[-1]["candidates"] == ["step_00000004.h5"]      # resume never takes the spare
+
+    # Another process, another model: step 4 (not its own) is deleted, not made the spare;
+    # the spare it found is written over only once replaced by a checkpoint of its own.
+    saves = spare_saves(tmp_path, 12, 5, 7, 64)
+    assert saves[0]["inode"] != saves[0]["spare_before"]
+    assert saves[1]["spare_before"] == saves[0]["spare_before"]
+    assert saves[2]["spare_before"] == saves[0]["inode"] == saves[2]["inode"]
+    assert all(save["verify"] == [] and save["same_bits"] for save in saves)
+
+    saves = spare_saves(tmp_path, 12, 8, 8, 0)     # every rank writes: no spare
+    assert saves[0]["files"] == ["latest", "step_00000008.h5"] and saves[0]["verify"] == []
+
+
 def test_background_checkpoints_resume_bitwise_identical(straight, small_dataset, tmp_path):
     """[checkpoint].async_write: saves at 10, 20, 30 written by rank 0's writer thread while
     training goes on; a resume from them ends bit-identical to an uninterrupted run."""
@@ -422,8 +489,10 @@ def test_timed_checkpoints(small_dataset, tmp_path):
     index = json.loads((run_dir / "ckpt" / "latest").read_text())
     assert index["latest"] == kept[-1] and index["kept"] == kept
     # every replaced index (a second name, latest.old, until the pruning thread deletes it)
-    # and every temporary file is gone once the run has ended
-    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", *kept]
+    # and every temporary file is gone once the run has ended; past keep_last saves, the
+    # oldest is kept as the spare that the next save writes over
+    spare = ["spare.h5"] if len(saves) > 2 else []
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", *spare, *kept]
 
 
 def test_supervise_restarts_after_a_killed_rank_and_ends_bitwise_identical(straight, small_dataset,
