@@ -11,7 +11,15 @@ saves, from each run's per-rank time split (``metrics.h5``, ``ranks/checkpoint_s
 save, and their sum as a share of the loop's time in that run. It takes the rank that
 spent least: a rank that reaches the save first also counts, inside it, its wait for the
 others (rank 0's metrics and progress line), which it would otherwise spend in the next
-allreduce (``wait_s`` uses the same rule)."""
+allreduce (``wait_s`` uses the same rule).
+
+A save may also slow the steps after it (cold caches, the file system still busy), which
+the time split does not see. From each run's own step times (``step_time_s``), the script
+sums how much the 10 steps after every 100th (``AFTER``) took over the run's median step,
+per save, in every variant: the runs without checkpoints give the same steps' excess with
+no save before them (a step past 5 medians counts as 5: single stalls of 100 ms happen
+here in any run). Both are within-run figures, so the machine's drift between runs, which
+moves the wall-clock by ±15%, does not enter them."""
 
 import os
 import re
@@ -24,6 +32,7 @@ import h5py
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+AFTER = 10     # the steps after a save whose excess over the run's median step is counted
 REPS = int(os.environ.get("GRANGER_BENCH_REPS", "5"))
 MPIRUN = [str(ROOT / "scripts" / "mpirun"), "-n", "2", str(ROOT / ".venv" / "bin" / "granger-mpi")]
 
@@ -58,7 +67,8 @@ def main():
         variants = (("none", ""), ("every 100 steps", "every_steps = 100"),
                     ("every 100, async", "every_steps = 100\nasync_write = true"))
         seconds = {label: [] for label, _ in variants}
-        split = {label: [] for label, _ in variants[1:]}   # (ms per save, share of the loop)
+        split = {label: [] for label, _ in variants[1:]}   # (ms per save, share of the loop, saves)
+        after = {label: [] for label, _ in variants}       # ms over the median, per save
         for rep in range(REPS):
             # Each rep starts with another variant, so that drift and order effects spread
             # over all of them instead of always favouring the first.
@@ -69,11 +79,12 @@ def main():
                 out = subprocess.run([*MPIRUN, "train", str(job)], check=True, capture_output=True,
                                      text=True).stdout
                 seconds[label].append(float(re.search(r"done: \d+ steps in ([0-9.]+) s", out).group(1)))
+                after[label].append(excess_after_saves(tmp / f"run-{rep}-{k}" / "metrics.h5"))
                 if every:
                     saves = len(re.findall(r"^checkpoint .*\(step \d+", out, re.M))
                     with h5py.File(tmp / f"run-{rep}-{k}" / "metrics.h5", "r") as f:
                         spent = float(np.nansum(f["ranks/checkpoint_s"][...], axis=0).min())
-                    split[label].append((1e3 * spent / saves, spent / seconds[label][-1]))
+                    split[label].append((1e3 * spent / saves, spent / seconds[label][-1], saves))
         base = statistics.median(seconds["none"])
         print(f"training overhead of checkpointing (P = 2, 784-256-10 MLP, 1,180 steps, {REPS} reps)")
         for label, values in seconds.items():
@@ -84,9 +95,29 @@ def main():
             print(f"  overhead, {label}: {100 * (statistics.median(seconds[label]) / base - 1):+.1f}% "
                   f"(medians); per rep: {', '.join(f'{v:+.1f}%' for v in pairs)}")
         for label, values in split.items():
-            ms, share = (statistics.median(v) for v in zip(*values))
+            ms, share, _ = (statistics.median(v) for v in zip(*values))
             print(f"  time split, {label}: {ms:.1f} ms per save, {share:.1%} of the loop (medians); "
-                  f"per rep: {', '.join(f'{100 * v:.1f}%' for _, v in values)}")
+                  f"per rep: {', '.join(f'{100 * v:.1f}%' for _, v, _ in values)}")
+        for label, values in after.items():
+            print(f"  {AFTER} steps after each 100th, {label}: {statistics.median(values):+.2f} ms over "
+                  f"the run's median step (median); per rep: {', '.join(f'{v:+.2f}' for v in values)}")
+        # the saves' share plus what the steps after them lost, over the same steps with no save
+        for label, values in split.items():
+            total = [share + saves * (mine - none) / 1e3 / loop for (_, share, saves), mine, none, loop
+                     in zip(values, after[label], after["none"], seconds[label])]
+            print(f"  in and after the saves, {label}: {statistics.median(total):.1%} of the loop "
+                  f"(median); per rep: {', '.join(f'{100 * v:.1f}%' for v in total)}")
+
+
+def excess_after_saves(metrics):
+    """ms that the ``AFTER`` steps after every 100th took over the run's median step,
+    summed and divided by the number of such windows (a step counted as at most 5 medians)."""
+    with h5py.File(metrics, "r") as f:
+        steps, times = f["step"][...], 1e3 * f["step_time_s"][...]
+    median = float(np.median(times))
+    window = (steps >= 100) & (steps % 100 < AFTER)
+    windows = len(set((steps[window] // 100).tolist()))
+    return float(np.sum(np.minimum(times[window], 5 * median) - median)) / max(windows, 1)
 
 
 if __name__ == "__main__":
