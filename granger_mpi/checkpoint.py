@@ -23,12 +23,14 @@ directory), and checkpoints beyond ``keep_last`` deleted (in the background). A 
 any point leaves the previous good checkpoint in place; a torn or corrupt file is detected
 by its checksums and skipped by ``--resume auto``.
 
-A small save keeps the newest checkpoint beyond ``keep_last`` as ``spare.h5`` (not a
-checkpoint any more: never resumed from) and the next small save of the same process
-renames it to its ``.tmp`` name and writes over it: the same layout, so every dataset and
-attribute lands where it was, and the file system neither allocates blocks nor fills fresh
-pages (a 1 MiB save: 0.8-1.4 ms of 6-8 here). Between saves the directory then holds
-``keep_last`` + 1 files, as many as during a save.
+A small state (under 64 MiB) keeps the newest checkpoint beyond ``keep_last`` as
+``spare.h5`` (not a checkpoint any more: never resumed from), and the next save of the same
+process renames it to its ``.tmp`` name and writes over it: the same layout, so every
+dataset and attribute lands where it was, and the file system neither allocates blocks nor
+fills fresh pages (a 1 MiB save: 0.8-1.4 ms of 6-8 here). While a run goes on, the
+directory holds ``keep_last`` + 1 such files between saves and during them (as it did
+during a save before); the spare is deleted when the run ends, and a spare of another
+process (one that crashed) at its next save.
 
 Who writes: a large or sharded state is written by every rank, its rows of every tensor
 into the one file opened with the mpio driver (creating datasets and attributes is
@@ -119,6 +121,9 @@ def _tensors(model, state):
 # than sharing the writes saves (1 MiB at P = 4: 17 ms alone, 36 ms collectively; the two
 # meet near 64 MiB on one node). ``[checkpoint].parallel_write_from_mib`` sets it per job.
 PARALLEL_FROM_BYTES = 64 << 20
+# Below this much state, a save by one process keeps a spare (``_prune``): the extra file
+# costs little disk there.
+SPARE_BELOW_BYTES = 64 << 20
 
 
 def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attrs=None,
@@ -201,7 +206,8 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
              "model": json.dumps(model.spec()), "job": job_json,
              "versions": _versions_json(),
              "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
-    layout = _layout(tensors, attrs) if comm is None else None    # a spare's, for a small save
+    nbytes = state.params.nbytes + state.optimizer_state.nbytes
+    layout = _layout(tensors, attrs) if comm is None and nbytes < SPARE_BELOW_BYTES else None
     # Rank 0 makes the file durable in two steps, each in the background: an fdatasync as
     # soon as its rows are written, under the metadata HDF5 still has to write, then an
     # fsync after closing, under the read-back (from the page cache either way). The file
@@ -216,7 +222,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
             on_written()
     failed = None
     try:
-        fid, reused = (None, None) if comm is not None else _open_spare(directory, tmp, tensors, layout)
+        fid, reused = (None, None) if layout is None else _open_spare(directory, tmp, tensors, layout)
         if fid is None:
             fid = create_file(tmp, comm)
         try:
@@ -225,7 +231,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
             fid.close()
         if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
             failed = OSError(28, "No space left on device")
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:  # h5py's, too
         failed = failed or exc
 
     def report_write():
@@ -413,9 +419,10 @@ def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0, reuse
             on_written()
     except (OSError, RuntimeError) as exc:
         failed = exc
+    if reused is not None:      # a spare's strings are these already
+        attrs = {key: value for key, value in attrs.items() if not isinstance(value, str)}
     for key, value in attrs.items():
-        if reused is None or not isinstance(value, str):    # a spare's strings are these
-            put_attr(fid, key, value)
+        put_attr(fid, key, value)
     every = _gather_crcs(comm, pipeline.results())
     for i, (dset, (_, array), (_, counts)) in enumerate(zip(datasets, tensors, rows)):
         put_attr(dset, "crc32", combine(every[:, i], [n * array[:1].nbytes for n in counts]))
@@ -428,17 +435,19 @@ def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0, reuse
 def _layout(tensors, attrs):
     """What a file must hold for a save of ``tensors`` and ``attrs`` to be written over it:
     the datasets' paths, shapes and types, the attributes' names, and their strings or the
-    types of their numbers."""
+    types and shapes of their numbers."""
+    def kind(value):
+        return value if isinstance(value, str) else (np.asarray(value).dtype.str, np.shape(value))
     return (tuple((path, array.shape, array.dtype.str) for path, array in tensors),
-            tuple((key, value if isinstance(value, str) else np.asarray(value).dtype.str)
-                  for key, value in attrs.items()))
+            tuple((key, kind(value)) for key, value in attrs.items()))
 
 
 def _open_spare(directory, tmp, tensors, layout):
     """``(FileID, DatasetIDs of tensors)`` of the spare checkpoint renamed to ``tmp`` and
     open for writing, when this process made it (``_prune``) from a save of the same
     ``layout``; else ``(None, None)``, and ``tmp`` is created anew. (Checking a file made
-    elsewhere, attribute by attribute, cost more than the spare saves.)
+    elsewhere, attribute by attribute, cost more than the spare saves: a spare this process
+    did not make, of a process that crashed, is deleted.)
 
     Writing over a file spares the save what a new one costs the file system: the page
     cache's fresh pages, and allocating blocks at the first fdatasync, which then also
@@ -446,6 +455,7 @@ def _open_spare(directory, tmp, tensors, layout):
     global _spare
     trusted, _spare = _spare, None
     if trusted != (directory, layout):
+        (directory / SPARE).unlink(missing_ok=True)
         return None, None
     try:
         os.replace(directory / SPARE, tmp)
@@ -531,20 +541,27 @@ def _publish(directory, step, doomed, layout):
 
 def _prune(directory, doomed, layout):
     """Delete the files ``doomed``, but for the newest checkpoint among them that this
-    process wrote with ``layout`` (a small save's): it becomes the spare, over any other.
-    With no ``layout`` (a large save) the spare is deleted too."""
+    process wrote with ``layout`` (a small save's): it becomes the spare, over any other,
+    renamed durably before any save can write over it (else a crash could bring its old
+    name back on a file half written over). With no ``layout`` the spare is deleted too."""
     global _spare
     made = {path: _made.pop(path, None) for path in doomed}
-    mine = [path for path in sorted(doomed) if layout is not None and made[path] == layout]
+    doomed = list(doomed)
     if layout is None:
-        doomed = doomed + [directory / SPARE]
-    elif mine:
+        doomed.append(directory / SPARE)
+        if _spare is not None and _spare[0] == directory:
+            _spare = None
+    elif mine := [path for path in sorted(doomed) if made[path] == layout]:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.replace(mine[-1], directory / SPARE)
+            os.replace(mine[-1].name, SPARE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)
             _spare = (directory, layout)
-            doomed = [path for path in doomed if path != mine[-1]]
+            doomed.remove(mine[-1])
         except OSError:
             pass
+        finally:
+            os.close(dir_fd)
     for path in doomed:
         path.unlink(missing_ok=True)
 
@@ -560,9 +577,19 @@ def _write_new(name, data, dir_fd):
 
 
 def wait_for_pruning():
-    """Wait until old checkpoints are deleted (before a process that saved ends)."""
+    """Wait until old checkpoints are deleted."""
     if _pruning is not None:
         _pruning.result()
+
+
+def finish_run():
+    """Before a process that saved ends: wait until old checkpoints are deleted, and delete
+    the spare it made (no other process would write over it)."""
+    global _spare
+    wait_for_pruning()
+    if _spare is not None:
+        (_spare[0] / SPARE).unlink(missing_ok=True)
+        _spare = None
 
 
 def _dataset_crcs(fid, comm, expected=None):
@@ -592,7 +619,8 @@ def verify(path, comm=None, expected=None):
 
     ``expected``: the paths of the datasets it must hold, when known (a file just written):
     those are checked, opened by name, where otherwise the datasets are found by visiting
-    the file (0.3 ms of a 1 MiB save); one missing makes the file unreadable.
+    the file (0.3 ms of a 1 MiB save); one missing makes the file unreadable. A file named
+    as a checkpoint (``step_XXXXXXXX.h5``) must hold that step.
 
     With a ``comm`` (collective), each rank reads and checksums its share of every
     dataset's rows and all get the same answer: a rank that cannot open or read the file
@@ -605,6 +633,8 @@ def verify(path, comm=None, expected=None):
             problem = f"{path}: not a granger-mpi checkpoint"
         elif int_attr(fid, "complete") != 1:
             problem = f"{path}: incomplete (the save did not finish)"
+        elif (named := NAME.match(Path(path).name)) and int_attr(fid, "step") != int(named.group(1)):
+            problem = f"{path}: holds step {int_attr(fid, 'step')}, not the step of its name"
         else:
             found = _dataset_crcs(fid, comm, expected)
     except UserError as exc:

@@ -674,7 +674,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
             if limit_reason:
                 stop_past_limits(limit_reason)
         seconds = time.perf_counter() - started
-        checkpoint.wait_for_pruning()    # old checkpoints are deleted in the background
+        checkpoint.finish_run()    # old checkpoints are deleted in the background
         model_path = run_dir / "model.h5"
         result = TrainResult(completed, loss, accuracy, model_path, run_dir / "metrics.h5",
                              seconds=seconds, checkpoint=saved, comm=comm, ranks_lost=len(lost_ranks))

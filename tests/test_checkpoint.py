@@ -363,66 +363,109 @@ SPARE_SAVES = """
     import numpy as np
     from mpi4py import MPI
     from granger_mpi import checkpoint
+    from granger_mpi.errors import UserError
     from granger_mpi.models import Model
     comm = MPI.COMM_WORLD
-    run_dir, hidden, first, last, parallel_from = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:])
+    run_dir = sys.argv[1]
+    hidden, first, last, parallel_from, fail_at, finish = map(int, sys.argv[2:])
     directory = os.path.join(run_dir, "ckpt")
+    os.environ[checkpoint.ENOSPC_HOOK] = str(fail_at)
     model = Model("mlp", (16, hidden, 2), "relu", "classification")
     for step in range(first, last + 1):
         params = np.arange(model.layout.size, dtype=np.float32) * step
-        state = checkpoint.TrainState(params, -params, step, 0, step, ("velocity",))
-        spare = os.path.join(directory, "spare.h5")
-        before = os.stat(spare).st_ino if os.path.exists(spare) else None
-        path = checkpoint.save(comm, run_dir, model, state, job_json="{}", seed=0, keep_last=1,
-                               parallel_from_bytes=parallel_from << 20)
+        state = checkpoint.TrainState(params, -params, step, step // 3, step % 3, ("velocity",))
+        # A second name of the spare keeps its inode alive whatever the save does with it:
+        # the new checkpoint has that inode only if it was written over the spare.
+        spare, probe = os.path.join(directory, "spare.h5"), os.path.join(run_dir, "probe")
+        had_spare = comm.Get_rank() == 0 and os.path.exists(spare)
+        if had_spare:
+            os.link(spare, probe)
+        path = None
+        try:
+            path = checkpoint.save(comm, run_dir, model, state, job_json="{}", seed=0, keep_last=1,
+                                   parallel_from_bytes=parallel_from << 20)
+        except UserError as exc:     # raised on every rank
+            if comm.Get_rank() == 0:
+                print(json.dumps({"step": step, "failed": str(exc),
+                                  "files": sorted(os.listdir(directory))}), flush=True)
+        over_spare = None
+        if had_spare:
+            over_spare = path is not None and os.stat(probe).st_ino == os.stat(path).st_ino
+            os.unlink(probe)
         checkpoint.wait_for_pruning()
-        if comm.Get_rank() == 0:
+        if path is not None and comm.Get_rank() == 0:
             back, attrs = checkpoint.read(path, model)
-            print(json.dumps({"step": step, "spare_before": before, "inode": os.stat(path).st_ino,
-                              "size": os.path.getsize(path), "files": sorted(os.listdir(directory)),
-                              "verify": checkpoint.verify(path), "step_attr": int(attrs["step"]),
-                              "candidates": [p.name for p in checkpoint.candidates(run_dir)],
-                              "same_bits": bool(np.array_equal(back.params.view(np.uint32),
-                                                               params.view(np.uint32))
-                                                and np.array_equal(back.optimizer_state, -params))}),
-                  flush=True)
+            print(json.dumps({
+                "step": step, "over_spare": over_spare,
+                "files": sorted(os.listdir(directory)),
+                "verify": checkpoint.verify(path),
+                "attrs": [int(attrs[k]) for k in ("step", "epoch", "step_in_epoch", "world_size", "writers")],
+                "candidates": [p.name for p in checkpoint.candidates(run_dir)],
+                "same_bits": bool(np.array_equal(back.params.view(np.uint32), params.view(np.uint32))
+                                  and np.array_equal(back.optimizer_state, -params))}), flush=True)
+    if finish:
+        checkpoint.finish_run()
+        if comm.Get_rank() == 0:
+            print(json.dumps({"finished": sorted(os.listdir(directory))}), flush=True)
 """
 
 
-def spare_saves(tmp_path, *args):
-    run = mpirun_script(2, SPARE_SAVES, str(tmp_path / "run"), *map(str, args), tmp_path=tmp_path,
-                        timeout=60)
+def spare_saves(tmp_path, hidden, first, last, parallel_from=64, fail_at=0, finish=0):
+    run = mpirun_script(2, SPARE_SAVES, str(tmp_path / "run"), hidden, first, last, parallel_from,
+                        fail_at, finish, tmp_path=tmp_path, timeout=60)
     assert run.returncode == 0, run.output
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
 
 
+def good(save, parallel=False):
+    """A save that verifies, reads back bitwise, with its own step and position."""
+    step = save["step"]
+    return (save["verify"] == [] and save["same_bits"]
+            and save["attrs"] == [step, step // 3, step % 3, 2, 2 if parallel else 1])
+
+
 def test_a_small_save_writes_over_the_spare_checkpoint_this_process_made(tmp_path):
     """Past keep_last, an old checkpoint is kept as spare.h5 and the next small save writes
-    over it (its inode), and each file still holds exactly its own state; a spare left by
-    another process, or of another layout, is not written over, and a large save deletes
-    it."""
-    saves = spare_saves(tmp_path, 8, 1, 4, 64)
-    for save in saves:
-        assert save["verify"] == [] and save["same_bits"] and save["step_attr"] == save["step"]
+    over it, and each file still holds exactly its own state; a failed save over it leaves
+    no file; a spare left by another process, or of another layout, is deleted, not written
+    over; a large save, and the end of a run, delete it."""
+    saves = spare_saves(tmp_path, 8, 1, 6, fail_at=5)
+    assert all(good(save) for save in saves if "failed" not in save)
+    assert [save.get("over_spare") for save in saves] == [None, None, True, True, None, None]
     assert saves[0]["files"] == ["latest", "step_00000001.h5"]
-    for save in saves[1:]:
+    for save in saves[1:4]:
         assert save["files"] == ["latest", "spare.h5", f"step_{save['step']:08d}.h5"]
-    assert saves[1]["spare_before"] is None
-    for k in range(2, len(saves)):      # step 3 written over step 1's file, and on
-        assert saves[k]["spare_before"] == saves[k - 2]["inode"] == saves[k]["inode"]
-        assert saves[k]["size"] == saves[0]["size"]
-    assert saves[-1]["candidates"] == ["step_00000004.h5"]      # resume never takes the spare
+    # step 5 fails (a full disk, simulated) after writing over the spare: the file is gone
+    assert "No space left on device" in saves[4]["failed"]
+    assert saves[4]["files"] == ["latest", "step_00000004.h5"]
+    assert saves[5]["files"] == ["latest", "spare.h5", "step_00000006.h5"]
+    assert saves[5]["candidates"] == ["step_00000006.h5"]      # resume never takes the spare
 
-    # Another process, another model: step 4 (not its own) is deleted, not made the spare;
-    # the spare it found is written over only once replaced by a checkpoint of its own.
-    saves = spare_saves(tmp_path, 12, 5, 7, 64)
-    assert saves[0]["inode"] != saves[0]["spare_before"]
-    assert saves[1]["spare_before"] == saves[0]["spare_before"]
-    assert saves[2]["spare_before"] == saves[0]["inode"] == saves[2]["inode"]
-    assert all(save["verify"] == [] and save["same_bits"] for save in saves)
+    # Another process, another model: the spare it finds is deleted, and step 6 (not its
+    # own) too; its own step 7 becomes the spare that step 9 is written over.
+    saves = spare_saves(tmp_path, 12, 7, 9, finish=1)
+    assert all(good(save) for save in saves[:3])
+    assert [save.get("over_spare") for save in saves[:3]] == [False, None, True]
+    assert saves[0]["files"] == ["latest", "step_00000007.h5"]
+    assert saves[2]["files"] == ["latest", "spare.h5", "step_00000009.h5"]
+    assert saves[3]["finished"] == ["latest", "step_00000009.h5"]      # the end of the run
 
-    saves = spare_saves(tmp_path, 12, 8, 8, 0)     # every rank writes: no spare
-    assert saves[0]["files"] == ["latest", "step_00000008.h5"] and saves[0]["verify"] == []
+    saves = spare_saves(tmp_path, 12, 10, 11)      # leaves a spare: the run does not end
+    assert saves[-1]["files"] == ["latest", "spare.h5", "step_00000011.h5"]
+    saves = spare_saves(tmp_path, 12, 12, 12, parallel_from=0)     # every rank writes
+    assert good(saves[0], parallel=True) and saves[0]["over_spare"] is False
+    assert saves[0]["files"] == ["latest", "step_00000012.h5"]
+
+
+def test_a_checkpoint_holding_another_step_than_its_name_is_refused(tmp_path):
+    """As a spare would be if a crash brought back its old name after a save had written it
+    over: a whole checkpoint, of another step."""
+    spare_saves(tmp_path, 8, 1, 2)
+    directory = tmp_path / "run" / "ckpt"
+    os.replace(directory / "spare.h5", directory / "step_00000003.h5")      # step 1's file
+    run = granger("inspect", str(directory / "step_00000003.h5"), "--verify")
+    assert run.returncode == 1, run.output
+    assert "holds step 1, not the step of its name" in run.output
 
 
 def test_background_checkpoints_resume_bitwise_identical(straight, small_dataset, tmp_path):
@@ -488,11 +531,9 @@ def test_timed_checkpoints(small_dataset, tmp_path):
     assert len(kept) == 2                                      # keep_last prunes the rest
     index = json.loads((run_dir / "ckpt" / "latest").read_text())
     assert index["latest"] == kept[-1] and index["kept"] == kept
-    # every replaced index (a second name, latest.old, until the pruning thread deletes it)
-    # and every temporary file is gone once the run has ended; past keep_last saves, the
-    # oldest is kept as the spare that the next save writes over
-    spare = ["spare.h5"] if len(saves) > 2 else []
-    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", *spare, *kept]
+    # every replaced index (a second name, latest.old, until the pruning thread deletes it),
+    # every temporary file and the spare are gone once the run has ended
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", *kept]
 
 
 def test_supervise_restarts_after_a_killed_rank_and_ends_bitwise_identical(straight, small_dataset,
