@@ -542,9 +542,10 @@ def build_parser():
     p.set_defaults(func=cmd_bench_checkpoint)
     p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 256, 1024],
                    help="state sizes in MiB, comma-separated (default 1,16,256,1024)")
-    p.add_argument("--reps", type=int, default=3,
-                   help="saves (and dd runs) per size (default 3); sizes under 64 MiB get at least "
-                        "31, as they take milliseconds and vary most")
+    p.add_argument("--reps", type=int, default=15,
+                   help="saves (and dd runs) per size (default 15: on a VM, a quarter of the reps "
+                        "of a large size may stall, the save's or dd's, and must not make the "
+                        "median); sizes under 64 MiB get at least 31, as they take milliseconds")
     p.add_argument("--dir", default="runs/bench-checkpoint", help="where to write (same disk as dd)")
     p.add_argument("--no-verify", action="store_true", help="skip the read-back verification")
     p.add_argument("--out", default="docs/bench", help="folder for the CSV")
