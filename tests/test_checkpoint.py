@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -519,14 +520,18 @@ def test_stop_file_saves_and_stops_then_resume_finishes_identically(straight, sm
 
 
 def test_timed_checkpoints(small_dataset, tmp_path):
+    """Every 0.2 s of wall clock: rank 1 stalls 0.5 s at steps 200 and 600, so that at least
+    those two saves are due however fast the machine (all 960 steps took 0.36 s on one)."""
     run_dir = tmp_path / "run"
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 30},
                    checkpoint={"every_seconds": 0.2, "keep_last": 2, "at_end": False},
                    data=PER_STEP_READS)
-    run = mpirun(2, "train", job, timeout=120)
+    run = mpirun(2, "train", job, "--inject-failure", "rank=1,step=200,mode=slow,seconds=0.5",
+                 "--inject-failure", "rank=1,step=600,mode=slow,seconds=0.5", timeout=120)
     assert run.returncode == 0, run.output
-    saves = [line for line in run.stdout.splitlines() if line.startswith("checkpoint ")]
-    assert len(saves) >= 2, run.stdout[-2000:]
+    saved = [int(m.group(1)) for m in re.finditer(r"^checkpoint .* \(step (\d+)\)$", run.stdout, re.M)]
+    # rank 0 sees the time at the next step's start, and all ranks save at the step after
+    assert any(200 <= s <= 203 for s in saved) and any(600 <= s <= 603 for s in saved), saved
     kept = sorted(p.name for p in (run_dir / "ckpt").glob("step_*.h5"))
     assert len(kept) == 2                                      # keep_last prunes the rest
     index = json.loads((run_dir / "ckpt" / "latest").read_text())

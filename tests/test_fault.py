@@ -233,8 +233,11 @@ def test_a_silent_rank_is_declared_dead_by_the_heartbeat_detector(small_dataset,
     log_dir.mkdir()
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 40},
                    collectives={"algorithm": "ring"}, data=PER_STEP_READS)
+    # Rank 2 pauses at step 302 (its heartbeat thread still beats) so that the run cannot
+    # end before the SIGSTOP, however fast the machine (on one, all 1,280 steps ended first).
     cmd = [PYTHON, "-m", "granger_mpi", "run", str(job), "-n", "4", "--detector-timeout", "2",
-           "--mpirun-arg=--bind-to", "--mpirun-arg=none"]
+           "--mpirun-arg=--bind-to", "--mpirun-arg=none",
+           "--inject-failure", "rank=2,step=302,mode=slow,seconds=120"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env({"GRANGER_ROW_LOG": str(log_dir)}), start_new_session=True)
     stopped = None
