@@ -277,7 +277,8 @@ def cmd_supervise(args):
     """Run a training job under mpirun and restart it from checkpoints until it completes."""
     from granger_mpi import supervise
     return supervise.supervise(args.job, args.ranks, mpirun=args.mpirun, mpirun_args=args.mpirun_arg,
-                               train_args=["--overwrite"] if args.overwrite else [],
+                               train_args=(["--overwrite"] if args.overwrite else [])
+                               + [f"--inject-failure={spec}" for spec in args.inject_failure],
                                max_restarts=args.max_restarts, backoff_s=args.backoff)
 
 
@@ -463,6 +464,9 @@ def build_parser():
     p.add_argument("--mpirun", default="mpirun", help="launcher (default: mpirun on PATH)")
     p.add_argument("--mpirun-arg", action="append", default=[], help="extra launcher argument (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="first attempt replaces an earlier run")
+    p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
+                   help="as for train; each restart drops the earliest-step one (taken to "
+                        "be what ended the run before)")
 
     p = add("run", cmd_run, "launch a training job with mpirun and the right fault-tolerance flags",
             "Build and run `mpirun ... granger-mpi train JOB`: with [fault].mode auto or ulfm it "

@@ -548,8 +548,10 @@ def test_supervise_restarts_after_a_killed_rank_and_ends_bitwise_identical(strai
     run_dir = tmp_path / "run"
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, checkpoint={"every_steps": 10},
                    train={"epochs": 3}, output={"progress_interval_s": 0.0})
+    # rank 1 hangs at step 12 so that the run cannot end before the kill, however fast (the
+    # restart drops the injection)
     cmd = [PYTHON, "-m", "granger_mpi", "supervise", str(job), "-n", "2", "--backoff", "0.1",
-           "--mpirun", str(MPIRUN[0])]
+           "--mpirun", str(MPIRUN[0]), "--inject-failure", "rank=1,step=12,mode=hang"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), start_new_session=True)
     try:

@@ -106,7 +106,8 @@ def test_node_failure_under_ulfm_survivors_on_other_hosts_finish(cluster, small_
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 30},
                    output={"progress_interval_s": 0.0}, collectives={"algorithm": "ring"},
                    data=PER_STEP_READS)
-    proc = start_training(cluster, job, log_dir)
+    # rank 4 (host 3) pauses at step 102, so the run cannot end before the kill, however fast
+    proc = start_training(cluster, job, log_dir, "--inject-failure", "rank=4,step=102,mode=slow,seconds=120")
     lines = wait_for_line(proc, "step 100/", timeout=120)
     victims = namespace_pids(cluster, 3, "granger_mpi train")
     assert len(victims) == 2, victims
@@ -136,7 +137,8 @@ def test_whole_host_loss_ends_the_job_and_restart_resumes_on_the_others(cluster,
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 30},
                    output={"progress_interval_s": 0.0}, checkpoint={"every_steps": 50},
                    data=PER_STEP_READS)
-    proc = start_training(cluster, job, log_dir)
+    # rank 4 (host 3) pauses at step 202, so the run cannot end before the kill, however fast
+    proc = start_training(cluster, job, log_dir, "--inject-failure", "rank=4,step=202,mode=slow,seconds=120")
     wait_for_line(proc, "step_00000200.h5 (step 200)", timeout=120)   # saved and verified
     victims = namespace_pids(cluster, 3)
     assert len(victims) >= 3, victims          # prted and two ranks
