@@ -178,6 +178,15 @@ def rank_pids(run_dir):
     return [int(pid) for pid in found]
 
 
+# Rank 1 stalls at step 3 and at step 1,000, so that every signal a test sends reaches a run
+# still training, however fast the machine (all 6,400 steps took 1.8 s on one): the first
+# signal follows the first progress line (step 1); before freezing or cancelling the ranks a
+# test waits for the second stall's "inject:" line (STALLED).
+HOLDS = ("--inject-failure", "rank=1,step=3,mode=slow,seconds=5",
+         "--inject-failure", "rank=1,step=1000,mode=slow,seconds=10")
+STALLED = "inject: rank 1 slow at step 1000"
+
+
 @pytest.fixture(scope="module")
 def job(small_dataset, tmp_path_factory):
     """A job of 6,400 steps at P = 2 (seconds of training), run by the tests below."""
@@ -216,7 +225,7 @@ def test_time_limit_checkpoints_requeues_resumes_and_ends_bitwise_identical(slur
     run_dir = tmp_path / "runs" / name
     with reported(slurm, lambda _: out) as jobs:
         job_id = slurm.sbatch("-J", name, "-n", "2", "--time=10", "--signal=B:USR1@120",
-                              "-o", out, SBATCH_SCRIPT, job, cwd=tmp_path)
+                              "-o", out, SBATCH_SCRIPT, job, *HOLDS, cwd=tmp_path)
         jobs.append(job_id)
         wait_until(lambda: "\nstep " in text_of(out), 120, "the first progress line")
 
@@ -224,7 +233,7 @@ def test_time_limit_checkpoints_requeues_resumes_and_ends_bitwise_identical(slur
         slurm.command("scancel", "--batch", "--signal=USR1", job_id)
         saved = wait_until(lambda: [line for line in lines_after(out, "USR1: asking every rank", "checkpoint ")],
                            60, "the checkpoint asked for with USR1")[0]
-        wait_until(lambda: lines_after(out, saved, "step "), 60, "training to go on after the checkpoint")
+        wait_until(lambda: lines_after(out, saved, STALLED), 60, "training to go on after the checkpoint")
         assert slurm.job(job_id)["JobState"] == "RUNNING"
 
         # Freeze the ranks, and bring the time limit within two minutes: Slurm's warning follows.
@@ -274,7 +283,7 @@ def test_term_leaves_a_good_checkpoint(slurm, job, direct, tmp_path, how):
     out = tmp_path / f"{name}.out"
     run_dir = tmp_path / "runs" / name
     with reported(slurm, lambda _: out) as jobs:
-        job_id = slurm.sbatch("-J", name, "-n", "2", "-o", out, SBATCH_SCRIPT, job, cwd=tmp_path)
+        job_id = slurm.sbatch("-J", name, "-n", "2", "-o", out, SBATCH_SCRIPT, job, *HOLDS, cwd=tmp_path)
         jobs.append(job_id)
         wait_until(lambda: "\nstep " in text_of(out), 120, "the first progress line")
         if how == "batch-term":
@@ -283,6 +292,7 @@ def test_term_leaves_a_good_checkpoint(slurm, job, direct, tmp_path, how):
             slurm.command("scancel", "--batch", "--signal=USR1", job_id)
             wait_until(lambda: lines_after(out, "USR1: asking every rank", "checkpoint "), 60,
                        "the checkpoint asked for with USR1")
+            wait_until(lambda: STALLED in text_of(out), 60, "the second stall")
             slurm.command("scancel", job_id)
         info = wait_until(lambda: finished(slurm, job_id), 90, f"job {job_id} to end")
         wait_until(lambda: not rank_pids(run_dir), 60, "the ranks to exit")
