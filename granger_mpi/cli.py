@@ -24,8 +24,8 @@ exit codes:
 
 Run under MPI as `mpirun -n 4 granger-mpi train job.toml`; commands also run without mpirun
 (one rank). Signals (to mpirun, which forwards them, or to every rank): SIGUSR1 saves a
-checkpoint at the next step and goes on; SIGUSR2 prints every thread's Python stack, e.g.
-when a job seems stuck. SIGTERM to the ranks (not to mpirun, which kills them soon after)
+checkpoint at the next step and goes on (after the last step it is ignored); SIGUSR2 prints
+every thread's Python stack, e.g. when a job seems stuck. SIGTERM to the ranks (not to mpirun, which kills them soon after)
 saves and stops.
 """
 
@@ -71,6 +71,10 @@ def cmd_train(args):
     from granger_mpi import config, faults, train
     from granger_mpi.errors import EXIT_RANKS_LOST, EXIT_STOPPED
     from granger_mpi.runtime import agree, say
+    # SIGUSR1 asks for a checkpoint, which only the training loop can act on; before and
+    # after it there is nothing to save, and its default action would kill a rank (mpirun:
+    # exit 138) of a run that completes. The loop's handler restores this one.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     comm = _world().Dup()
     injections = agree(comm, lambda: [faults.parse(text) for text in args.inject_failure])
     job = agree(comm, config.load, args.job, args.run_dir)

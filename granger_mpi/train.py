@@ -668,7 +668,7 @@ def train(comm, job, info, model, *, resume=None, log=print, injections=(), abor
         def finish():
             check_replicas_identical(comm, params, "parameters at the end of training")
             if ckpt.at_end and completed > state.step and (saved is None or saved.name != checkpoint.file_name(completed)):
-                save(completed)
+                save(completed, injector.checkpoint_hook(completed))
         if not (stopped or limit_reason):
             _, limit_reason = guarded(finish, "the end of training")
             if limit_reason:

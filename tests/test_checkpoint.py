@@ -226,6 +226,29 @@ def test_sigusr1_to_mpirun_checkpoints_and_training_goes_on(long_job, tmp_path):
     assert granger("inspect", path, "--verify").returncode == 0
 
 
+def test_sigusr1_after_the_training_loop_is_ignored(small_dataset, tmp_path):
+    """A USR1 that reaches the ranks after the loop (here: during the final checkpoint,
+    which rank 0 stalls 3 s) has nothing left to save; it must not kill a rank of a run
+    that completes (mpirun's exit 138)."""
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 2})
+    cmd = [*MPIRUN, "-n", "2", PYTHON, "-m", "granger_mpi", "train", str(job),
+           "--inject-failure", "rank=0,step=64,mode=slow,at=checkpoint,seconds=3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), start_new_session=True)
+    try:
+        lines = wait_for_line(proc, "inject: rank 0 slow at step 64", timeout=60)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines) + out
+    assert proc.returncode == 0, out[-3000:]
+    assert (run_dir / "COMPLETE").exists()
+    assert granger("inspect", run_dir / "ckpt" / "step_00000064.h5", "--verify").returncode == 0
+
+
 def test_sigterm_to_the_ranks_checkpoints_and_stops_cleanly(long_job, tmp_path, small_dataset):
     proc = start(2, "train", long_job)
     try:
