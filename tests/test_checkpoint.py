@@ -203,6 +203,19 @@ def wait_for_line(proc, text, timeout=60):
     pytest.fail(f"never saw {text!r}; output so far:\n{''.join(lines)}\n{proc.stderr.read()}")
 
 
+def output_after_acting(proc, text, act, timeout):
+    """Wait for a line with ``text`` (stdout and stderr merged), call ``act()``, and return
+    all the output once ``proc`` has ended (within ``timeout`` s, else its group is killed)."""
+    try:
+        lines = wait_for_line(proc, text, timeout=60)
+        act()
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return "".join(lines) + out
+
+
 @pytest.fixture
 def long_job(tmp_path, small_dataset):
     return job_file(tmp_path / "long.toml", small_dataset, tmp_path / "run",
@@ -236,14 +249,8 @@ def test_sigusr1_after_the_training_loop_is_ignored(small_dataset, tmp_path):
            "--inject-failure", "rank=0,step=64,mode=slow,at=checkpoint,seconds=3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), start_new_session=True)
-    try:
-        lines = wait_for_line(proc, "inject: rank 0 slow at step 64", timeout=60)
-        proc.send_signal(signal.SIGUSR1)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(lines) + out
+    out = output_after_acting(proc, "inject: rank 0 slow at step 64",
+                              lambda: proc.send_signal(signal.SIGUSR1), timeout=60)
     assert proc.returncode == 0, out[-3000:]
     assert (run_dir / "COMPLETE").exists()
     assert granger("inspect", run_dir / "ckpt" / "step_00000064.h5", "--verify").returncode == 0
@@ -577,17 +584,12 @@ def test_supervise_restarts_after_a_killed_rank_and_ends_bitwise_identical(strai
            "--mpirun", str(MPIRUN[0]), "--inject-failure", "rank=1,step=12,mode=hang"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), start_new_session=True)
-    try:
-        lines = wait_for_line(proc, "checkpoint ", timeout=60)
+    def kill_a_rank():
         ranks = subprocess.run(["pgrep", "-f", f"^{PYTHON} -m granger_mpi train {job}"],
                                capture_output=True, text=True).stdout.split()
         assert len(ranks) == 2, ranks
         os.kill(int(ranks[1]), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(lines) + out
+    out = output_after_acting(proc, "checkpoint ", kill_a_rank, timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert "supervise: the run failed" in out and "restart 1/3" in out
     assert "resuming from" in out
