@@ -25,8 +25,8 @@ exit codes:
 Run under MPI as `mpirun -n 4 granger-mpi train job.toml`; commands also run without mpirun
 (one rank). Signals (to mpirun, which forwards them, or to every rank): SIGUSR1 saves a
 checkpoint at the next step and goes on (after the last step it is ignored); SIGUSR2 prints
-every thread's Python stack, e.g. when a job seems stuck. SIGTERM to the ranks (not to mpirun, which kills them soon after)
-saves and stops.
+every thread's Python stack, e.g. when a job seems stuck. SIGTERM to the ranks (not to
+mpirun, which kills them soon after) saves and stops.
 """
 
 
