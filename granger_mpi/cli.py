@@ -322,6 +322,13 @@ def cmd_bench_checkpoint(args):
     return bench.main_checkpoint(_world(), args)
 
 
+def _add_injections_for_restarts(p):
+    """``--inject-failure`` of the commands that restart ``train`` (run, supervise)."""
+    p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
+                   help="as for train; each restart drops the earliest-step one (taken to "
+                        "be what ended the run before)")
+
+
 def build_parser():
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -468,9 +475,7 @@ def build_parser():
     p.add_argument("--mpirun", default="mpirun", help="launcher (default: mpirun on PATH)")
     p.add_argument("--mpirun-arg", action="append", default=[], help="extra launcher argument (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="first attempt replaces an earlier run")
-    p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
-                   help="as for train; each restart drops the earliest-step one (taken to "
-                        "be what ended the run before)")
+    _add_injections_for_restarts(p)
 
     p = add("run", cmd_run, "launch a training job with mpirun and the right fault-tolerance flags",
             "Build and run `mpirun ... granger-mpi train JOB`: with [fault].mode auto or ulfm it "
@@ -495,9 +500,7 @@ def build_parser():
     p.add_argument("--mpirun-arg", action="append", default=[], help="extra launcher argument (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in run_dir")
     p.add_argument("--resume", metavar="auto|PATH", help="as for train")
-    p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
-                   help="as for train; each restart drops the earliest-step one (taken to "
-                        "be what ended the run before)")
+    _add_injections_for_restarts(p)
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
 
     p = add("inspect", cmd_inspect, "describe, verify or compare checkpoints (no MPI needed)",
