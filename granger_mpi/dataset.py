@@ -24,6 +24,7 @@ from granger_mpi.h5files import open_for_reading
 FORMAT = "granger-mpi dataset"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 20   # target size of one /X chunk
+MAX_CLASSES = 1 << 20   # an output layer wider than this is a wrong label column, not a model
 BLOCK_CHUNKS = 16       # synthetic rows are drawn in blocks of this many chunks
 
 
@@ -79,10 +80,17 @@ def open_info(path):
             if y.ndim != 1 or y.dtype.kind not in "iu":
                 raise UserError(f"{path}: /y of a classification dataset must be 1-D integer "
                                 f"labels, got {y.ndim}-D {y.dtype}")
-            n_classes = int(f.attrs["n_classes"]) if "n_classes" in f.attrs else _max_label(y) + 1
+            if "n_classes" in f.attrs:
+                n_classes = int(f.attrs["n_classes"])
+            else:
+                _check_labels_below(path, y, MAX_CLASSES)
+                n_classes = _max_label(y) + 1
             if n_classes < 2:
                 raise UserError(f"{path}: a classification dataset needs at least 2 classes, "
                                 f"found {n_classes}")
+            if n_classes > MAX_CLASSES:
+                raise UserError(f"{path}: its n_classes is {n_classes}, more than the "
+                                f"{MAX_CLASSES:,} classes granger-mpi supports")
             n_targets = 1
         elif task == "regression":
             if y.ndim not in (1, 2) or y.dtype.kind != "f":
@@ -94,10 +102,37 @@ def open_info(path):
         return DatasetInfo(path, int(X.shape[0]), int(X.shape[1]), task, n_classes, n_targets)
 
 
+_LABEL_CHUNK = 1 << 20
+
+
 def _max_label(y):
     """Largest label, read in chunks (only /y, which is small)."""
-    step = 1 << 20
-    return int(max(y[i:i + step].max() for i in range(0, y.shape[0], step)))
+    return int(max(y[i:i + _LABEL_CHUNK].max() for i in range(0, y.shape[0], _LABEL_CHUNK)))
+
+
+def _check_labels_below(path, y, limit):
+    """``UserError`` naming the first row of ``/y`` whose label is outside [0, limit),
+    compared in the stored dtype (a cast to int32 first would wrap 2**32 + 1 to 1)."""
+    for start in range(0, y.shape[0], _LABEL_CHUNK):
+        block = y[start:start + _LABEL_CHUNK]
+        bad = np.flatnonzero((block < 0) | (block >= limit))
+        if bad.size:
+            row = start + int(bad[0])
+            raise UserError(f"{path}: row {row} of /y has label {block[bad[0]]}, outside "
+                            f"[0, {limit:,}) (granger-mpi supports up to {MAX_CLASSES:,} classes)")
+
+
+def labels_as_int32(values, n_classes):
+    """Class labels as the kernels take them (int32), any out-of-range label as -1.
+
+    The range is checked in the stored dtype before the cast, so that a label of 2**32 + 1
+    cannot wrap to a valid class; -1 then fails the kernels' per-batch check, which names
+    the row.
+    """
+    values = np.asarray(values)
+    if values.dtype == np.int32:
+        return np.ascontiguousarray(values)
+    return np.where((values < 0) | (values >= n_classes), -1, values).astype(np.int32)
 
 
 def _create(f, n_rows, n_features, task, n_classes, n_targets, attrs, resizable=False):
@@ -216,14 +251,17 @@ def import_arrays(dst, chunks, n_features, task, source):
                     raise UserError(f"{source}: expected {n_features} feature columns, got shape {xb.shape}")
                 bad = ~np.isfinite(xb).all(axis=1)
                 if task == "classification":
-                    yf = yb.astype(np.float64)
-                    bad |= ~np.isfinite(yf) | (yf < 0) | (yf != np.round(yf))
+                    yf = yb if yb.dtype.kind in "iu" else yb.astype(np.float64)
+                    bad |= _invalid_labels(yf)
                 else:
                     yf = yb.astype(np.float64).reshape(len(yb), -1)
                     bad |= ~np.isfinite(yf).all(axis=1)
                 if bad.any():
-                    row = n_rows + int(np.argmax(bad))
-                    raise UserError(f"{source}: row {row} has NaN/Inf or an invalid label; "
+                    i = int(np.argmax(bad))
+                    label = f" (label {yb[i]})" if task == "classification" else ""
+                    raise UserError(f"{source}: row {n_rows + i} has NaN/Inf or an invalid label{label}: "
+                                    f"labels must be integers in [0, {MAX_CLASSES:,}) "
+                                    f"(targets of a regression: --task regression); "
                                     f"fix or drop it before importing")
                 if X is None:
                     n_targets = 1 if task == "classification" or yf.ndim == 1 else yf.shape[1]
@@ -249,6 +287,14 @@ def import_arrays(dst, chunks, n_features, task, source):
     finally:
         tmp.unlink(missing_ok=True)
     return n_rows
+
+
+def _invalid_labels(y):
+    """Rows whose class label is not an integer in [0, MAX_CLASSES), in ``y``'s own dtype
+    (integers are never cast to float, where 2**53 + 1 would round to a valid-looking value)."""
+    if y.dtype.kind in "iu":
+        return (y < 0) | (y >= MAX_CLASSES)
+    return ~np.isfinite(y) | (y < 0) | (y >= MAX_CLASSES) | (y != np.round(y))
 
 
 class BatchStream:
@@ -327,7 +373,7 @@ class BatchStream:
 
     def _targets(self, y, rows):
         if self.info.task == "classification":
-            return np.ascontiguousarray(y[rows], np.int32) if rows.size else np.empty(0, np.int32)
+            return labels_as_int32(y[rows], self.info.n_classes) if rows.size else np.empty(0, np.int32)
         if not rows.size:
             return np.empty((0, self.info.n_targets), np.float32)
         return np.ascontiguousarray(y[rows], np.float32).reshape(rows.size, self.info.n_targets)

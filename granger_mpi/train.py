@@ -707,9 +707,13 @@ def _report_bad_row(comm, info, local_row, epoch, step):
     """Agree on the first bad row any rank saw and raise the same error everywhere."""
     row = np.array([np.iinfo(np.int64).max if local_row is None else local_row], np.int64)
     comm.Allreduce(MPI.IN_PLACE, row, op=MPI.MIN)
-    what = "a label outside [0, %d)" % info.n_classes if info.task == "classification" else "a NaN/Inf target"
-    raise UserError(f"{info.path}: row {int(row[0])} has a NaN/Inf feature in /X or {what} "
-                    f"in /y (found at epoch {epoch}, step {step}); nothing was saved", agreed=True)
+    raise UserError(f"{_bad_row(info, int(row[0]))} (found at epoch {epoch}, step {step}); "
+                    f"nothing was saved", agreed=True)
+
+
+def _bad_row(info, row):
+    what = f"a label outside [0, {info.n_classes})" if info.task == "classification" else "a NaN/Inf target"
+    return f"{info.path}: row {row} has a NaN/Inf feature in /X or {what} in /y"
 
 
 def check_replicas_identical(comm, params, what):
@@ -729,26 +733,27 @@ def evaluate(comm, model, params, info, chunk_rows=65536):
     Collective over ``comm``: each rank reads a contiguous share of the rows in chunks.
     """
     lo, hi = partition.rank_bounds(info.n_rows, comm.Get_size(), comm.Get_rank())
-    totals = np.zeros(3, np.float64)  # loss sum, correct, bad rows
+    totals = np.zeros(2, np.float64)  # loss sum, correct
+    first_bad = np.array([info.n_rows], np.int64)
     grad = np.empty(model.layout.size, np.float32)
     with h5py.File(info.path, "r") as f:
         for start in range(lo, hi, chunk_rows):
             stop = min(hi, start + chunk_rows)
             X = np.ascontiguousarray(f["X"][start:stop], np.float32)
             if info.task == "classification":
-                y = np.ascontiguousarray(f["y"][start:stop], np.int32)
+                y = dataset.labels_as_int32(f["y"][start:stop], info.n_classes)
             else:
                 y = np.ascontiguousarray(f["y"][start:stop], np.float32).reshape(stop - start, -1)
             bad = _first_bad_row(info, X, y)
             if bad >= 0:
-                totals[2] += 1
-                continue
+                first_bad[0] = start + bad
+                break
             loss_sum, correct = model.loss_grad(params, X, y, np.float32(0), grad)
             totals[0] += loss_sum
             totals[1] += correct
     comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
-    if totals[2]:
-        raise UserError(f"{info.path}: rows with NaN/Inf or invalid labels; cannot evaluate",
-                        agreed=True)
+    comm.Allreduce(MPI.IN_PLACE, first_bad, op=MPI.MIN)
+    if first_bad[0] < info.n_rows:
+        raise UserError(f"{_bad_row(info, int(first_bad[0]))}; cannot evaluate", agreed=True)
     loss = totals[0] / info.n_rows
     return loss, (totals[1] / info.n_rows if info.task == "classification" else None)

@@ -99,3 +99,46 @@ def test_existing_run_is_not_overwritten_without_flag(tmp_path, job):
 def test_missing_job_file(tmp_path):
     run = mpirun(2, "train", tmp_path / "nope.toml", timeout=60)
     assert run.returncode == 2 and "job file" in run.stderr and "not found" in run.stderr, run.output
+
+
+def labelled(path, y, n_classes=None):
+    """A 2-class-ish dataset of ``len(y)`` rows whose labels are stored as ``y`` (its dtype)."""
+    rng = np.random.default_rng(1)
+    with h5py.File(path, "w") as f:
+        f["X"] = rng.normal(size=(len(y), 3)).astype(np.float32)
+        f["y"] = y
+        if n_classes is not None:
+            f.attrs["n_classes"] = n_classes
+    return path
+
+
+@pytest.mark.parametrize("declared", [3, None], ids=["n_classes-attribute", "n_classes-from-labels"])
+def test_a_64_bit_label_that_would_wrap_to_a_valid_class_is_refused(tmp_path, job, declared):
+    """2**32 + 1 cast to int32 is 1: the range is checked on the stored int64 value."""
+    y = np.arange(64, dtype=np.int64) % 3
+    y[5] = 2**32 + 1
+    data = labelled(tmp_path / "wide.h5", y, declared)
+    run = mpirun(2, "train", job(dataset=data, train={"global_batch": 16, "epochs": 1}), timeout=60)
+    assert run.returncode == 2, run.output
+    assert "row 5" in run.stderr, run.output
+    assert not (tmp_path / "run" / "model.h5").exists()
+
+
+def test_a_valid_int64_label_file_trains_and_evaluates(tmp_path, job):
+    y = np.arange(64, dtype=np.int64) % 3
+    data = labelled(tmp_path / "int64.h5", y)
+    run = mpirun(2, "train", job(dataset=data, train={"global_batch": 16, "epochs": 1}), timeout=60)
+    assert run.returncode == 0, run.output
+    evaluated = mpirun(2, "evaluate", tmp_path / "run" / "model.h5", data, timeout=60)
+    assert evaluated.returncode == 0 and "64 rows" in evaluated.stdout, evaluated.output
+    y[40] = -(2**32) + 2          # int32 would read 2
+    bad = mpirun(2, "evaluate", tmp_path / "run" / "model.h5",
+                 labelled(tmp_path / "bad.h5", y, 3), timeout=60)
+    assert bad.returncode == 2, bad.output
+    assert "row 40 has a NaN/Inf feature in /X or a label outside [0, 3)" in bad.stderr, bad.output
+
+
+def test_n_classes_is_capped(tmp_path, job):
+    data = labelled(tmp_path / "many.h5", np.arange(64, dtype=np.int64) % 3, 1 << 40)
+    run = mpirun(2, "train", job(dataset=data), timeout=60)
+    check_rejected(run, tmp_path / "run", "its n_classes is 1099511627776")

@@ -159,3 +159,23 @@ def test_stream_stops_at_max_steps_and_can_be_abandoned(small_dataset):
     next(iter(stream))
     stream.close()
     assert not stream._thread.is_alive()
+
+
+@pytest.mark.parametrize("label", [2**31, 2**32 + 1, -1, 2**53 + 1], ids=str)
+def test_import_refuses_a_label_int32_cannot_hold_and_names_the_row(tmp_path, label):
+    y = np.arange(10, dtype=np.int64) % 2
+    y[7] = label
+    np.savez(tmp_path / "d.npz", X=np.ones((10, 2)), y=y)
+    run = granger("import-dataset", tmp_path / "d.npz", tmp_path / "out.h5", "--task", "classification")
+    assert run.returncode == 2, run.output
+    assert f"row 7 has NaN/Inf or an invalid label (label {label})" in run.stderr, run.output
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_import_keeps_int64_labels_below_the_limit(tmp_path):
+    y = (np.arange(10, dtype=np.int64) % 2) * 9
+    np.savez(tmp_path / "d.npz", X=np.ones((10, 2)), y=y)
+    run = granger("import-dataset", tmp_path / "d.npz", tmp_path / "out.h5")
+    assert run.returncode == 0, run.output
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert np.array_equal(f["y"][...], y) and f.attrs["n_classes"] == 10
