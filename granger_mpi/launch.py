@@ -48,8 +48,8 @@ def run(job_path, ranks, *, mpirun="mpirun", hostfile=None, detector_timeout_s=N
     job = config.load(job_path)
     flags = mpirun_flags(job, ranks, hostfile=hostfile, detector_timeout_s=detector_timeout_s,
                          extra=mpirun_args)
-    command = [supervise.launcher(mpirun), *flags, "-n", str(ranks), sys.executable, "-m",
-               "granger_mpi", "train", str(job_path), *train_args]
+    command = [supervise.launcher(mpirun), *flags, "-n", str(ranks), *supervise.RANK_PROGRAM,
+               "train", str(job_path), *train_args]
     out(f"run: {shlex.join(command)}" + (f" (restarted from checkpoints up to {max_restarts} "
                                           f"time(s))" if max_restarts else ""))
     if dry_run:

@@ -20,6 +20,10 @@ from granger_mpi.errors import EXIT_BAD_INPUT, EXIT_GAVE_UP, EXIT_STOPPED, UserE
 
 COMPLETE = "COMPLETE"
 
+# How a rank starts granger-mpi. ``-P``: not the current directory first on ``sys.path``, as
+# plain ``-m`` puts it; an ``argparse.py`` where the job was started must not run on every rank.
+RANK_PROGRAM = (sys.executable, "-P", "-m", "granger_mpi")
+
 
 def write_completion(run_dir, record):
     """Atomically record that a run finished (rank 0, after model.h5 is written)."""
@@ -69,8 +73,7 @@ def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=()
     """
     job = config.load(job_path)
     run_dir = job.output.run_dir
-    base = [launcher(mpirun), *mpirun_args, "-n", str(ranks), sys.executable, "-m", "granger_mpi",
-            "train", str(job_path)]
+    base = [launcher(mpirun), *mpirun_args, "-n", str(ranks), *RANK_PROGRAM, "train", str(job_path)]
     restarts = 0
     extra = list(train_args)
     while True:

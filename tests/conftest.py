@@ -15,6 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MPIRUN = [str(ROOT / "scripts" / "mpirun")]
 PYTHON = sys.executable
+# How the tests start granger-mpi, as the launchers do: ``-P`` keeps the current directory off
+# ``sys.path`` (granger_mpi.supervise.RANK_PROGRAM).
+GRANGER = [PYTHON, "-P", "-m", "granger_mpi"]
 ULFM_FLAGS = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self"]
 
 
@@ -63,8 +66,8 @@ def run_command(cmd, timeout, env=None, cwd=None):
 
 
 def mpirun(n, *args, timeout=120, mpirun_args=(), env=None, cwd=None):
-    """``mpirun -n n granger-mpi ARGS`` (through ``python -m granger_mpi``)."""
-    cmd = [*MPIRUN, "-n", str(n), *mpirun_args, PYTHON, "-m", "granger_mpi", *args]
+    """``mpirun -n n granger-mpi ARGS`` (through ``python -P -m granger_mpi``)."""
+    cmd = [*MPIRUN, "-n", str(n), *mpirun_args, *GRANGER, *args]
     return run_command(cmd, timeout, env, cwd)
 
 
@@ -78,7 +81,7 @@ def mpirun_script(n, source, *args, tmp_path, timeout=120, mpirun_args=()):
 
 def granger(*args, timeout=120, env=None, cwd=None):
     """``granger-mpi ARGS`` without mpirun (a singleton MPI process where MPI is needed)."""
-    return run_command([PYTHON, "-m", "granger_mpi", *args], timeout, env, cwd)
+    return run_command([*GRANGER, *args], timeout, env, cwd)
 
 
 # A [data] setting under which the whole (small) dataset does not fit the loader's memory

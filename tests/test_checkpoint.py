@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (MPIRUN, PER_STEP_READS, PYTHON, _env, granger, mpirun, mpirun_script,
+from conftest import (GRANGER, MPIRUN, PER_STEP_READS, PYTHON, _env, granger, mpirun, mpirun_script,
                       read_params, run_command, write_job)
 
 
@@ -184,7 +184,7 @@ def test_inspect_shows_layout_and_diffs(small_dataset, tmp_path):
 
 
 def start(ranks, *args, env=None):
-    cmd = [*MPIRUN, "-n", str(ranks), PYTHON, "-m", "granger_mpi", *map(str, args)]
+    cmd = [*MPIRUN, "-n", str(ranks), *GRANGER, *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(env), start_new_session=True)
 
@@ -245,7 +245,7 @@ def test_sigusr1_after_the_training_loop_is_ignored(small_dataset, tmp_path):
     that completes (mpirun's exit 138)."""
     run_dir = tmp_path / "run"
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 2})
-    cmd = [*MPIRUN, "-n", "2", PYTHON, "-m", "granger_mpi", "train", str(job),
+    cmd = [*MPIRUN, "-n", "2", *GRANGER, "train", str(job),
            "--inject-failure", "rank=0,step=64,mode=slow,at=checkpoint,seconds=3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), start_new_session=True)
@@ -260,7 +260,7 @@ def test_sigterm_to_the_ranks_checkpoints_and_stops_cleanly(long_job, tmp_path, 
     proc = start(2, "train", long_job)
     try:
         wait_for_line(proc, "step ")
-        ranks = subprocess.run(["pgrep", "-f", f"^{PYTHON} -m granger_mpi train {long_job}"],
+        ranks = subprocess.run(["pgrep", "-f", f"^{PYTHON} -P -m granger_mpi train {long_job}"],
                                capture_output=True,
                                text=True).stdout.split()
         assert len(ranks) == 2, ranks
@@ -580,12 +580,12 @@ def test_supervise_restarts_after_a_killed_rank_and_ends_bitwise_identical(strai
                    train={"epochs": 3}, output={"progress_interval_s": 0.0})
     # rank 1 hangs at step 12 so that the run cannot end before the kill, however fast (the
     # restart drops the injection)
-    cmd = [PYTHON, "-m", "granger_mpi", "supervise", str(job), "-n", "2", "--backoff", "0.1",
+    cmd = [*GRANGER, "supervise", str(job), "-n", "2", "--backoff", "0.1",
            "--mpirun", str(MPIRUN[0]), "--inject-failure", "rank=1,step=12,mode=hang"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), start_new_session=True)
     def kill_a_rank():
-        ranks = subprocess.run(["pgrep", "-f", f"^{PYTHON} -m granger_mpi train {job}"],
+        ranks = subprocess.run(["pgrep", "-f", f"^{PYTHON} -P -m granger_mpi train {job}"],
                                capture_output=True, text=True).stdout.split()
         assert len(ranks) == 2, ranks
         os.kill(int(ranks[1]), signal.SIGKILL)
@@ -600,6 +600,6 @@ def test_supervise_restarts_after_a_killed_rank_and_ends_bitwise_identical(strai
 def test_supervise_passes_bad_input_on_without_restarting(tmp_path, small_dataset):
     job = job_file(tmp_path / "a.toml", small_dataset, tmp_path / "run",
                    optimizer={"learning_rate": -1.0})
-    run = run_command([PYTHON, "-m", "granger_mpi", "supervise", job, "-n", "2", "--mpirun",
+    run = run_command([*GRANGER, "supervise", job, "-n", "2", "--mpirun",
                        MPIRUN[0]], timeout=60)
     assert run.returncode == 2 and "restart" not in run.stdout, run.output

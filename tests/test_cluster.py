@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import PER_STEP_READS, PYTHON, ROOT, _env, run_command
+from conftest import GRANGER, PER_STEP_READS, PYTHON, ROOT, _env, run_command
 from test_checkpoint import job_file, wait_for_line
 from test_fault import assert_every_sample_once
 
@@ -83,7 +83,7 @@ def namespace_pids(cluster, host, pattern=None):
 def start_training(cluster, job, log_dir, *extra, hosts=None):
     """``scripts/cluster run --ft`` a training job across the hosts, output piped."""
     cmd = [PYTHON, CLUSTER, "run", "--ft", *(["--hosts", str(hosts)] if hosts else []), "--",
-           "env", f"GRANGER_ROW_LOG={log_dir}", PYTHON, "-m", "granger_mpi", "train", str(job), *extra]
+           "env", f"GRANGER_ROW_LOG={log_dir}", *GRANGER, "train", str(job), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(cluster), start_new_session=True)
 

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (MPIRUN, PER_STEP_READS, PYTHON, ULFM_FLAGS, _env, granger, mpirun,
+from conftest import (GRANGER, MPIRUN, PER_STEP_READS, PYTHON, ULFM_FLAGS, _env, granger, mpirun,
                       read_params)
 from test_checkpoint import count_rows, job_file, wait_for_line
 
@@ -63,13 +63,13 @@ def test_p4_rank_killed_from_outside_finishes_on_3_and_matches_an_undisturbed_ru
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": epochs},
                    data={"test_path": str(test_set), **PER_STEP_READS},
                    collectives={"algorithm": "auto"})
-    cmd = [*MPIRUN, "-n", "4", *ULFM_FLAGS, PYTHON, "-m", "granger_mpi", "train", str(job)]
+    cmd = [*MPIRUN, "-n", "4", *ULFM_FLAGS, *GRANGER, "train", str(job)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env({"GRANGER_ROW_LOG": str(log_dir)}), start_new_session=True)
     try:
         lines = wait_for_line(proc, "fault tolerance: ULFM", timeout=60)
         lines += wait_for_line(proc, "step 300/", timeout=60)
-        pids = subprocess.run(["pgrep", "-f", f"^{PYTHON} -m granger_mpi train {job}"],
+        pids = subprocess.run(["pgrep", "-f", f"^{PYTHON} -P -m granger_mpi train {job}"],
                               capture_output=True, text=True).stdout.split()
         assert len(pids) == 4, pids
         os.kill(rank_pid(pids, 2), signal.SIGKILL)
@@ -235,7 +235,7 @@ def test_a_silent_rank_is_declared_dead_by_the_heartbeat_detector(small_dataset,
                    collectives={"algorithm": "ring"}, data=PER_STEP_READS)
     # Rank 2 pauses at step 302 (its heartbeat thread still beats) so that the run cannot
     # end before the SIGSTOP, however fast the machine (on one, all 1,280 steps ended first).
-    cmd = [PYTHON, "-m", "granger_mpi", "run", str(job), "-n", "4", "--detector-timeout", "2",
+    cmd = [*GRANGER, "run", str(job), "-n", "4", "--detector-timeout", "2",
            "--mpirun-arg=--bind-to", "--mpirun-arg=none",
            "--inject-failure", "rank=2,step=302,mode=slow,seconds=120"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -243,7 +243,7 @@ def test_a_silent_rank_is_declared_dead_by_the_heartbeat_detector(small_dataset,
     stopped = None
     try:
         lines = wait_for_line(proc, "step 300/", timeout=120)
-        pids = subprocess.run(["pgrep", "-f", f"^{PYTHON} -m granger_mpi train {job}"],
+        pids = subprocess.run(["pgrep", "-f", f"^{PYTHON} -P -m granger_mpi train {job}"],
                               capture_output=True, text=True).stdout.split()
         stopped = rank_pid(pids, 2)
         os.kill(stopped, signal.SIGSTOP)
