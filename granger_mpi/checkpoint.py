@@ -677,13 +677,40 @@ def candidates(run_dir):
 
 
 def newest_good(run_dir, report=print):
-    """The newest checkpoint that verifies, or None; each bad one is reported and skipped."""
+    """The newest checkpoint that verifies; each bad one is reported and skipped.
+
+    None only when the run has no checkpoint at all (no file, nothing in ``ckpt/latest``):
+    a run that ended before its first save starts again from step 0. When it has
+    checkpoints and none verifies (torn, bit-rotted, purged from scratch), ``UserError``
+    names each and why: starting over would overwrite the run's metrics and model.
+    """
+    failed = []
     for path in candidates(run_dir):
         problems = verify(path)
         if not problems:
             return path
         report(f"skipping checkpoint {path}: {problems[0]}")
-    return None
+        reason = problems[0].removeprefix(f"{path}: ").replace(f"checkpoint {path} is ", "")
+        failed.append(f"{path.name}: {reason}")
+    failed += _indexed_but_missing(checkpoint_dir(run_dir))
+    if not failed:
+        return None
+    raise UserError(f"--resume auto: {checkpoint_dir(run_dir)} holds checkpoints but none verifies "
+                    f"({'; '.join(failed)}); not starting again from step 0 over this run: "
+                    f"resume with --resume PATH, or start anew with --overwrite")
+
+
+def _indexed_but_missing(directory):
+    """What ``latest`` names that is not there, each as a reason (an unreadable index is one)."""
+    try:
+        index = json.loads((directory / "latest").read_text())
+        named = {index["latest"], *index.get("kept", ())}
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"latest: unreadable index ({exc})"]
+    return [f"{name}: named in latest but missing" for name in sorted(named, reverse=True)
+            if not (directory / name).exists()]
 
 
 READ_CHUNK_ELEMENTS = 1 << 22   # 16 MiB of float32: the most a shard read holds extra

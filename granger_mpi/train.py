@@ -164,7 +164,8 @@ def find_resume(comm, job, resume, log):
         if resume == "auto":
             path = checkpoint.newest_good(job.output.run_dir, report=log)
             if path is None:
-                log(f"no good checkpoint in {checkpoint.checkpoint_dir(job.output.run_dir)}: starting fresh")
+                log(f"no checkpoint in {checkpoint.checkpoint_dir(job.output.run_dir)} (the run ended "
+                    f"before its first save): starting fresh from step 0")
             return "" if path is None else str(path)
         problems = checkpoint.verify(resume)
         if problems:

@@ -148,6 +148,47 @@ def test_flipped_bytes_are_caught_by_verify_and_resume(straight, small_dataset, 
     assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(straight[2]))
 
 
+def test_resume_auto_refuses_when_no_checkpoint_verifies(small_dataset, tmp_path):
+    """Torn, bit-rotted and purged checkpoints: starting again from step 0 would truncate the
+    run's metrics and overwrite its model, so --resume auto refuses, naming each and why."""
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"max_steps": 40},
+                   checkpoint={"every_steps": 10}, output={"jsonl": True})
+    assert mpirun(2, "train", job, timeout=120).returncode == 0
+    ckpt = run_dir / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("step_*.h5")) == [
+        "step_00000020.h5", "step_00000030.h5", "step_00000040.h5"]
+    flip_bytes(ckpt / "step_00000040.h5", "params/W1")                     # bit rot
+    torn = ckpt / "step_00000030.h5"
+    torn.write_bytes(torn.read_bytes()[:2000])                             # torn
+    (ckpt / "step_00000020.h5").unlink()                                   # purged
+    outputs = {name: (run_dir / name).read_bytes() for name in ("model.h5", "metrics.h5", "metrics.jsonl")}
+    resumed = mpirun(2, "train", job, "--resume", "auto", timeout=120)
+    assert resumed.returncode == 2, resumed.output
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("granger-mpi: error")]
+    assert len(errors) == 1, resumed.output
+    assert "holds checkpoints but none verifies" in errors[0]
+    assert "step_00000040.h5: /params/W1: checksum mismatch" in errors[0]
+    assert "step_00000030.h5: not a readable HDF5 file (Unable to open file (truncated" in errors[0]
+    assert "step_00000020.h5: named in latest but missing" in errors[0]
+    assert "--overwrite" in errors[0]
+    for name, before in outputs.items():
+        assert (run_dir / name).read_bytes() == before, f"{name} was changed"
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_restarts_fresh(straight, small_dataset, tmp_path):
+    """No checkpoint file and no index: the supervisor's --resume auto starts from step 0,
+    says so, and ends as an undisturbed run."""
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, checkpoint={"every_steps": 1000})
+    run = run_command([*GRANGER, "supervise", job, "-n", "2", "--backoff", "0.1", "--mpirun",
+                       MPIRUN[0], "--inject-failure", "rank=1,step=5,mode=exit"], timeout=180)
+    assert run.returncode == 0, run.output
+    assert "restart 1/3" in run.stdout, run.output
+    assert "(the run ended before its first save): starting fresh from step 0" in run.stdout, run.output
+    assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(straight[2]))
+
+
 def test_checkpoint_of_another_model_or_config_is_refused(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
     assert mpirun(1, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
