@@ -12,3 +12,15 @@ mpi4py.rc.finalize = True
 from mpi4py import MPI as _MPI  # noqa: E402,F401
 
 __version__ = "0.1.0"
+
+# The public API (granger_mpi.api), loaded on first use: the command line sets the BLAS and
+# numba thread counts before numpy is imported, which importing the API here would do.
+_API = ("load_job", "train", "evaluate", "predict", "Summary")
+__all__ = list(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        from granger_mpi import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'granger_mpi' has no attribute {name!r}")

@@ -281,7 +281,7 @@ def main_checkpoint(comm, args):
         k = max(1, (mib << 20) // 8 // 1025)
         model = Model("mlp", (1024, k, 1), "relu", "regression")
         params = np.random.default_rng(0).random(model.layout.size).astype(np.float32)
-        state = checkpoint.TrainState(params, params.copy(), 0, 0, 0)
+        state = checkpoint.Snapshot(params, params.copy(), 0, 0, 0)
         nbytes = 2 * params.nbytes
         def save():
             comm.Barrier()

@@ -76,7 +76,7 @@ class CheckpointError(WriteError):
 
 
 @dataclass
-class TrainState:
+class Snapshot:
     """What a run needs to continue exactly where it stopped."""
 
     params: np.ndarray
@@ -329,7 +329,7 @@ class AsyncSaver:
         self.step, self._run_dir, self._failure = state.step, run_dir, None
         if comm.Get_rank() != 0:
             return
-        snapshot = TrainState(state.params.copy(), state.optimizer_state.copy(), state.step,
+        snapshot = Snapshot(state.params.copy(), state.optimizer_state.copy(), state.step,
                               state.epoch, state.step_in_epoch, state.optimizer_slots)
         world_size = comm.Get_size()    # asked here: the thread makes no MPI call
 
@@ -765,7 +765,7 @@ def _read_part(f, path, group, model, out, lo, hi):
 
 
 def read(path, model, optimizer_slots=("velocity",), optimizer_shard=None):
-    """The ``TrainState`` saved in ``path`` and its root attributes.
+    """The ``Snapshot`` saved in ``path`` and its root attributes.
 
     ``optimizer_slots`` are the state tensors the run's optimizer needs; a checkpoint of
     another optimizer is refused, naming both. With ``optimizer_shard=(lo, hi)`` only
@@ -794,6 +794,6 @@ def read(path, model, optimizer_slots=("velocity",), optimizer_shard=None):
             _read_part(f, path, f"optimizer/{slot}", model,
                        optimizer_state[i * (hi - lo):(i + 1) * (hi - lo)], lo, hi)
         attrs = dict(f.attrs)
-    state = TrainState(params, optimizer_state, int(attrs["step"]), int(attrs["epoch"]),
+    state = Snapshot(params, optimizer_state, int(attrs["step"]), int(attrs["epoch"]),
                        int(attrs["step_in_epoch"]), tuple(optimizer_slots), optimizer_shard)
     return state, attrs

@@ -68,49 +68,27 @@ def _world():
 
 def cmd_train(args):
     """Train a model as the job file says."""
-    from granger_mpi import config, faults, train
-    from granger_mpi.errors import EXIT_RANKS_LOST, EXIT_STOPPED
-    from granger_mpi.runtime import agree, say
+    from granger_mpi import api, config, faults
+    from granger_mpi.runtime import agree
+    from granger_mpi.training.setup import Hooks
     # SIGUSR1 asks for a checkpoint, which only the training loop can act on; before and
     # after it there is nothing to save, and its default action would kill a rank (mpirun:
     # exit 138) of a run that completes. The loop's handler restores this one.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    comm = _world().Dup()
-    injections = agree(comm, lambda: [faults.parse(text) for text in args.inject_failure])
-    job = agree(comm, config.load, args.job, args.run_dir)
-    info, model = train.prepare(comm, job, overwrite=args.overwrite, resume=args.resume)
-    if args.overwrite and args.resume is None:
-        train.discard_previous_run(comm, job)
-    log = lambda message: print(message, flush=True)   # train logs from its rank 0 only
     world = _world()
-    result = train.train(comm, job, info, model, resume=args.resume, log=log,
-                         injections=injections, abort=world.Abort)
-    comm = result.comm
-    if result.limit_reason:
-        return _leave(comm, result, EXIT_RANKS_LOST)
-    if result.stopped:
-        return _leave(comm, result, EXIT_STOPPED)
-    acc = "" if result.final_accuracy is None else f", accuracy {100 * result.final_accuracy:.2f}% (last batch)"
-    say(comm, f"done: {result.steps} steps in {result.seconds:.2f} s, loss {result.final_loss:.4f}{acc}")
-    if result.test_loss is not None:
-        test_acc = "" if result.test_accuracy is None else f", accuracy {100 * result.test_accuracy:.2f}%"
-        say(comm, f"test set {job.data.test_path}: loss {result.test_loss:.6f}{test_acc}")
-    say(comm, f"model:   {result.model_path}\nmetrics: {result.metrics_path}")
-    return _leave(comm, result, 0)
-
-
-def _leave(comm, result, code):
-    """Exit code of a finished run; after lost ranks, leave without MPI_Finalize.
-
-    Finalize can hang once peers have died (seen across hosts, DESIGN.md §5); the run's
-    completion is already recorded, so the process ends here, output flushed.
-    """
-    if result.ranks_lost:
+    injections = agree(world, lambda: [faults.parse(text) for text in args.inject_failure])
+    job = agree(world, config.load, args.job, args.run_dir)
+    hooks = Hooks(injections=tuple(injections), row_log_dir=args.row_log)
+    log = lambda message: print(message, flush=True)   # train logs from its rank 0 only
+    summary = api.train(world, job, resume=args.resume, overwrite=args.overwrite, log=log,
+                        hooks=hooks, abort=world.Abort)
+    if summary.ranks_lost:
+        # MPI_Finalize can hang once peers have died (seen across hosts); the run's
+        # completion is already recorded, so the process ends here, output flushed.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)
-    comm.Free()
-    return code
+        os._exit(summary.exit_code)
+    return summary.exit_code
 
 
 def cmd_status(args):
@@ -140,45 +118,27 @@ def cmd_status(args):
 
 def cmd_evaluate(args):
     """Loss and accuracy of a saved model on a dataset."""
-    from granger_mpi import dataset, modelfile, train
-    from granger_mpi.errors import UserError
-    from granger_mpi.runtime import agree, say
-    comm = _world().Dup()
-
-    def load():
-        model, params, _ = modelfile.load(args.model)
-        info = dataset.open_info(args.dataset)
-        problem = model.fits(info)
-        if problem:
-            raise UserError(f"{problem}: {args.model}")
-        return model, params, info
-    model, params, info = agree(comm, load)
-    loss, accuracy = train.evaluate(comm, model, params, info)
+    from granger_mpi import api
+    from granger_mpi.runtime import say
+    comm = _world()
+    loss, accuracy = api.evaluate(comm, args.model, args.dataset)
     acc = "" if accuracy is None else f" accuracy {100 * accuracy:.2f}%"
-    say(comm, f"{info.path}: {info.n_rows} rows, loss {loss:.6f}{acc}")
-    comm.Free()
+    say(comm, f"{args.dataset}: {_rows(args.dataset)} rows, loss {loss:.6f}{acc}")
     return 0
+
+
+def _rows(path):
+    from granger_mpi import dataset
+    return dataset.open_info(path).n_rows
 
 
 def cmd_predict(args):
     """Predictions of a saved model or checkpoint for every row of a dataset, as HDF5."""
-    from granger_mpi import modelfile, predict
-    from granger_mpi.errors import UserError
-    from granger_mpi.runtime import agree, say
-    comm = _world().Dup()
-
-    def load():
-        model, params, _ = modelfile.load(args.model)
-        predict.check_features(args.dataset, model)
-        if not args.output.parent.is_dir():
-            raise UserError(f"output directory {args.output.parent} does not exist")
-        if args.output.resolve() in (args.model.resolve(), args.dataset.resolve()):
-            raise UserError(f"output {args.output} would overwrite an input")
-        return model, params
-    model, params = agree(comm, load)
-    n_rows = predict.write(comm, model, params, args.dataset, args.output, source=args.model)
+    from granger_mpi import api
+    from granger_mpi.runtime import say
+    comm = _world()
+    n_rows = api.predict(comm, args.model, args.dataset, args.output)
     say(comm, f"wrote {args.output}: predictions for {n_rows:,} rows of {args.dataset}")
-    comm.Free()
     return 0
 
 
@@ -281,8 +241,7 @@ def cmd_supervise(args):
     """Run a training job under mpirun and restart it from checkpoints until it completes."""
     from granger_mpi import supervise
     return supervise.supervise(args.job, args.ranks, mpirun=args.mpirun, mpirun_args=args.mpirun_arg,
-                               train_args=(["--overwrite"] if args.overwrite else [])
-                               + [f"--inject-failure={spec}" for spec in args.inject_failure],
+                               train_args=(["--overwrite"] if args.overwrite else []) + _passed_on(args),
                                max_restarts=args.max_restarts, backoff_s=args.backoff)
 
 
@@ -290,8 +249,7 @@ def cmd_run(args):
     """Start mpirun with the flags the job's fault mode needs."""
     from granger_mpi import launch
     train_args = (["--overwrite"] if args.overwrite else []) + \
-        (["--resume", args.resume] if args.resume else []) + \
-        [f"--inject-failure={spec}" for spec in args.inject_failure]
+        (["--resume", args.resume] if args.resume else []) + _passed_on(args)
     return launch.run(args.job, args.ranks, mpirun=args.mpirun, hostfile=args.hostfile,
                       detector_timeout_s=args.detector_timeout, mpirun_args=args.mpirun_arg,
                       train_args=train_args, max_restarts=args.max_restarts,
@@ -327,6 +285,18 @@ def _add_injections_for_restarts(p):
     p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
                    help="as for train; each restart drops the earliest-step one (taken to "
                         "be what ended the run before)")
+    _add_row_log(p)
+
+
+def _add_row_log(p):
+    """A test seam: every rank logs the rows of each step it starts into DIR (not in --help)."""
+    p.add_argument("--row-log", type=Path, metavar="DIR", help=argparse.SUPPRESS)
+
+
+def _passed_on(args):
+    """The arguments that ``run`` and ``supervise`` hand to every ``train`` they start."""
+    return ([f"--inject-failure={spec}" for spec in args.inject_failure]
+            + ([f"--row-log={args.row_log}"] if args.row_log else []))
 
 
 def build_parser():
@@ -363,6 +333,7 @@ def build_parser():
                         "[,seconds=T]; R is the rank in MPI_COMM_WORLD, S the step index (for "
                         "at=checkpoint the checkpoint of S completed steps); default mode kill9, "
                         "at compute; slow stalls T seconds (default 1) and goes on: a straggler")
+    _add_row_log(p)
 
     p = add("status", cmd_status, "per-rank state of a run, live or after it ended (no MPI needed)",
             "Print who is alive, each rank's state (IDLE, TRAINING, AGGREGATING, CHECKPOINTING, "

@@ -10,6 +10,7 @@ import os
 import numpy as np
 from mpi4py import MPI
 
+from granger_mpi import ulfm
 from granger_mpi.runtime import mpi_library_version
 
 
@@ -27,45 +28,6 @@ def loaded_libraries(*fragments):
     except OSError:
         pass
     return {k: sorted(v) for k, v in found.items()}
-
-
-ULFM_FLAGS = "mpirun --with-ft ulfm --mca pml ob1 --mca btl tcp,self"
-
-
-def probe_ulfm():
-    """``(available, detail)``: does the library have ULFM, and is it switched on in this job?
-
-    The library part is a real revoke on a private communicator: mpi4py without ULFM
-    raises ``NotImplementedError``, and only a later call failing with ``ERR_REVOKED``
-    proves that revoke works. Open MPI also needs fault tolerance switched on at launch
-    (``--with-ft ulfm`` sets the MCA parameter ``mpi_ft_enable``), or a dead peer still
-    ends the job; and the shared-memory transport hangs after a failure (DESIGN.md §5).
-    """
-    probe = MPI.COMM_SELF.Dup()
-    try:
-        probe.Set_errhandler(MPI.ERRORS_RETURN)
-        try:
-            probe.Revoke()
-        except NotImplementedError:
-            return False, "the MPI library has no ULFM (MPIX_Comm_revoke missing)"
-        except MPI.Exception as exc:
-            return False, f"MPIX_Comm_revoke failed: {exc.Get_error_string()}"
-        try:
-            probe.Barrier()
-            return False, "MPIX_Comm_revoke is a no-op in this MPI library"
-        except MPI.Exception as exc:
-            if exc.Get_error_class() != MPI.ERR_REVOKED:
-                return False, f"unexpected error after revoke: {exc.Get_error_string()}"
-    finally:
-        probe.Free()
-    enabled = os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true", "yes")
-    if not enabled:
-        return False, f"the library has ULFM but this job did not enable it; launch with {ULFM_FLAGS}"
-    btl = os.environ.get("OMPI_MCA_btl", "")
-    if not btl or any(t in btl.split(",") for t in ("sm", "vader")):
-        return False, (f"ULFM is on but the shared-memory transport may hang after a failure "
-                       f"(btl={btl or 'default'}); launch with {ULFM_FLAGS}")
-    return True, "revoke works and fault tolerance is on in this job (mpi_ft_enable, btl " + btl + ")"
 
 
 def _checks():
@@ -99,9 +61,9 @@ def _checks():
     else:
         yield "ok", "numba", (f"numba {numba.__version__}, threading layer {layer}, "
                               f"{numba.get_num_threads()} thread(s) per rank")
-    ulfm, detail = probe_ulfm()
-    yield ("ok" if ulfm else "note"), "ULFM fault tolerance", (
-        detail if ulfm else f"not available ({detail}); failures will be handled by restart")
+    ulfm_on, detail = ulfm.probe()
+    yield ("ok" if ulfm_on else "note"), "ULFM fault tolerance", (
+        detail if ulfm_on else f"not available ({detail}); failures will be handled by restart")
     buf = np.full(4, world.Get_rank() + 1, np.float64)
     world.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     expected = world.Get_size() * (world.Get_size() + 1) / 2

@@ -9,9 +9,7 @@ import os
 import shlex
 import sys
 
-from granger_mpi import config, supervise
-
-ULFM_FLAGS = ("--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self")
+from granger_mpi import config, supervise, ulfm
 
 
 def detector_flags(timeout_s):
@@ -36,7 +34,7 @@ def mpirun_flags(job, ranks, *, hostfile=None, detector_timeout_s=None, extra=()
     elif ranks > len(os.sched_getaffinity(0)):
         flags.append("--oversubscribe")
     if job.fault.mode != "restart":
-        flags += ULFM_FLAGS
+        flags += ulfm.LAUNCH_FLAGS
         if detector_timeout_s:
             flags += detector_flags(detector_timeout_s)
     return flags + list(extra)

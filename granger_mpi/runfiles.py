@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from granger_mpi import metrics, supervise, timing
+from granger_mpi import metrics, rundir, timing
 from granger_mpi.errors import UserError, describe_io_error
 
 
@@ -104,7 +104,7 @@ def read_run(run_dir):
                         f"[output].metrics_flush_steps steps and at the end)")
     job_path = run_dir / "job.toml"
     job_text = job_path.read_text() if job_path.is_file() else None
-    return RunRecord(run_dir, series, events, job_text, supervise.completion(run_dir), attrs,
+    return RunRecord(run_dir, series, events, job_text, rundir.RunDir(run_dir).completion(), attrs,
                      timings)
 
 

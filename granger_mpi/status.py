@@ -21,6 +21,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from granger_mpi import rundir
+
 IDLE, TRAINING, AGGREGATING, CHECKPOINTING, FAILED, RECOVERING = (
     "IDLE", "TRAINING", "AGGREGATING", "CHECKPOINTING", "FAILED", "RECOVERING")
 STEP_STATES = (TRAINING, AGGREGATING)
@@ -33,7 +35,7 @@ AUTO_MIN_STEPS = 10
 
 
 def status_dir(run_dir):
-    return Path(run_dir) / "status"
+    return rundir.RunDir(run_dir).status
 
 
 def status_path(run_dir, world_rank):
@@ -220,7 +222,7 @@ def table(run_dir, now=None):
     live = [r for r in records if r["state"] not in (FAILED, IDLE) and not _stale(r, now)]
     failed = [r for r in records if r["state"] == FAILED or (r["state"] != IDLE and _stale(r, now))]
     steps = [r["step"] for r in live] or [max(r["step"] for r in records)]
-    complete = (Path(run_dir) / "COMPLETE").exists()
+    complete = rundir.RunDir(run_dir).complete.exists()
     head = (f"run {run_dir}: {'running' if live else 'complete' if complete else 'not running'}; "
             f"mode {records[0].get('mode', '?')}; {len(live)} of {len(records)} rank(s) alive; "
             f"step {max(steps)}; {len(failed)} rank(s) failed")

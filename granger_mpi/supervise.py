@@ -6,7 +6,6 @@ Success is read from the run's own completion record (``RUN_DIR/COMPLETE``, writ
 mpirun can exit 0 after ranks were lost (DESIGN.md §5).
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,29 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from granger_mpi import config
+from granger_mpi import config, rundir
+from granger_mpi.faults import parse
 from granger_mpi.errors import EXIT_BAD_INPUT, EXIT_GAVE_UP, EXIT_STOPPED, UserError
-
-COMPLETE = "COMPLETE"
 
 # How a rank starts granger-mpi. ``-P``: not the current directory first on ``sys.path``, as
 # plain ``-m`` puts it; an ``argparse.py`` where the job was started must not run on every rank.
 RANK_PROGRAM = (sys.executable, "-P", "-m", "granger_mpi")
-
-
-def write_completion(run_dir, record):
-    """Atomically record that a run finished (rank 0, after model.h5 is written)."""
-    tmp = Path(run_dir) / (COMPLETE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(Path(run_dir) / COMPLETE)
-
-
-def completion(run_dir):
-    """The completion record of a run, or None."""
-    try:
-        return json.loads((Path(run_dir) / COMPLETE).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def launcher(name):
@@ -72,7 +55,7 @@ def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=()
     Bad input (2) and a requested stop (3) are passed on at once; giving up exits 4.
     """
     job = config.load(job_path)
-    run_dir = job.output.run_dir
+    run = rundir.RunDir(job.output.run_dir)
     base = [launcher(mpirun), *mpirun_args, "-n", str(ranks), *RANK_PROGRAM, "train", str(job_path)]
     restarts = 0
     extra = list(train_args)
@@ -80,7 +63,7 @@ def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=()
         started = time.time()
         code = subprocess.call(base + extra, env=dict(os.environ, GRANGER_ATTEMPT=str(restarts + 1)),
                                preexec_fn=clear_stale_session_dir)
-        record = completion(run_dir)
+        record = run.completion()
         if record is not None and record.get("finished_at", 0) >= started:
             if code != 0:
                 out(f"supervise: mpirun exited {code}, but the run recorded its completion: done")
@@ -107,7 +90,6 @@ def _for_restart(train_args):
     """The arguments of a restart: keep the predecessor's results (no ``--overwrite``), and of
     the injected failures drop the earliest one, which is taken to be what ended that run
     (a ``slow`` one ends nothing and is kept)."""
-    from granger_mpi.faults import parse
     kept, specs, args = [], [], iter(train_args)
     for arg in args:
         if arg == "--overwrite":

@@ -88,15 +88,15 @@ def test_resume_at_another_world_size_uses_every_sample_once(small_dataset, tmp_
     run_dir = tmp_path / "run"
     log_dir = tmp_path / "rows"
     log_dir.mkdir()
-    env = {"GRANGER_ROW_LOG": str(log_dir)}
+    rows = ("--row-log", log_dir)
     first = mpirun(before, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
                                              train={"max_steps": 45},
                                              checkpoint={"parallel_write_from_mib": 0}),
-                   timeout=120, env=env)
+                   *rows, timeout=120)
     assert first.returncode == 0, first.output
     assert writers(run_dir / "ckpt" / "step_00000045.h5") == before
     second = mpirun(after, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir),
-                    "--resume", "auto", timeout=120, env=env)
+                    "--resume", "auto", *rows, timeout=120)
     assert second.returncode == 0, second.output
     assert f"saved by {before} rank(s)" in second.stdout
     uses = count_rows(log_dir)
@@ -378,7 +378,7 @@ def test_a_read_failing_on_one_rank_fails_the_shared_verification_on_all(tmp_pat
         comm = MPI.COMM_WORLD
         model = Model("mlp", (16, 8, 2), "relu", "classification")
         params = np.arange(model.layout.size, dtype=np.float32)
-        state = checkpoint.TrainState(params, params.copy(), 3, 0, 0)
+        state = checkpoint.Snapshot(params, params.copy(), 3, 0, 0)
         path = checkpoint.save(comm, "{tmp_path / 'run'}", model, state, job_json="{{}}", seed=0,
                                parallel_from_bytes=0)
         assert checkpoint.verify(path, comm) == []
@@ -407,7 +407,7 @@ def test_a_failed_fsync_fails_the_save_and_leaves_the_directory_as_it_was(tmp_pa
         model = Model("mlp", (16, 8, 2), "relu", "classification")
         params = np.arange(model.layout.size, dtype=np.float32)
         save = lambda step: checkpoint.save(comm, "{tmp_path / 'run'}", model,
-                                            checkpoint.TrainState(params, params.copy(), step, 0, 0),
+                                            checkpoint.Snapshot(params, params.copy(), step, 0, 0),
                                             job_json="{{}}", seed=0)
         save(3)
         def failing(path, data_only=False):
@@ -445,7 +445,7 @@ SPARE_SAVES = """
     model = Model("mlp", (16, hidden, 2), "relu", "classification")
     for step in range(first, last + 1):
         params = np.arange(model.layout.size, dtype=np.float32) * step
-        state = checkpoint.TrainState(params, -params, step, step // 3, step % 3, ("velocity",))
+        state = checkpoint.Snapshot(params, -params, step, step // 3, step % 3, ("velocity",))
         # A second name of the spare keeps its inode alive whatever the save does with it:
         # the new checkpoint has that inode only if it was written over the spare.
         spare, probe = os.path.join(directory, "spare.h5"), os.path.join(run_dir, "probe")

@@ -83,7 +83,7 @@ def namespace_pids(cluster, host, pattern=None):
 def start_training(cluster, job, log_dir, *extra, hosts=None):
     """``scripts/cluster run --ft`` a training job across the hosts, output piped."""
     cmd = [PYTHON, CLUSTER, "run", "--ft", *(["--hosts", str(hosts)] if hosts else []), "--",
-           "env", f"GRANGER_ROW_LOG={log_dir}", *GRANGER, "train", str(job), *extra]
+           *GRANGER, "train", str(job), "--row-log", str(log_dir), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(cluster), start_new_session=True)
 

@@ -37,8 +37,8 @@ def ulfm_train(n, job, *injections, tmp_path, timeout=120, extra=()):
     log_dir = tmp_path / f"rows-{job.stem}"
     log_dir.mkdir()
     args = [a for spec in injections for a in ("--inject-failure", spec)]
-    run = mpirun(n, "train", job, *args, *extra, mpirun_args=ULFM_FLAGS, timeout=timeout,
-                 env={"GRANGER_ROW_LOG": str(log_dir)})
+    run = mpirun(n, "train", job, *args, *extra, "--row-log", log_dir, mpirun_args=ULFM_FLAGS,
+                 timeout=timeout)
     return run, log_dir
 
 
@@ -63,9 +63,9 @@ def test_p4_rank_killed_from_outside_finishes_on_3_and_matches_an_undisturbed_ru
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": epochs},
                    data={"test_path": str(test_set), **PER_STEP_READS},
                    collectives={"algorithm": "auto"})
-    cmd = [*MPIRUN, "-n", "4", *ULFM_FLAGS, *GRANGER, "train", str(job)]
+    cmd = [*MPIRUN, "-n", "4", *ULFM_FLAGS, *GRANGER, "train", str(job), "--row-log", str(log_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env({"GRANGER_ROW_LOG": str(log_dir)}), start_new_session=True)
+                            env=_env(), start_new_session=True)
     try:
         lines = wait_for_line(proc, "fault tolerance: ULFM", timeout=60)
         lines += wait_for_line(proc, "step 300/", timeout=60)
@@ -237,9 +237,9 @@ def test_a_silent_rank_is_declared_dead_by_the_heartbeat_detector(small_dataset,
     # end before the SIGSTOP, however fast the machine (on one, all 1,280 steps ended first).
     cmd = [*GRANGER, "run", str(job), "-n", "4", "--detector-timeout", "2",
            "--mpirun-arg=--bind-to", "--mpirun-arg=none",
-           "--inject-failure", "rank=2,step=302,mode=slow,seconds=120"]
+           "--inject-failure", "rank=2,step=302,mode=slow,seconds=120", "--row-log", str(log_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env({"GRANGER_ROW_LOG": str(log_dir)}), start_new_session=True)
+                            env=_env(), start_new_session=True)
     stopped = None
     try:
         lines = wait_for_line(proc, "step 300/", timeout=120)

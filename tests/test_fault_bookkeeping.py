@@ -9,7 +9,7 @@ import pytest
 from granger_mpi import faults, status
 from granger_mpi.errors import UserError
 from granger_mpi.supervise import _for_restart
-from granger_mpi.train import _past_limits
+from granger_mpi.training.recovery import past_limits as _past_limits
 
 
 def limits(**kw):

@@ -20,9 +20,13 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import dataset, metrics, modelfile, models, optimizer, partition
+from granger_mpi import dataset, metrics, modelfile, models, optimizer, rundir
 from granger_mpi.errors import UserError
 from granger_mpi.kernels import checks, optim
+from granger_mpi.training.evaluation import evaluate
+from granger_mpi.training.result import TrainResult
+from granger_mpi.training.setup import warm_kernels
+from granger_mpi.training.trainer import total_steps
 
 SERVER = 0
 TAG_PUSH = 0x6173   # worker -> server: gradient and header
@@ -41,19 +45,15 @@ def staleness_weight(kind, staleness):
 def train(comm, job, info, model, *, log=print):
     """Run the job asynchronously on ``comm`` (rank 0 serves, the others work).
 
-    Collective over ``comm``; returns ``train.TrainResult`` with the parameters
+    Collective over ``comm``; returns a ``TrainResult`` with the parameters
     broadcast to every rank (so that evaluation can be collective).
     """
-    from granger_mpi.train import TrainResult, evaluate, warm_kernels
     rank, size = comm.Get_rank(), comm.Get_size()
     if size < 2:
         raise UserError("[train].strategy = 'async' needs at least 2 ranks (a server and a worker)",
                         agreed=True)
     workers = size - 1
-    per_epoch = partition.steps_per_epoch(info.n_rows, job.train.global_batch)
-    steps = per_epoch * job.train.epochs
-    if job.train.max_steps is not None:
-        steps = min(steps, job.train.max_steps)
+    steps = total_steps(job, info)
     opt = optimizer.Optimizer(job.optimizer, model.layout.size, total_steps=steps * workers,
                               global_batch=job.train.global_batch)
     warm_kernels(comm, model, info, opt)
@@ -67,16 +67,13 @@ def train(comm, job, info, model, *, log=print):
     comm.Bcast(params, root=SERVER)
     loss, accuracy, updates = result
     seconds = time.perf_counter() - started
-    run_dir = job.output.run_dir
-    model_path = run_dir / "model.h5"
+    run = rundir.RunDir(job.output.run_dir)
     if rank == SERVER:
-        modelfile.save(model_path, model, params,
+        modelfile.save(run.model, model, params,
                        attrs={"job": job.to_json(), "step": updates, "world_size": size})
-        from granger_mpi.supervise import write_completion
-        write_completion(run_dir, {"steps": updates, "world_size": size, "ranks_lost": 0,
-                                   "model": str(model_path), "finished_at": time.time()})
-    out = TrainResult(updates, loss, accuracy, model_path, run_dir / "metrics.h5", seconds=seconds,
-                      comm=comm)
+        run.write_completion({"steps": updates, "world_size": size, "ranks_lost": 0,
+                              "model": str(run.model), "finished_at": time.time()})
+    out = TrainResult(updates, loss, accuracy, run.model, run.metrics, seconds=seconds, world_size=size)
     if job.data.test_path is not None:
         out.test_loss, out.test_accuracy = evaluate(comm, model, params, dataset.open_info(job.data.test_path))
     comm.Barrier()
@@ -121,9 +118,9 @@ def _serve(comm, job, info, model, params, opt, steps, log):
     n = params.size
     workers = comm.Get_size() - 1
     cfg = job.train
-    run_dir = job.output.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.toml").write_text(job.text)
+    run = rundir.RunDir(job.output.run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.job.write_text(job.text)
     log(f"training {model.kind} {list(model.sizes)} ({n:,} parameters) on {info.path} "
         f"({info.n_rows:,} rows, {info.task}) asynchronously: 1 server, {workers} worker(s), "
         f"{steps} steps of global batch {job.train.global_batch}, staleness weight "
@@ -139,7 +136,7 @@ def _serve(comm, job, info, model, params, opt, steps, log):
     active = workers
     loss = accuracy = float("nan")
     classification = info.task == "classification"
-    sinks = metrics.open_sinks(run_dir, job, {"job": job.to_json(), "world_size": comm.Get_size(),
+    sinks = metrics.open_sinks(run.path, job, {"job": job.to_json(), "world_size": comm.Get_size(),
                                               "strategy": "async"})
     progress = metrics.Progress(steps * workers, job.output.progress_interval_s)
     last = time.perf_counter()
@@ -183,7 +180,7 @@ def _serve(comm, job, info, model, params, opt, steps, log):
     finally:
         sinks.close()
     histogram = np.bincount(np.asarray(staleness_seen, np.int64), minlength=1)
-    with h5py.File(run_dir / "metrics.h5", "a") as f:
+    with h5py.File(run.metrics, "a") as f:
         f.create_dataset("staleness", data=np.asarray(staleness_seen, np.int64))
         f.create_dataset("staleness_histogram", data=histogram)
         f.attrs["gradients_dropped"] = dropped

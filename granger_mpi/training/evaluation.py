@@ -1,0 +1,77 @@
+"""Checks on data and replicas, and the loss of a model on a whole dataset."""
+
+import h5py
+import numpy as np
+from mpi4py import MPI
+
+from granger_mpi import dataset, partition
+from granger_mpi.checksums import crc32
+from granger_mpi.errors import UserError
+from granger_mpi.kernels import checks
+
+
+def first_bad_row(info: dataset.DatasetInfo, X: np.ndarray, y: np.ndarray) -> int:
+    """Index of the first row of a batch with a NaN/Inf or an invalid target, else -1."""
+    if info.task == "classification":
+        return checks.first_bad_row_classification(X, y, info.n_classes)
+    return checks.first_bad_row_regression(X, y)
+
+
+def bad_row_message(info: dataset.DatasetInfo, row: int) -> str:
+    """What is wrong with dataset row ``row`` (found by ``first_bad_row``)."""
+    what = f"a label outside [0, {info.n_classes})" if info.task == "classification" else "a NaN/Inf target"
+    return f"{info.path}: row {row} has a NaN/Inf feature in /X or {what} in /y"
+
+
+def report_bad_row(comm: MPI.Comm, info: dataset.DatasetInfo, local_row: int | None, epoch: int,
+                   step: int):
+    """Collective: agree on the first bad row any rank saw and raise the same error everywhere."""
+    row = np.array([np.iinfo(np.int64).max if local_row is None else local_row], np.int64)
+    comm.Allreduce(MPI.IN_PLACE, row, op=MPI.MIN)
+    raise UserError(f"{bad_row_message(info, int(row[0]))} (found at epoch {epoch}, step {step}); "
+                    f"nothing was saved", agreed=True)
+
+
+def check_replicas_identical(comm: MPI.Comm, params: np.ndarray, what: str) -> None:
+    """Collective: raise if ``params`` differ between ranks (CRC32 of the bytes, gathered)."""
+    crc = np.array([crc32(params)], np.int64)
+    crcs = np.empty(comm.Get_size(), np.int64)
+    comm.Allgather(crc, crcs)
+    if np.unique(crcs).size != 1:
+        odd = [r for r in range(comm.Get_size()) if crcs[r] != crcs[0]]
+        raise RuntimeError(f"{what} differ between ranks (rank 0 vs ranks {odd}): "
+                           f"the replicas diverged, which must never happen")
+
+
+def evaluate(comm: MPI.Comm, model, params: np.ndarray, info: dataset.DatasetInfo,
+             chunk_rows: int = 65536) -> tuple[float, float | None]:
+    """Mean loss and accuracy (None for regression) of ``params`` on a whole dataset.
+
+    Collective over ``comm``: each rank reads a contiguous share of the rows in chunks.
+    A bad row anywhere raises ``UserError`` naming the first one, on every rank.
+    """
+    lo, hi = partition.rank_bounds(info.n_rows, comm.Get_size(), comm.Get_rank())
+    totals = np.zeros(2, np.float64)  # loss sum, correct
+    first_bad = np.array([info.n_rows], np.int64)
+    grad = np.empty(model.layout.size, np.float32)
+    with h5py.File(info.path, "r") as f:
+        for start in range(lo, hi, chunk_rows):
+            stop = min(hi, start + chunk_rows)
+            X = np.ascontiguousarray(f["X"][start:stop], np.float32)
+            if info.task == "classification":
+                y = dataset.labels_as_int32(f["y"][start:stop], info.n_classes)
+            else:
+                y = np.ascontiguousarray(f["y"][start:stop], np.float32).reshape(stop - start, -1)
+            bad = first_bad_row(info, X, y)
+            if bad >= 0:
+                first_bad[0] = start + bad
+                break
+            loss_sum, correct = model.loss_grad(params, X, y, np.float32(0), grad)
+            totals[0] += loss_sum
+            totals[1] += correct
+    comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    comm.Allreduce(MPI.IN_PLACE, first_bad, op=MPI.MIN)
+    if first_bad[0] < info.n_rows:
+        raise UserError(f"{bad_row_message(info, int(first_bad[0]))}; cannot evaluate", agreed=True)
+    loss = totals[0] / info.n_rows
+    return loss, (totals[1] / info.n_rows if info.task == "classification" else None)

@@ -1,0 +1,88 @@
+"""What asks for a checkpoint or a stop, and when a checkpoint is due.
+
+Signals and the STOP file reach ranks at different times, so a request is only a flag that
+the next step's fused allreduce sums: every rank sees the same request at the same step.
+"""
+
+import signal
+import time
+from pathlib import Path
+
+from granger_mpi.config import CheckpointConfig
+
+
+class CheckpointPolicy:
+    """Whether a step is due for a checkpoint: ``[checkpoint]`` of the job, and the clock."""
+
+    def __init__(self, ckpt: CheckpointConfig, total_steps: int):
+        self.every_steps = ckpt.every_steps
+        self.every_seconds = ckpt.every_seconds
+        self.at_end = ckpt.at_end
+        self.total_steps = total_steps
+        self.last_save = time.perf_counter()
+
+    def saved(self) -> None:
+        """A checkpoint was just written: the clock of timed saves starts again."""
+        self.last_save = time.perf_counter()
+
+    def timed_save_due(self) -> bool:
+        return self.every_seconds is not None and time.perf_counter() - self.last_save >= self.every_seconds
+
+    def due(self, done: int, requested: bool) -> bool:
+        """After ``done`` steps: a save asked for, or a periodic one; the last step has its own."""
+        periodic = self.every_steps is not None and done % self.every_steps == 0
+        return (requested or periodic) and done < self.total_steps
+
+    def due_at_end(self, done: int, start_step: int, saved: Path | None, file_name) -> bool:
+        """A final checkpoint, unless the run did no step or the last one saved already."""
+        return self.at_end and done > start_step and (saved is None or saved.name != file_name(done))
+
+
+class RequestSource:
+    """Signals (SIGUSR1: save; SIGTERM: save and stop), the STOP file and timed saves, as
+    the two flags a step sends (``take``). Only the writer rank watches the file and the
+    clock; a context manager, which puts the signal handlers back on exit."""
+
+    def __init__(self, policy: CheckpointPolicy, stop_file: Path, *, watcher: bool):
+        self.policy = policy
+        self.stop_file = stop_file
+        self.watcher = watcher
+        self.save = False
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        def on_usr1(signum, frame):
+            self.save = True
+
+        def on_term(signum, frame):
+            self.save = self.stop = True
+        for signum, handler in ((signal.SIGUSR1, on_usr1), (signal.SIGTERM, on_term)):
+            self._old[signum] = signal.signal(signum, handler)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+        self._old.clear()
+
+    def take(self) -> tuple[bool, bool]:
+        """``(save, stop)`` asked for since the last call; cleared."""
+        if self.watcher:
+            if self.policy.timed_save_due():
+                self.save = True
+            if self.stop_file.exists():
+                self.save = self.stop = True
+        flags = (self.save, self.stop)
+        self.save = self.stop = False
+        return flags
+
+    def served(self) -> None:
+        """A checkpoint is being written: a USR1 that reached this rank a step later than the
+        others is served by it too (left set, it would ask for a second one at once)."""
+        self.save = False
+
+    def stop_honoured(self) -> None:
+        """The run stops now: a resumed run must not find the STOP file and stop again."""
+        if self.watcher and self.stop_file.exists():
+            self.stop_file.unlink()

@@ -1,0 +1,145 @@
+"""Before a run: checks on every rank, the checkpoint to resume from, the fault mode."""
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Callable
+
+import numpy as np
+from mpi4py import MPI
+
+from granger_mpi import checkpoint, dataset, models, rundir, ulfm
+from granger_mpi.errors import UserError
+from granger_mpi.runtime import agree, bcast_text
+from granger_mpi.training.evaluation import first_bad_row
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What tests and demos plug into a run: planned failures (``faults.Injection``, fired
+    where they belong) and a directory where each rank logs the rows of every step it
+    starts (``epoch step generation row row ...``; ``generation`` counts the failures
+    survived, so that a step redone after a roll-back is counted from its newest one)."""
+
+    injections: tuple = ()
+    row_log_dir: Path | None = None
+
+    def open_row_log(self, rank: int, pid: int) -> IO | None:
+        if self.row_log_dir is None:
+            return None
+        # Line-buffered: a rank that is killed must not lose the rows of steps it completed.
+        return open(Path(self.row_log_dir) / f"rows-{pid}-rank{rank}.txt", "a", buffering=1)
+
+
+def prepare(comm: MPI.Comm, job, overwrite: bool = False, resume: str | Path | None = None):
+    """Check everything a run needs, on every rank, before anything is written.
+
+    Collective over ``comm``; raises the same ``UserError`` on all ranks. Returns the
+    dataset's ``DatasetInfo`` and the model.
+    """
+    def check():
+        info = dataset.open_info(job.data.path)
+        if job.data.test_path is not None:
+            test = dataset.open_info(job.data.test_path)
+            if (test.n_features, test.task, test.n_outputs) != (info.n_features, info.task, info.n_outputs):
+                raise UserError(f"[data].test_path {test.path} does not match the training set "
+                                f"({test.n_features} features, {test.task}) vs "
+                                f"({info.n_features} features, {info.task})")
+        try:
+            model = models.build(job.model.kind, job.model.hidden, job.model.activation,
+                                 info.n_features, info.task, info.n_outputs)
+        except ValueError as exc:
+            raise UserError(f"[model]: {exc} ({info.path} is {info.task})") from None
+        if job.train.global_batch < comm.Get_size():
+            raise UserError(f"[train].global_batch = {job.train.global_batch} is smaller than the "
+                            f"{comm.Get_size()} ranks; every rank needs at least one row per step")
+        run = rundir.RunDir(job.output.run_dir)
+        taken = [p.name for p in (run.model, run.metrics) if p.exists()]
+        if taken and not overwrite and resume is None:
+            raise UserError(f"[output].run_dir {run.path} already holds a run ({', '.join(taken)}); "
+                            f"choose another run_dir or pass --overwrite")
+        return info, model
+    return agree(comm, check)
+
+
+def discard_previous_run(comm: MPI.Comm, job) -> None:
+    """Remove an earlier run's checkpoints and STOP file (``--overwrite``), so that a later
+    ``--resume auto`` can never pick up a checkpoint of the run this one replaced."""
+    if comm.Get_rank() == 0:
+        run = rundir.RunDir(job.output.run_dir)
+        shutil.rmtree(run.ckpt, ignore_errors=True)
+        run.stop.unlink(missing_ok=True)
+        run.complete.unlink(missing_ok=True)
+    comm.Barrier()
+
+
+def warm_kernels(comm: MPI.Comm, model, info, opt) -> None:
+    """Compile (or load from cache) the kernels on rank 0 first, then the rest.
+
+    Numba's on-disk cache is not safe against many processes compiling at once.
+    """
+    def touch():
+        X = np.zeros((1, info.n_features), np.float32)
+        y = np.zeros(1, np.int32) if info.task == "classification" else np.zeros((1, info.n_targets), np.float32)
+        params = model.init_params(0)
+        grad = np.empty_like(params)
+        model.loss_grad(params, X, y, np.float32(1.0), grad)
+        first_bad_row(info, X, y)
+        opt.warm()
+    if comm.Get_rank() == 0:
+        touch()
+    comm.Barrier()
+    if comm.Get_rank() != 0:
+        touch()
+
+
+def find_resume(comm: MPI.Comm, job, resume, log: Callable[[str], None]) -> Path | None:
+    """The checkpoint to resume from: ``"auto"`` (newest that verifies; None when the run
+    has none yet) or a path. Collective: rank 0 decides and tells the others."""
+    def choose():
+        if comm.Get_rank() != 0:
+            return ""
+        if resume == "auto":
+            path = checkpoint.newest_good(job.output.run_dir, report=log)
+            if path is None:
+                log(f"no checkpoint in {checkpoint.checkpoint_dir(job.output.run_dir)} (the run ended "
+                    f"before its first save): starting fresh from step 0")
+            return "" if path is None else str(path)
+        problems = checkpoint.verify(resume)
+        if problems:
+            raise UserError(f"--resume {resume}: {problems[0]}")
+        return str(resume)
+    text = bcast_text(comm, agree(comm, choose), 0)
+    return Path(text) if text else None
+
+
+def fault_mode(comm: MPI.Comm, job, log: Callable[[str], None]) -> bool:
+    """True for ULFM (revoke/shrink/carry on), False for restart; decided by a real probe."""
+    works, detail = ulfm.probe()
+    flags = np.array([1 if works else 0], np.int64)
+    comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MIN)
+    works = bool(flags[0])
+    if job.fault.mode == "ulfm" and not works:
+        raise UserError(f"[fault].mode = 'ulfm' but ULFM does not work in this job: {detail}",
+                        agreed=True)
+    on = works and job.fault.mode != "restart"
+    if comm.Get_rank() == 0:
+        log(f"fault tolerance: {'ULFM (revoke, shrink, carry on)' if on else 'restart from checkpoints'}"
+            f"{'' if works or job.fault.mode == 'restart' else ' (' + detail + ')'}")
+    return on
+
+
+def check_compatible(path: Path, attrs, job, info) -> None:
+    """Refuse a checkpoint made for another training problem, naming what differs."""
+    saved = json.loads(attrs["job"])
+    now = json.loads(job.to_json())
+    # Every [optimizer] key shapes the updates (a key the saved job lacks had its default).
+    for section, key in (("train", "global_batch"), ("train", "seed"),
+                         *(("optimizer", k) for k in sorted(now["optimizer"]))):
+        if saved[section].get(key, now[section][key]) != now[section][key]:
+            raise UserError(f"checkpoint {path} was made with [{section}].{key} = "
+                            f"{saved[section][key]!r}, the job says {now[section][key]!r}")
+    if int(attrs.get("n_rows", info.n_rows)) != info.n_rows:
+        raise UserError(f"checkpoint {path} was made on a dataset of {int(attrs['n_rows'])} rows, "
+                        f"{info.path} has {info.n_rows}")

@@ -1,0 +1,349 @@
+"""``Trainer``: the synchronous data-parallel loop, assembled from the training layer's parts.
+
+Collective over its communicator. Parameters stay bitwise identical on every rank
+(checked at the end); the same job at the same world size gives bitwise identical
+results, also when it is stopped and resumed. After a rank failure (ULFM) every survivor
+returns to one place, the start of the step all of them completed.
+"""
+
+import os
+import time
+from typing import Callable
+
+import numpy as np
+from mpi4py import MPI
+
+from granger_mpi import (checkpoint, collectives, dataset, faults, optimizer, partition, status,
+                         timing, zero)
+from granger_mpi.errors import UserError
+from granger_mpi.runtime import agree
+from granger_mpi.training import setup
+from granger_mpi.training.evaluation import check_replicas_identical, evaluate, report_bad_row
+from granger_mpi.training.outputs import Outputs
+from granger_mpi.training.recovery import NoRecovery, UlfmRecovery, hosts, past_limits
+from granger_mpi.training.requests import CheckpointPolicy, RequestSource
+from granger_mpi.training.result import TrainResult
+from granger_mpi.training.saving import Saver
+from granger_mpi.training.state import TrainState
+from granger_mpi.training.step import BAD, N_STATS, SAVE, STOP, StepRunner
+from granger_mpi.ulfm import RankFailure, rank_failures
+
+
+def total_steps(job, info) -> int:
+    """The steps a job trains for: its epochs, or ``max_steps`` if fewer."""
+    steps = partition.steps_per_epoch(info.n_rows, job.train.global_batch) * job.train.epochs
+    return steps if job.train.max_steps is None else min(steps, job.train.max_steps)
+
+
+def rows_trained(info, job, start: int, end: int) -> int:
+    """Rows in the global batches of steps ``start`` to ``end`` (an epoch's last may be short)."""
+    batch = job.train.global_batch
+    in_epoch = np.arange(start, end) % partition.steps_per_epoch(info.n_rows, batch)
+    return int(np.minimum(batch, info.n_rows - in_epoch * batch).sum())
+
+
+class Trainer:
+    """One run of a job on ``comm``: ``Trainer(...).run()``; collective."""
+
+    def __init__(self, comm: MPI.Comm, job, info, model, *, resume=None, n_threads: int = 1,
+                 log: Callable[[str], None] = print, hooks: setup.Hooks = setup.Hooks(),
+                 abort: Callable[[int], None] | None = None):
+        self.comm, self.job, self.info, self.model = comm, job, info, model
+        self.n_threads, self.hooks = n_threads, hooks
+        self.per_epoch = partition.steps_per_epoch(info.n_rows, job.train.global_batch)
+        self.total_steps = total_steps(job, info)
+        self.run_dir = job.output.run_dir
+        n = model.layout.size
+        sharded = job.train.shard_optimizer
+        self.shard = zero.shard_bounds(n, n + N_STATS, comm.Get_rank(), comm.Get_size()) if sharded else None
+        self.opt = optimizer.Optimizer(job.optimizer, n, total_steps=self.total_steps,
+                                       global_batch=job.train.global_batch, shard=self.shard)
+        setup.warm_kernels(comm, model, info, self.opt)
+        params, opt_state, self.start_step, self.source = self._initial_state(resume, log)
+        fault_tolerant = self._fault_mode(log)
+        self.state = TrainState(params, opt_state, self.start_step, rollback=fault_tolerant)
+        self.recovery = (UlfmRecovery if fault_tolerant else NoRecovery)(comm)
+        self.runner = StepRunner(comm, model, info, self.opt, micro_batches=job.train.accumulation_steps,
+                                 sharded=sharded, shared_memory=not fault_tolerant,
+                                 ranks_per_node=job.collectives.ranks_per_node)
+        self.algorithm = self._choose_algorithm()
+        self.hosts = hosts(comm)
+        self.world_size = len(self.hosts)
+        if comm.Get_rank() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            status.clear(self.run_dir, comm.Get_size())
+        comm.Barrier()
+        fault = job.fault
+        self.status = status.RankStatus(
+            self.run_dir, comm.Get_rank(), comm.Get_size(), "ulfm" if fault_tolerant else "restart",
+            interval_s=fault.status_interval_s, step_timeout_s=fault.step_timeout_s,
+            slow_timeout_s=fault.checkpoint_timeout_s, abort=abort or comm.Abort)
+        self.injector = faults.Injector(hooks.injections, comm.Get_rank())
+        self.outputs = Outputs(comm, job, total_steps=self.total_steps, log=log)
+        self.policy = CheckpointPolicy(job.checkpoint, self.total_steps)
+        self.requests = RequestSource(self.policy, self.outputs.run.stop, watcher=comm.Get_rank() == 0)
+        self.saver = Saver(job, model, info, self.per_epoch, self.opt.slots, self.shard,
+                           fault_tolerant=fault_tolerant, log=log)
+        self.timer = timing.PhaseTimer()
+        self.stream = self.batches = self.row_log = None
+        self.step_index = self.start_step - 1     # the step being worked on
+        self.loss, self.accuracy = float("nan"), None
+        self.stopped = self.training = False
+
+    def _initial_state(self, resume, log):
+        """``(params, optimizer state, step, checkpoint)``: new, or read from a checkpoint."""
+        comm, job = self.comm, self.job
+        params = self.model.init_params(job.train.seed)
+        source = setup.find_resume(comm, job, resume, log) if resume is not None else None
+        if source is None:
+            return params, self.opt.state, 0, None
+
+        def load():
+            loaded, attrs = checkpoint.read(source, self.model, self.opt.slots, self.shard)
+            setup.check_compatible(source, attrs, job, self.info)
+            return loaded, attrs
+        loaded, attrs = agree(comm, load)
+        if comm.Get_rank() == 0:
+            log(f"resuming from {source}: step {loaded.step} (epoch {loaded.epoch}, step "
+                f"{loaded.step_in_epoch}), saved by {int(attrs['world_size'])} rank(s)")
+        return loaded.params, self.opt.adopt(loaded.optimizer_state), loaded.step, source
+
+    def _fault_mode(self, log) -> bool:
+        """Whether this run survives rank failures (ULFM); the algorithm must allow it."""
+        on = setup.fault_mode(self.comm, self.job, log)
+        if on and self.shard is not None:    # a dead rank's shard is gone: only a restart brings it back
+            on = False
+            if self.comm.Get_rank() == 0:
+                log("fault tolerance: restart from checkpoints ([train].shard_optimizer)")
+        algorithm = self.job.collectives.algorithm
+        if on and algorithm not in collectives.FAULT_TOLERANT + ("auto",):
+            raise UserError(f"[collectives].algorithm = {algorithm!r} uses shared-memory windows, "
+                            f"which ULFM cannot repair after a failure; use one of "
+                            f"{', '.join(collectives.FAULT_TOLERANT)} or auto, or [fault].mode = "
+                            f"'restart'", agreed=True)
+        return on
+
+    def _choose_algorithm(self) -> str:
+        """The allreduce to use; under ULFM ``auto`` chooses among the repairable ones (collective)."""
+        if self.recovery.enabled and self.job.collectives.algorithm == "auto":
+            return collectives.auto.choose(self.comm, self.runner.nbytes, collectives.FAULT_TOLERANT)
+        return self.job.collectives.algorithm
+
+    def _open_stream(self, start_step: int) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        job = self.job
+        self.stream = dataset.BatchStream(
+            self.info, job.train.global_batch, job.train.seed, self.comm.Get_size(), self.comm.Get_rank(),
+            epochs=job.train.epochs, max_steps=job.train.max_steps, start_step=start_step,
+            prefetch_steps=job.data.prefetch_steps,
+            memory_budget_bytes=int(job.data.memory_budget_mb * 2**20))
+        self.batches = iter(self.stream)
+
+    def run(self) -> TrainResult:
+        """Train to the end, a requested stop or the [fault] limits; collective."""
+        self.status.start()
+        try:
+            started, limit = self._train()
+            self.saver.finish_background(self.comm)
+            if not (self.stopped or limit):
+                _, limit = self._attempt(self._finish, "the end of training")
+                if limit:
+                    self._stop_past_limits(limit)
+            return self._result(time.perf_counter() - started, limit)
+        except BaseException as exc:
+            self.status.close(status.FAILED, note=f"{type(exc).__name__}: {exc}"[:200])
+            raise
+
+    def _train(self) -> tuple[float, str | None]:
+        """Open the outputs, run the loop, close them: ``(start time, limit passed or None)``."""
+        self.outputs.open(self.comm, world_size=self.comm.Get_size(),
+                          resume_step=self.start_step if self.source else None, start_step=self.start_step)
+        self._log_start()
+        started = time.perf_counter()
+        self.policy.saved()
+        self._open_stream(self.start_step)
+        self.row_log = self.hooks.open_row_log(self.comm.Get_rank(), os.getpid())
+        self.training = True
+        try:
+            with self.requests:
+                limit = self._loop()
+                if limit:
+                    self._stop_past_limits(limit)
+        finally:
+            self.training = False
+            self.stream.close()
+            if self.row_log is not None:
+                self.row_log.close()
+            self.outputs.close()
+        return started, limit
+
+    def _loop(self) -> str | None:
+        """Steps until the data ends or a stop is asked for; the [fault] limit passed, or None."""
+        timer, runner, state, injector = self.timer, self.runner, self.state, self.injector
+        timer.start()
+        while True:
+            timer.lap(timing.OTHER)    # the previous step's bookkeeping
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
+            epoch, step, batch_len, rows, X, y = batch
+            timer.lap(timing.DATA)
+            self.step_index = step_index = epoch * self.per_epoch + step
+            started = time.perf_counter()
+            self.status.set(status.TRAINING, step_index)
+            injector.at_compute(step_index)
+            self._log_rows(epoch, step, rows)
+            bad = runner.compute(state.params, rows, X, y, batch_len)
+            runner.request(*self.requests.take())
+            self.status.set(status.AGGREGATING)
+            injector.arm_allreduce(step_index, self.algorithm)
+            timer.lap(timing.COMPUTE)
+            try:
+                with rank_failures(self.comm, f"the allreduce ({self.algorithm})"):
+                    applied = runner.exchange(self.comm, self.algorithm, state.params, step_index)
+            except RankFailure as failure:
+                if limit := self._survive(failure):
+                    return limit
+                continue
+            timer.lap(timing.COMM)
+            if runner.flag(BAD):
+                report_bad_row(self.comm, self.info, rows[bad] if bad >= 0 else None, epoch, step)
+            state.commit()
+            grad_norm, lr = applied or runner.apply(state.params, step_index)
+            state.step = done = step_index + 1
+            timer.lap(timing.COMPUTE)
+            timer.steps += 1
+            self._record(epoch, batch_len, grad_norm, lr, started)
+            stop = runner.flag(STOP)
+            if self.policy.due(done, runner.flag(SAVE) or stop):
+                self.outputs.flush()
+                timer.lap(timing.OTHER)    # this step's metrics and progress, as in any step
+                _, limit = self._attempt(lambda: self._save(self.injector.checkpoint_hook(done),
+                                                            background=not stop), "a checkpoint")
+                if limit:
+                    return limit
+            if stop and done < self.total_steps:
+                self.requests.stop_honoured()
+                self.stopped = True
+                return None
+            # Last in the step, so that the survivors of a failure here all go on to the
+            # same place: a Gather's root sees a dead rank that the others do not, and
+            # those fail in the next step's allreduce instead; both recover and continue.
+            if done % self.job.output.timing_every_steps == 0 or done == self.total_steps:
+                try:
+                    with rank_failures(self.comm, "a timing report"):
+                        injector.at_report(step_index)
+                        self.outputs.timings(step_index, timer.gather(self.comm, self.recovery.idents, self.world_size))
+                except RankFailure as failure:
+                    if limit := self._survive(failure):
+                        return limit
+
+    def _log_rows(self, epoch: int, step: int, rows: np.ndarray) -> None:
+        if self.row_log is not None:   # generation: how many failures this run has survived
+            self.row_log.write(f"{epoch} {step} {self.recovery.generation} {' '.join(map(str, rows))}\n")
+
+    def _record(self, epoch: int, batch_len: int, grad_norm: float, lr: float, started: float) -> None:
+        """A completed step's metrics and progress line."""
+        self.loss, self.accuracy = self.runner.loss_and_accuracy()
+        step_time = time.perf_counter() - started
+        faults_mode = "ulfm" if self.recovery.enabled else "restart"
+        self.outputs.step(
+            dict(step=self.step_index, epoch=epoch, loss=self.loss,
+                 accuracy=np.nan if self.accuracy is None else self.accuracy, grad_norm=grad_norm,
+                 learning_rate=lr, step_time_s=step_time,
+                 samples_per_s=batch_len / max(step_time, 1e-12)),
+            since_start=self.step_index - self.start_step, epoch=epoch, loss=self.loss,
+            accuracy=self.accuracy, samples=batch_len,
+            detail=lambda: f"allreduce {collectives.in_use(self.comm, self.runner.nbytes, self.algorithm)} "
+                           f"faults {faults_mode}")
+
+    def _save(self, on_written=None, background: bool = False) -> None:
+        """Collective: a checkpoint of the state as it is (``on_written``: fault injection)."""
+        self.status.set(status.CHECKPOINTING, note=f"checkpoint at step {self.state.step}")
+        self.requests.served()
+        self.saver.save(self.comm, self.state, on_written=on_written, background=background)
+        self.policy.saved()
+        self.timer.lap(timing.CHECKPOINT)
+
+    def _attempt(self, fn: Callable, where: str):
+        """``(fn(), None)``; after a rank failure inside it the survivors recover and run
+        ``fn`` again, or return ``(None, the [fault] limit passed)``."""
+        while True:
+            try:
+                with rank_failures(self.comm, where):
+                    return fn(), None
+            except RankFailure as failure:
+                if limit := self._survive(failure):
+                    return None, limit
+
+    def _survive(self, failure: RankFailure) -> str | None:
+        """After a rank failure: a working communicator, rolled back to a common step, the
+        rest of the epoch re-split among the survivors (or, in restart mode, the failure
+        raised). Returns the [fault] limit the run passed, or None to carry on."""
+        self.recovery.admit(failure)
+        entered = self.status.since
+        self.status.set(status.RECOVERING, note=f"rank failure during {failure.where}")
+        old_size = self.comm.Get_size()
+        recovered = self.recovery.recover(failure, self.comm, self.state)
+        self.comm = recovered.comm
+        size = self.comm.Get_size()
+        self.status.ranks_alive, self.status.failures = size, len(self.recovery.lost)
+        self.algorithm = self._choose_algorithm()
+        self.outputs.failure(self.comm, recovered, where=failure.where,
+                             error=failure.error.Get_error_string().strip(), old_size=old_size,
+                             lost_at=self.step_index, entered=entered, training=self.training)
+        if self.training:
+            self._open_stream(recovered.step)
+        return past_limits(self.job.fault, size, self.recovery.lost, self.hosts)
+
+    def _stop_past_limits(self, reason: str) -> None:
+        on_limit = self.job.fault.on_limit
+        self.outputs.log(f"stopping (exit code 5): {reason}; " + (
+            f"saving a checkpoint at step {self.state.step}; continue with --resume auto"
+            if on_limit == "stop" else "continue with --resume auto"))
+        if on_limit == "stop":
+            self.outputs.flush()
+            self._save()
+
+    def _finish(self) -> None:
+        check_replicas_identical(self.comm, self.state.params, "parameters at the end of training")
+        done = self.state.step
+        if self.policy.due_at_end(done, self.start_step, self.saver.newest, checkpoint.file_name):
+            self._save(self.injector.checkpoint_hook(done))
+
+    def _result(self, seconds: float, limit: str | None) -> TrainResult:
+        """The outcome; for a completed run, ``model.h5``, the completion record and the test score."""
+        checkpoint.finish_run()    # old checkpoints are deleted in the background
+        done, run = self.state.step, self.outputs.run
+        result = TrainResult(done, self.loss, self.accuracy, run.model, run.metrics, seconds=seconds,
+                             samples=rows_trained(self.info, self.job, self.start_step, done),
+                             checkpoint=self.saver.newest,
+                             world_size=self.comm.Get_size(), ranks_lost=len(self.recovery.lost))
+        if self.stopped or limit:
+            self.status.close(note=limit or "stopped on request")
+            if self.stopped:
+                self.outputs.log(f"stopped on request after step {done}; resume with --resume auto")
+            result.stopped, result.limit_reason = True, limit
+            return result
+        self.outputs.final_model(self.model, self.state.params, steps=done,
+                                 world_size=self.comm.Get_size(), lost=self.recovery.lost)
+        if self.job.data.test_path is not None:
+            test_info = dataset.open_info(self.job.data.test_path)
+            scores, _ = self._attempt(lambda: evaluate(self.comm, self.model, self.state.params, test_info),
+                                      "the test evaluation")
+            result.test_loss, result.test_accuracy = scores or (None, None)
+        self.status.close()
+        return result
+
+    def _log_start(self) -> None:
+        info, model, job = self.info, self.model, self.job
+        self.outputs.log(
+            f"training {model.kind} {list(model.sizes)} ({model.layout.size:,} parameters) on "
+            f"{info.path} ({info.n_rows:,} rows, {info.task}) with {self.comm.Get_size()} rank(s), "
+            f"global batch {job.train.global_batch}, {self.total_steps} steps, allreduce {self.algorithm}, "
+            f"optimizer {job.optimizer.name}, {self.n_threads} thread(s) per rank")
+        self.outputs.log(f"optimizer state: {self.opt.state.nbytes:,} bytes per rank" +
+                         (f" (sharded over {self.comm.Get_size()} ranks; "
+                          f"{len(self.opt.slots) * model.layout.size * 4:,} unsharded)"
+                          if self.shard is not None else ""))
