@@ -19,14 +19,17 @@ from typing import Callable
 
 from mpi4py import MPI
 
-from granger_mpi import config, dataset, modelfile, predict as predictions, rundir, threads
+from granger_mpi import config, rundir
+from granger_mpi.data import dataset
+from granger_mpi.model import modelfile, predict as predictions
+from granger_mpi.mpi import threads
 from granger_mpi.errors import EXIT_OK, EXIT_RANKS_LOST, EXIT_STOPPED, UserError
-from granger_mpi.runtime import agree
+from granger_mpi.mpi.runtime import agree
 from granger_mpi.training import async_sgd, setup
 from granger_mpi.training.evaluation import evaluate as evaluate_params
 from granger_mpi.training.result import TrainResult
 from granger_mpi.training.setup import Hooks
-from granger_mpi.training.trainer import Trainer, rows_trained
+from granger_mpi.training.trainer import Trainer, rows_trained, total_steps
 
 COMPLETED, STOPPED, PAST_FAULT_LIMITS = "completed", "stopped", "past_fault_limits"
 
@@ -82,7 +85,7 @@ def train(comm: MPI.Comm, job: config.JobConfig, *, resume: str | Path | None = 
         if resume is not None:
             raise UserError("--resume: [train].strategy = 'async' writes no checkpoints", agreed=True)
         result, final = async_sgd.train(comm, job, info, model, log=log), comm
-        result.samples = rows_trained(info, job, 0, result.steps)
+        result.samples = rows_trained(info, job, 0, total_steps(job, info))   # every step, all workers
     else:
         trainer = Trainer(comm, job, info, model, resume=resume, n_threads=n_threads, log=log,
                           hooks=hooks, abort=abort or MPI.COMM_WORLD.Abort)

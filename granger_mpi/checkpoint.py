@@ -41,7 +41,6 @@ the outcome: a collective open, close and read-back cost more than they share th
 """
 
 import errno
-import functools
 import json
 import math
 import os
@@ -56,15 +55,19 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import fsync, partition
-from granger_mpi.checksums import CrcPipeline, chunks, combine, crc32
+from granger_mpi.data import partition
+from granger_mpi.storage import fsync
+from granger_mpi.storage.checksums import chunks, combine, crc32, CrcPipeline
 from granger_mpi.errors import UserError, WriteError, describe_io_error
-from granger_mpi.h5files import (create_file, datasets, int_attr, new_dataset,
-                                 open_file, open_for_reading, open_for_update, read_rows,
-                                 rewrite_attr, set_attr, stored_layout, str_attr, write_rows)
-from granger_mpi.runtime import agree, raise_from_root
+from granger_mpi.storage.h5files import (create_file, datasets, int_attr, new_dataset, open_file,
+                                         open_for_reading, open_for_update, read_rows,
+                                         rewrite_attr, set_attr, stored_layout, str_attr,
+                                         write_rows)
+from granger_mpi.model.modelfile import CHECKPOINT_FORMAT
+from granger_mpi.mpi.runtime import agree, raise_from_root
+from granger_mpi.storage.versions import versions_json
 
-FORMAT = "granger-mpi checkpoint"
+FORMAT = CHECKPOINT_FORMAT
 NAME = re.compile(r"^step_(\d{8})\.h5$")
 # Fault injection for tests, by step number: make the last rank's write fail as on a full
 # disk. (Dying mid-save is ``--inject-failure ...,at=checkpoint``: ``save(on_written=)``.)
@@ -204,7 +207,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
              "step_in_epoch": state.step_in_epoch, "world_size": world_size, "writers": size,
              "seed": seed,
              "model": json.dumps(model.spec()), "job": job_json,
-             "versions": _versions_json(),
+             "versions": versions_json(),
              "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
     nbytes = state.params.nbytes + state.optimizer_state.nbytes
     layout = _layout(tensors, attrs) if comm is None and nbytes < SPARE_BELOW_BYTES else None
@@ -467,13 +470,6 @@ def _open_spare(directory, tmp, tensors, layout):
     except (KeyError, OSError):
         fid.close()
         return None, None
-
-
-@functools.cache
-def _versions_json():
-    """The ``versions`` attribute (the same for every save of a process)."""
-    from granger_mpi.modelfile import versions
-    return json.dumps(versions())
 
 
 _pruning = None   # the deletion of checkpoints beyond keep_last in flight (rank 0)

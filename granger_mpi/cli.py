@@ -62,14 +62,14 @@ def _requested_threads(args):
 
 
 def _world():
-    from granger_mpi.runtime import world
+    from granger_mpi.mpi.runtime import world
     return world()
 
 
 def cmd_train(args):
     """Train a model as the job file says."""
     from granger_mpi import api, config, faults
-    from granger_mpi.runtime import agree
+    from granger_mpi.mpi.runtime import agree
     from granger_mpi.training.setup import Hooks
     # SIGUSR1 asks for a checkpoint, which only the training loop can act on; before and
     # after it there is nothing to save, and its default action would kill a rank (mpirun:
@@ -79,8 +79,7 @@ def cmd_train(args):
     injections = agree(world, lambda: [faults.parse(text) for text in args.inject_failure])
     job = agree(world, config.load, args.job, args.run_dir)
     hooks = Hooks(injections=tuple(injections), row_log_dir=args.row_log)
-    log = lambda message: print(message, flush=True)   # train logs from its rank 0 only
-    summary = api.train(world, job, resume=args.resume, overwrite=args.overwrite, log=log,
+    summary = api.train(world, job, resume=args.resume, overwrite=args.overwrite, log=_print_flushed,
                         hooks=hooks, abort=world.Abort)
     if summary.ranks_lost:
         # MPI_Finalize can hang once peers have died (seen across hosts); the run's
@@ -91,12 +90,17 @@ def cmd_train(args):
     return summary.exit_code
 
 
+def _print_flushed(message):
+    """The training log: rank 0's lines, in order with the progress lines."""
+    print(message, flush=True)
+
+
 def cmd_status(args):
     """Per-rank state of a run."""
     import json
     import time
 
-    from granger_mpi import status
+    from granger_mpi.observe import status
     from granger_mpi.errors import UserError
     if args.json:
         records = status.read_all(args.run_dir)
@@ -119,7 +123,7 @@ def cmd_status(args):
 def cmd_evaluate(args):
     """Loss and accuracy of a saved model on a dataset."""
     from granger_mpi import api
-    from granger_mpi.runtime import say
+    from granger_mpi.mpi.runtime import say
     comm = _world()
     loss, accuracy = api.evaluate(comm, args.model, args.dataset)
     acc = "" if accuracy is None else f" accuracy {100 * accuracy:.2f}%"
@@ -128,14 +132,14 @@ def cmd_evaluate(args):
 
 
 def _rows(path):
-    from granger_mpi import dataset
+    from granger_mpi.data import dataset
     return dataset.open_info(path).n_rows
 
 
 def cmd_predict(args):
     """Predictions of a saved model or checkpoint for every row of a dataset, as HDF5."""
     from granger_mpi import api
-    from granger_mpi.runtime import say
+    from granger_mpi.mpi.runtime import say
     comm = _world()
     n_rows = api.predict(comm, args.model, args.dataset, args.output)
     say(comm, f"wrote {args.output}: predictions for {n_rows:,} rows of {args.dataset}")
@@ -144,9 +148,9 @@ def cmd_predict(args):
 
 def cmd_make_dataset(args):
     """Write a seeded synthetic dataset (in parallel under mpirun)."""
-    from granger_mpi import dataset
+    from granger_mpi.data import dataset
     from granger_mpi.errors import UserError
-    from granger_mpi.runtime import agree, say
+    from granger_mpi.mpi.runtime import agree, say
     comm = _world().Dup()
 
     def check():
@@ -179,7 +183,7 @@ def test_path_for(path):
 
 def cmd_import_dataset(args):
     """Convert .npz, .npy or .csv into a granger-mpi dataset (serial)."""
-    from granger_mpi import importers
+    from granger_mpi.data import importers
     comm = _world()
     if comm.Get_rank() == 0:
         n_rows = importers.import_file(args.source, args.output, labels=args.labels,
@@ -191,13 +195,13 @@ def cmd_import_dataset(args):
 
 def cmd_inspect(args):
     """Describe, verify or compare checkpoints and model files (no MPI needed)."""
-    from granger_mpi import inspect
+    from granger_mpi.tools import inspect
     return inspect.main(args)
 
 
 def cmd_plot(args):
     """PNG charts of a run (no MPI needed)."""
-    from granger_mpi import plots, runfiles
+    from granger_mpi.tools import plots, runfiles
     record = runfiles.read_run(args.run_dir)
     out_dir = args.out or args.run_dir / "plots"
     charts = plots.write_plots(record, out_dir)
@@ -209,7 +213,7 @@ def cmd_plot(args):
 
 def cmd_report(args):
     """One self-contained HTML page about a run (no MPI needed)."""
-    from granger_mpi import report, runfiles
+    from granger_mpi.tools import report, runfiles
     record = runfiles.read_run(args.run_dir)
     print(report.write_report(record, args.out or args.run_dir / "report.html"))
     return 0
@@ -217,7 +221,7 @@ def cmd_report(args):
 
 def cmd_model(args):
     """Fit the cost model to the benchmark CSVs and project step time to many ranks."""
-    from granger_mpi import scaling
+    from granger_mpi.tools import scaling
     from granger_mpi.errors import UserError
     try:
         sizes = tuple(int(v) for v in args.sizes.split(","))
@@ -239,7 +243,7 @@ def cmd_model(args):
 
 def cmd_supervise(args):
     """Run a training job under mpirun and restart it from checkpoints until it completes."""
-    from granger_mpi import supervise
+    from granger_mpi.launch import supervise
     return supervise.supervise(args.job, args.ranks, mpirun=args.mpirun, mpirun_args=args.mpirun_arg,
                                train_args=(["--overwrite"] if args.overwrite else []) + _passed_on(args),
                                max_restarts=args.max_restarts, backoff_s=args.backoff)
@@ -247,7 +251,7 @@ def cmd_supervise(args):
 
 def cmd_run(args):
     """Start mpirun with the flags the job's fault mode needs."""
-    from granger_mpi import launch
+    from granger_mpi.launch import mpirun as launch
     train_args = (["--overwrite"] if args.overwrite else []) + \
         (["--resume", args.resume] if args.resume else []) + _passed_on(args)
     return launch.run(args.job, args.ranks, mpirun=args.mpirun, hostfile=args.hostfile,
@@ -258,25 +262,25 @@ def cmd_run(args):
 
 def cmd_doctor(args):
     """Check the installation and print what is loaded."""
-    from granger_mpi import doctor
+    from granger_mpi.tools import doctor
     return doctor.run(_world(), require_ulfm=args.require_ulfm)
 
 
 def cmd_bench_allreduce(args):
     """Time every allreduce algorithm side by side."""
-    from granger_mpi import bench
+    from granger_mpi.tools import bench
     return bench.main_allreduce(_world(), args)
 
 
 def cmd_bench_calibrate(args):
     """Measure every algorithm and store the table that ``auto`` uses."""
-    from granger_mpi import bench
+    from granger_mpi.tools import bench
     return bench.main_calibrate(_world(), args)
 
 
 def cmd_bench_checkpoint(args):
     """Checkpoint write bandwidth against dd with fsync."""
-    from granger_mpi import bench
+    from granger_mpi.tools import bench
     return bench.main_checkpoint(_world(), args)
 
 

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from granger_mpi import collectives
 from granger_mpi.errors import UserError
 
 
@@ -330,7 +331,6 @@ def _check_job(job):
     for key, path in (("[data].path", job.data.path), ("[data].test_path", job.data.test_path)):
         if path is not None and not path.is_file():
             raise UserError(f"{key}: dataset file {path} not found")
-    from granger_mpi import collectives
     if job.collectives.algorithm not in collectives.ALGORITHMS:
         raise UserError(f"[collectives].algorithm must be one of "
                         f"{', '.join(map(repr, collectives.ALGORITHMS))}; got {job.collectives.algorithm!r}")

@@ -5,7 +5,7 @@ layer it is softmax regression (cross-entropy), logistic regression (one output,
 cross-entropy) or linear regression (MSE). Hidden layers use ReLU, tanh or GELU (exact, with
 erf, as PyTorch's default). The flat buffer
 holds, layer after layer, ``W_l`` (row-major, ``sizes[l] x sizes[l+1]``) then ``b_l``;
-``granger_mpi.models.mlp_layout`` names the same views.
+``granger_mpi.model.models.mlp_layout`` names the same views.
 
 Every kernel is pure: inputs are arrays and scalars, the gradient is written into a buffer
 the caller owns, and nothing else is touched. ``nogil`` lets the data prefetch thread run

@@ -4,8 +4,8 @@ Launched by ``mpirun -n P`` (rank and size from Open MPI's environment; torch ta
 its own gloo TCP rendezvous, MPI is not used). It trains exactly what ``granger-mpi train``
 trains in the same benchmark, so that only the framework differs:
 
-- the same initial parameters (``granger_mpi.models.Model.init_params(seed)``),
-- the same rows per rank and step (``granger_mpi.partition.EpochPlan``: the same
+- the same initial parameters (``granger_mpi.model.models.Model.init_params(seed)``),
+- the same rows per rank and step (``granger_mpi.data.partition.EpochPlan``: the same
   permutation per epoch, the same contiguous piece of each global batch per rank),
 - the same loss: the global batch's mean cross-entropy (each rank's sum scaled by
   P / batch, which DDP's averaging over P turns into sum / batch, as granger-mpi does),
@@ -46,7 +46,8 @@ def main():
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from granger_mpi import models, partition
+    from granger_mpi.data import partition
+    from granger_mpi.model import models
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)

@@ -107,7 +107,7 @@ def main():
     import numpy as np
 
     from granger_mpi.kernels import mlp
-    from granger_mpi.models import Model
+    from granger_mpi.model.models import Model
 
     sizes = tuple(int(s) for s in args.sizes.split(","))
     batches = [int(b) for b in args.batch.split(",")]

@@ -374,7 +374,7 @@ def test_a_read_failing_on_one_rank_fails_the_shared_verification_on_all(tmp_pat
         import numpy as np
         from mpi4py import MPI
         from granger_mpi import checkpoint
-        from granger_mpi.models import Model
+        from granger_mpi.model.models import Model
         comm = MPI.COMM_WORLD
         model = Model("mlp", (16, 8, 2), "relu", "classification")
         params = np.arange(model.layout.size, dtype=np.float32)
@@ -400,9 +400,10 @@ def test_a_failed_fsync_fails_the_save_and_leaves_the_directory_as_it_was(tmp_pa
         import os
         import numpy as np
         from mpi4py import MPI
-        from granger_mpi import checkpoint, fsync
+        from granger_mpi import checkpoint
+        from granger_mpi.storage import fsync
         from granger_mpi.errors import UserError
-        from granger_mpi.models import Model
+        from granger_mpi.model.models import Model
         comm = MPI.COMM_WORLD
         model = Model("mlp", (16, 8, 2), "relu", "classification")
         params = np.arange(model.layout.size, dtype=np.float32)
@@ -436,7 +437,7 @@ SPARE_SAVES = """
     from mpi4py import MPI
     from granger_mpi import checkpoint
     from granger_mpi.errors import UserError
-    from granger_mpi.models import Model
+    from granger_mpi.model.models import Model
     comm = MPI.COMM_WORLD
     run_dir = sys.argv[1]
     hidden, first, last, parallel_from, fail_at, finish = map(int, sys.argv[2:])

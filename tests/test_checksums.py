@@ -5,7 +5,7 @@ import zlib
 
 import numpy as np
 
-from granger_mpi import checksums
+from granger_mpi.storage import checksums
 
 
 def test_crc32_combine_matches_zlib_of_the_concatenation():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import granger, mpirun
-from granger_mpi import dataset, partition
+from granger_mpi.data import dataset, partition
 from granger_mpi.errors import UserError
 
 

@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from granger_mpi import faults, status
+from granger_mpi import faults
+from granger_mpi.observe import status
 from granger_mpi.errors import UserError
-from granger_mpi.supervise import _for_restart
+from granger_mpi.launch.supervise import _for_restart
 from granger_mpi.training.recovery import past_limits as _past_limits
 
 

@@ -4,7 +4,7 @@ import errno
 
 import pytest
 
-from granger_mpi import fsync
+from granger_mpi.storage import fsync
 
 
 @pytest.fixture(params=["aio", "at once"])

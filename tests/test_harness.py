@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MPIRUN, _env, mpirun_script, run_command
-from granger_mpi.supervise import clear_stale_session_dir
+from granger_mpi.launch.supervise import clear_stale_session_dir
 
 BARE_MPIRUN = str(Path(sys.executable).parent / "mpirun")    # the venv's, without scripts/mpirun
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from granger_mpi.kernels import checks, mlp, optim
-from granger_mpi.models import Model, build, mlp_layout
+from granger_mpi.model.models import build, mlp_layout, Model
 
 import reference
 

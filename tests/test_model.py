@@ -6,7 +6,7 @@ import csv
 import pytest
 
 from conftest import ROOT, granger
-from granger_mpi import scaling
+from granger_mpi.tools import scaling
 
 
 def test_fit_recovers_known_costs(tmp_path):

@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from granger_mpi import models, optimizer
-from granger_mpi.models import Model
+from granger_mpi.model import models, optimizer
+from granger_mpi.model.models import Model
 
 from conftest import granger, mpirun, read_params, write_job
 
@@ -172,7 +172,7 @@ def test_logistic_regression_on_two_classes(tmp_path):
 
 
 def test_threads_per_rank_default_shares_the_cores_and_the_setting_wins(small_dataset, tmp_path):
-    from granger_mpi.threads import default_threads
+    from granger_mpi.mpi.threads import default_threads
     assert [default_threads(cores, ranks) for cores, ranks in ((2, 2), (2, 4), (16, 4), (8, 1))] == [1, 1, 4, 8]
     import os
     cores = len(os.sched_getaffinity(0))

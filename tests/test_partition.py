@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from granger_mpi import partition
+from granger_mpi.data import partition
 
 SHAPES = [(1000, 64), (1000, 100), (7, 3), (10, 10), (5, 8), (999, 1)]
 

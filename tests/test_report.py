@@ -74,7 +74,7 @@ def test_plot_works_while_the_run_holds_metrics_open(failed_run, tmp_path):
 
 def test_plot_and_report_refuse_missing_or_empty_run_dirs(tmp_path):
     import h5py
-    from granger_mpi import metrics
+    from granger_mpi.observe import metrics
     empty = tmp_path / "empty"
     empty.mkdir()
     no_steps = tmp_path / "no-steps"

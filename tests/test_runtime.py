@@ -9,7 +9,7 @@ def test_rank_0s_outcome_reaches_every_rank_with_its_message_and_exit_code(tmp_p
     run = mpirun_script(3, """
         from mpi4py import MPI
         from granger_mpi.errors import UserError
-        from granger_mpi.runtime import raise_from_root
+        from granger_mpi.mpi.runtime import raise_from_root
         comm = MPI.COMM_WORLD
         rank = comm.Get_rank()
         raise_from_root(comm, None)

@@ -75,7 +75,7 @@ def test_sharded_checkpoint_resumes_at_the_same_and_another_p(straight, small_da
 
 def test_shard_reads_check_every_checksum_in_bounded_chunks(tmp_path, monkeypatch):
     from granger_mpi import checkpoint
-    from granger_mpi.models import Model
+    from granger_mpi.model.models import Model
     model = Model("mlp", (5, 4, 3), "relu", "classification")
     n = model.layout.size
     data = np.arange(n, dtype=np.float32)

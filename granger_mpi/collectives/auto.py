@@ -23,6 +23,7 @@ from pathlib import Path
 
 from granger_mpi.collectives import shm
 from granger_mpi.collectives.buffers import cache, largest_power_of_two
+from granger_mpi.mpi.runtime import bcast_text
 
 log = logging.getLogger("granger_mpi.collectives")
 SHIPPED = Path(__file__).with_name("calibration.json")
@@ -79,7 +80,6 @@ def _document(comm):
     """The calibration document, read on rank 0 and broadcast (cached on ``comm``)."""
     store = cache(comm)
     if "auto-doc" not in store:
-        from granger_mpi.runtime import bcast_text
         text = ""
         if comm.Get_rank() == 0:
             mine = read_calibration(calibration_path())

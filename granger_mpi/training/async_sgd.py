@@ -20,7 +20,10 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import dataset, metrics, modelfile, models, optimizer, rundir
+from granger_mpi import rundir
+from granger_mpi.data import dataset
+from granger_mpi.model import modelfile, models, optimizer
+from granger_mpi.observe import metrics
 from granger_mpi.errors import UserError
 from granger_mpi.kernels import checks, optim
 from granger_mpi.training.evaluation import evaluate
@@ -138,7 +141,7 @@ def _serve(comm, job, info, model, params, opt, steps, log):
     classification = info.task == "classification"
     sinks = metrics.open_sinks(run.path, job, {"job": job.to_json(), "world_size": comm.Get_size(),
                                               "strategy": "async"})
-    progress = metrics.Progress(steps * workers, job.output.progress_interval_s)
+    progress = metrics.Progress(steps * workers, job.output.progress_interval_s, log)
     last = time.perf_counter()
     try:
         while active:

@@ -4,8 +4,8 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import dataset, partition
-from granger_mpi.checksums import crc32
+from granger_mpi.data import dataset, partition
+from granger_mpi.storage.checksums import crc32
 from granger_mpi.errors import UserError
 from granger_mpi.kernels import checks
 

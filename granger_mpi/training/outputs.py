@@ -8,8 +8,10 @@ from typing import Callable
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import metrics, modelfile, rundir, status
-from granger_mpi.runtime import agree
+from granger_mpi import rundir
+from granger_mpi.model import modelfile
+from granger_mpi.observe import metrics, status
+from granger_mpi.mpi.runtime import agree
 
 
 def _reopen_sinks(run, job, resume_step, log):
@@ -53,7 +55,8 @@ class Outputs:
                                           {"job": self.job.to_json(), "world_size": world_size}, resume_step)
         self.sinks = agree(comm, open_sinks)
         if self.writer:
-            self.progress = metrics.Progress(self.total_steps - start_step, self.job.output.progress_interval_s)
+            self.progress = metrics.Progress(self.total_steps - start_step,
+                                             self.job.output.progress_interval_s, self._log)
 
     def step(self, record: dict, *, since_start: int, epoch: int, loss: float, accuracy: float | None,
              samples: int, detail: Callable[[], str]) -> None:
@@ -102,7 +105,7 @@ class Outputs:
                 self.close()
                 self.sinks = _reopen_sinks(self.run, self.job, recovered.step, self._log)
                 self.progress = self.progress or metrics.Progress(
-                    self.total_steps - recovered.step, self.job.output.progress_interval_s)
+                    self.total_steps - recovered.step, self.job.output.progress_interval_s, self._log)
         self._pending_event = dict(time=recovered.detected, step=recovered.step,
                                    kind=f"rank failure ({where})", ranks_lost=len(recovered.gone),
                                    world_size=size, detect_s=recovered.detected - entered,

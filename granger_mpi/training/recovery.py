@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from granger_mpi.training.evaluation import check_replicas_identical
 from granger_mpi.training.state import TrainState
-from granger_mpi.ulfm import RankFailure, is_rank_failure
+from granger_mpi.mpi.ulfm import is_rank_failure, RankFailure
 
 
 @dataclass(frozen=True)

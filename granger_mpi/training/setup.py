@@ -9,9 +9,12 @@ from typing import IO, Callable
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import checkpoint, dataset, models, rundir, ulfm
+from granger_mpi import checkpoint, rundir
+from granger_mpi.data import dataset
+from granger_mpi.model import models
+from granger_mpi.mpi import ulfm
 from granger_mpi.errors import UserError
-from granger_mpi.runtime import agree, bcast_text
+from granger_mpi.mpi.runtime import agree, bcast_text
 from granger_mpi.training.evaluation import first_bad_row
 
 

@@ -8,7 +8,8 @@ allreduce and every rank sees the same numbers.
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import collectives, models, zero
+from granger_mpi import collectives
+from granger_mpi.model import models, zero
 from granger_mpi.training.evaluation import first_bad_row
 
 N_STATS = 5

@@ -13,10 +13,12 @@ from typing import Callable
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import (checkpoint, collectives, dataset, faults, optimizer, partition, status,
-                         timing, zero)
+from granger_mpi import checkpoint, collectives, faults
+from granger_mpi.data import dataset, partition
+from granger_mpi.model import optimizer, zero
+from granger_mpi.observe import status, timing
 from granger_mpi.errors import UserError
-from granger_mpi.runtime import agree
+from granger_mpi.mpi.runtime import agree
 from granger_mpi.training import setup
 from granger_mpi.training.evaluation import check_replicas_identical, evaluate, report_bad_row
 from granger_mpi.training.outputs import Outputs
@@ -26,7 +28,7 @@ from granger_mpi.training.result import TrainResult
 from granger_mpi.training.saving import Saver
 from granger_mpi.training.state import TrainState
 from granger_mpi.training.step import BAD, N_STATS, SAVE, STOP, StepRunner
-from granger_mpi.ulfm import RankFailure, rank_failures
+from granger_mpi.mpi.ulfm import rank_failures, RankFailure
 
 
 def total_steps(job, info) -> int:

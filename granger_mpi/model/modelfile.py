@@ -15,22 +15,13 @@ import h5py
 import numpy as np
 
 from granger_mpi.errors import UserError
-from granger_mpi.h5files import open_for_reading
-from granger_mpi.models import Model
+from granger_mpi.model.models import Model
+from granger_mpi.storage.checksums import crc32
+from granger_mpi.storage.h5files import open_for_reading
+from granger_mpi.storage.versions import versions_json
 
 FORMAT = "granger-mpi model"
-
-
-def versions():
-    """Versions of what produced a file, for its ``versions`` attribute."""
-    import numba
-
-    import granger_mpi
-    from granger_mpi.runtime import mpi_library_version
-    return {"granger_mpi": granger_mpi.__version__, "numpy": np.__version__,
-            "numba": numba.__version__, "h5py": h5py.__version__,
-            "hdf5": h5py.version.hdf5_version,
-            "mpi": mpi_library_version()}
+CHECKPOINT_FORMAT = "granger-mpi checkpoint"   # whose /params a model can be loaded from too
 
 
 def save(path, model, params, *, attrs):
@@ -40,7 +31,7 @@ def save(path, model, params, *, attrs):
     with h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["model"] = json.dumps(model.spec())
-        f.attrs["versions"] = json.dumps(versions())
+        f.attrs["versions"] = versions_json()
         for key, value in attrs.items():
             f.attrs[key] = value
         group = f.create_group("params")
@@ -56,14 +47,13 @@ def load(path):
 
     ``UserError`` if it is neither; a checkpoint's tensors are checked against their CRC32.
     """
-    from granger_mpi import checkpoint
     path = Path(path)
     with open_for_reading(path, "model file") as f:
         fmt = f.attrs.get("format")
-        if fmt not in (FORMAT, checkpoint.FORMAT) or "params" not in f:
+        if fmt not in (FORMAT, CHECKPOINT_FORMAT) or "params" not in f:
             raise UserError(f"{path} is not a granger-mpi model file or checkpoint "
-                            f"(no format={FORMAT!r} or {checkpoint.FORMAT!r} attribute)")
-        if fmt == checkpoint.FORMAT and f.attrs.get("complete") != 1:
+                            f"(no format={FORMAT!r} or {CHECKPOINT_FORMAT!r} attribute)")
+        if fmt == CHECKPOINT_FORMAT and f.attrs.get("complete") != 1:
             raise UserError(f"checkpoint {path} is incomplete (the save did not finish)")
         spec = json.loads(f.attrs["model"])
         model = Model(spec["kind"], tuple(spec["sizes"]), spec["activation"], spec["task"])
@@ -74,7 +64,7 @@ def load(path):
                 raise UserError(f"{path}: /params/{name} is missing or has the wrong shape")
             dset = f["params"][name]
             dset.read_direct(view)
-            if fmt == checkpoint.FORMAT and checkpoint.crc32(view) != int(dset.attrs.get("crc32", -1)):
+            if fmt == CHECKPOINT_FORMAT and crc32(view) != int(dset.attrs.get("crc32", -1)):
                 raise UserError(f"checkpoint {path} is damaged: /params/{name}: checksum mismatch")
         attrs = {k: v for k, v in f.attrs.items()}
     return model, params, attrs

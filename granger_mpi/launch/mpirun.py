@@ -9,7 +9,9 @@ import os
 import shlex
 import sys
 
-from granger_mpi import config, supervise, ulfm
+from granger_mpi import config
+from granger_mpi.launch import supervise
+from granger_mpi.mpi import ulfm
 
 
 def detector_flags(timeout_s):

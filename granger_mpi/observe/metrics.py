@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 
 from granger_mpi.errors import WriteError, describe_io_error
-from granger_mpi.reporters import Reporter, Reporters, extra_sinks
-from granger_mpi.timing import COLUMNS as TIMING_COLUMNS
+from granger_mpi.observe.reporters import extra_sinks, Reporter, Reporters
+from granger_mpi.observe.timing import COLUMNS as TIMING_COLUMNS
 
 FIELDS = {  # name: dtype
     "step": np.int64, "epoch": np.int64, "loss": np.float64, "accuracy": np.float64,
@@ -147,10 +147,10 @@ def format_duration(seconds):
 class Progress:
     """One plain line every ``interval_s`` seconds (no carriage returns: logs stay readable)."""
 
-    def __init__(self, total_steps, interval_s, out=sys.stdout):
+    def __init__(self, total_steps, interval_s, log=None):
         self.total_steps = total_steps
         self.interval_s = interval_s
-        self.out = out
+        self.log = log or (lambda line: print(line, file=sys.stdout, flush=True))
         self.start = time.perf_counter()
         self.last = -float("inf")
         self.samples = 0
@@ -167,7 +167,7 @@ class Progress:
         done = step_index + 1
         eta = elapsed / done * (self.total_steps - done)
         acc = "" if accuracy is None else f" acc {100 * accuracy:5.1f}%"
-        print(f"step {done}/{self.total_steps} epoch {epoch + 1}/{epochs} loss {loss:.4f}{acc} "
-              f"{self.samples / max(elapsed, 1e-9):,.0f} samples/s "
-              f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}"
-              + (f" {detail}" if detail else ""), file=self.out, flush=True)
+        self.log(f"step {done}/{self.total_steps} epoch {epoch + 1}/{epochs} loss {loss:.4f}{acc} "
+                 f"{self.samples / max(elapsed, 1e-9):,.0f} samples/s "
+                 f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}"
+                 + (f" {detail}" if detail else ""))

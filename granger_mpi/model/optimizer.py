@@ -44,7 +44,7 @@ def learning_rate(cfg, step, total_steps, global_batch):
 class Optimizer:
     """One optimizer over a flat parameter buffer of ``n_params`` elements.
 
-    With ``shard=(lo, hi)`` (ZeRO stage 1, see ``granger_mpi.zero``) it keeps state for
+    With ``shard=(lo, hi)`` (ZeRO stage 1, see ``granger_mpi.model.zero``) it keeps state for
     ``params[lo:hi]`` only, and ``step``/``clip`` are given that slice.
     """
 

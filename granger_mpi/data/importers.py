@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from granger_mpi import dataset
+from granger_mpi.data import dataset
 from granger_mpi.errors import UserError
 
 CSV_BLOCK_ROWS = 65536

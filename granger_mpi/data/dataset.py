@@ -17,9 +17,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from granger_mpi import partition
+from granger_mpi.data import partition
 from granger_mpi.errors import UserError
-from granger_mpi.h5files import open_for_reading
+from granger_mpi.storage.h5files import open_for_reading
 
 FORMAT = "granger-mpi dataset"
 FORMAT_VERSION = 1

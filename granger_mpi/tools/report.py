@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from granger_mpi import __version__, plots, status
+from granger_mpi import __version__
+from granger_mpi.observe import status
+from granger_mpi.tools import plots
 from granger_mpi.errors import WriteError
 
 STYLE = """

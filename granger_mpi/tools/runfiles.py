@@ -11,7 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from granger_mpi import metrics, rundir, timing
+from granger_mpi import rundir
+from granger_mpi.observe import metrics, timing
 from granger_mpi.errors import UserError, describe_io_error
 
 

@@ -10,8 +10,8 @@ import os
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import ulfm
-from granger_mpi.runtime import mpi_library_version
+from granger_mpi.mpi import ulfm
+from granger_mpi.mpi.runtime import mpi_library_version
 
 
 def loaded_libraries(*fragments):

@@ -9,7 +9,7 @@ import numpy as np
 
 from granger_mpi import checkpoint
 from granger_mpi.errors import UserError
-from granger_mpi.h5files import open_for_reading
+from granger_mpi.storage.h5files import open_for_reading
 
 SCALARS = ("format", "step", "epoch", "step_in_epoch", "world_size", "writers", "seed", "n_rows")
 

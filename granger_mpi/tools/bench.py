@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi import collectives
-from granger_mpi.runtime import raise_from_root
+from granger_mpi import checkpoint, collectives
+from granger_mpi.collectives import auto, shm
+from granger_mpi.errors import UserError
+from granger_mpi.model.models import Model
+from granger_mpi.mpi.runtime import raise_from_root
 
 HAND_WRITTEN = ("ring", "rhd", "rd", "shm", "hierarchical")
 
@@ -192,7 +195,6 @@ def main_allreduce(comm, args):
     algorithms = args.algorithms.split(",")
     unknown = [a for a in algorithms if a not in collectives.ALGORITHMS]
     if unknown:
-        from granger_mpi.errors import UserError
         raise UserError(f"--algorithms: unknown {', '.join(unknown)}; known: {', '.join(collectives.ALGORITHMS)}")
     rows = run_allreduce(comm, algorithms=algorithms,
                          sizes=sizes_between(args.min_bytes, args.max_bytes), rounds=args.rounds,
@@ -228,7 +230,6 @@ def fit_model(comm, rows):
 
 def main_calibrate(comm, args):
     """The ``bench calibrate`` command: measure, then store a table for this world size."""
-    from granger_mpi.collectives import auto, shm
     algorithms = [a for a in auto.CANDIDATES if a != "shm" or shm.on_one_node(comm)]
     rows = run_allreduce(comm, algorithms=algorithms, sizes=sizes_between(4, args.max_bytes),
                          rounds=args.rounds)
@@ -267,8 +268,6 @@ def main_checkpoint(comm, args):
     import shutil
     import subprocess
 
-    from granger_mpi import checkpoint
-    from granger_mpi.models import Model
     rank, size = comm.Get_rank(), comm.Get_size()
     work = Path(args.dir) / f"p{size}"
     if rank == 0:

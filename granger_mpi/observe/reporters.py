@@ -1,0 +1,234 @@
+"""Where rank 0 sends what a run reports: ``metrics.h5`` always, and any other sinks.
+
+A sink is a ``Reporter``. Built in: ``metrics.MetricsFile`` (HDF5, always on),
+``JsonLinesReporter`` (``[output].jsonl``: ``RUN_DIR/metrics.jsonl``, one JSON object a
+line, for ``jq``, Vector, Fluent Bit) and ``HttpReporter`` (``[output].http_url``: batches
+of JSON lines POSTed as ``application/x-ndjson``, e.g. to a collector in front of a
+database). Your own: ``[output].reporters = ["package.module:factory"]``, where
+``factory(run_dir=..., job=...)`` returns a ``Reporter``; it runs on rank 0 only.
+
+Every record carries ``type``: ``step`` (``metrics.FIELDS``), ``timings`` (a window of
+per-rank seconds, ``timing.COLUMNS``, one value per world rank) or ``event`` (a rank
+failure and its recovery, ``metrics.EVENT_FIELDS``).
+"""
+
+import importlib
+import json
+import math
+import sys
+import urllib.error
+import urllib.request
+
+from granger_mpi.errors import UserError, WriteError, describe_io_error
+
+
+class Reporter:
+    """A sink for what a run reports on rank 0; override what you need (all do nothing).
+
+    ``step`` is called once per training step, so it must be cheap: buffer, and do the
+    slow part in ``flush`` (called every ``[output].metrics_flush_steps`` steps, before
+    each checkpoint and at the end).
+    """
+
+    def step(self, row):
+        """One training step: a dict of ``metrics.FIELDS``."""
+
+    def timings(self, row):
+        """One window of per-rank time: ``step`` (the last of the window), ``steps`` and
+        one list per ``timing.COLUMNS`` entry, indexed by world rank (NaN: rank lost)."""
+
+    def event(self, row):
+        """A rank failure and its recovery: a dict of ``metrics.EVENT_FIELDS``."""
+
+    def flush(self):
+        """Write out what is buffered."""
+
+    def close(self):
+        """Flush and release what the sink holds."""
+        self.flush()
+
+
+def _plain(value):
+    """JSON has no NaN: missing values (accuracy of a regression, a lost rank) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item"):    # numpy scalars
+        return _plain(value.item())
+    return value
+
+
+def json_line(kind, row):
+    """One record as a line of JSON (no trailing newline)."""
+    return json.dumps({"type": kind, **{k: _plain(v) for k, v in row.items()}}, allow_nan=False)
+
+
+class _LineReporter(Reporter):
+    """Buffers records as JSON lines; subclasses say where ``flush`` sends them."""
+
+    def __init__(self, flush_every):
+        self.flush_every = flush_every
+        self.lines = []
+
+    def _add(self, kind, row):
+        self.lines.append(json_line(kind, row))
+        if len(self.lines) >= self.flush_every:
+            self.flush()
+
+    def step(self, row):
+        self._add("step", row)
+
+    def timings(self, row):
+        self._add("timings", row)
+
+    def event(self, row):
+        self._add("event", row)
+        self.flush()    # rare and worth seeing at once
+
+
+class JsonLinesReporter(_LineReporter):
+    """``RUN_DIR/metrics.jsonl``; on a resume, the lines of steps to be run again are cut."""
+
+    def __init__(self, path, flush_every=100, resume_step=None):
+        super().__init__(flush_every)
+        self.path = path
+        try:
+            if resume_step is not None and path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and _before(line, resume_step)]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(path)
+            else:
+                path.write_text("")
+        except OSError as exc:
+            raise WriteError(f"cannot write {path}: {describe_io_error(exc)}") from None
+
+    def flush(self):
+        if not self.lines:
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write("".join(line + "\n" for line in self.lines))
+        except OSError as exc:
+            raise WriteError(f"cannot write {self.path}: {describe_io_error(exc)}") from None
+        self.lines.clear()
+
+
+def _before(line, step):
+    """Whether a JSON line is about a step before ``step`` (events are always kept)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False    # a line torn by a crash mid-write
+    return record.get("type") == "event" or record.get("step", -1) < step
+
+
+class HttpReporter(_LineReporter):
+    """POSTs each batch of JSON lines to ``url`` (``Content-Type: application/x-ndjson``).
+
+    A monitoring outage must not stop training: a failed POST keeps the lines for the next
+    try (the oldest are dropped beyond ``max_buffered``, and counted), and is reported on
+    stderr once per outage, with the count of lines sent when it ends.
+    """
+
+    def __init__(self, url, flush_every=100, timeout_s=5.0, max_buffered=100_000, log=None):
+        super().__init__(flush_every)
+        self.url = url
+        self.timeout_s = timeout_s
+        self.max_buffered = max_buffered
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.failing = False
+        self.dropped = 0
+
+    def flush(self):
+        if not self.lines:
+            return
+        body = "".join(line + "\n" for line in self.lines).encode()
+        request = urllib.request.Request(self.url, data=body, method="POST",
+                                         headers={"Content-Type": "application/x-ndjson"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                response.read()
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            if not self.failing:
+                self.log(f"reporter {self.url}: {getattr(exc, 'reason', exc)}; keeping "
+                         f"the records and trying again at the next flush")
+            self.failing = True
+            excess = len(self.lines) - self.max_buffered
+            if excess > 0:
+                del self.lines[:excess]
+                self.dropped += excess
+            return
+        if self.failing:
+            self.log(f"reporter {self.url}: reachable again; sent {len(self.lines)} record(s)"
+                     + (f", {self.dropped} dropped while it was not" if self.dropped else ""))
+        self.failing = False
+        self.lines.clear()
+
+
+class Reporters(Reporter):
+    """Sends every record to each of ``sinks`` in order."""
+
+    def __init__(self, sinks):
+        self.sinks = list(sinks)
+
+    def step(self, row):
+        for sink in self.sinks:
+            sink.step(row)
+
+    def timings(self, row):
+        for sink in self.sinks:
+            sink.timings(row)
+
+    def event(self, row):
+        for sink in self.sinks:
+            sink.event(row)
+
+    def flush(self):
+        for sink in self.sinks:
+            sink.flush()
+
+    def close(self):
+        """Close every sink, even when one fails; the first failure is raised."""
+        failure = None
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:    # noqa: BLE001 - the others must still be closed
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+
+def load_custom(spec, run_dir, job):
+    """A user's reporter from ``"package.module:factory"``."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise UserError(f"[output].reporters entry {spec!r} must be 'package.module:factory'")
+    try:
+        factory = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"[output].reporters entry {spec!r}: {exc}") from None
+    try:
+        reporter = factory(run_dir=run_dir, job=job)
+    except Exception as exc:    # noqa: BLE001 - a user's code: any failure is bad input
+        raise UserError(f"[output].reporters entry {spec!r} failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(reporter, Reporter):
+        raise UserError(f"[output].reporters entry {spec!r} returned {type(reporter).__name__}, "
+                        f"not a granger_mpi.reporters.Reporter")
+    return reporter
+
+
+def extra_sinks(run_dir, job, resume_step=None):
+    """The sinks the job asks for besides ``metrics.h5``."""
+    out = job.output
+    sinks = []
+    if out.jsonl:
+        sinks.append(JsonLinesReporter(run_dir / "metrics.jsonl", out.metrics_flush_steps,
+                                       resume_step))
+    if out.http_url:
+        sinks.append(HttpReporter(out.http_url, out.metrics_flush_steps))
+    sinks.extend(load_custom(spec, run_dir, job) for spec in out.reporters)
+    return sinks
