@@ -23,15 +23,6 @@ directory), and checkpoints beyond ``keep_last`` deleted (in the background). A 
 any point leaves the previous good checkpoint in place; a torn or corrupt file is detected
 by its checksums and skipped by ``--resume auto``.
 
-A small state (under 64 MiB) keeps the newest checkpoint beyond ``keep_last`` as
-``spare.h5`` (not a checkpoint any more: never resumed from), and the next save of the same
-process renames it to its ``.tmp`` name and writes over it: the same layout, so every
-dataset and attribute lands where it was, and the file system neither allocates blocks nor
-fills fresh pages (a 1 MiB save: 0.8-1.4 ms of 6-8 here). While a run goes on, the
-directory holds ``keep_last`` + 1 such files between saves and during them (as it did
-during a save before); the spare is deleted when the run ends, and a spare of another
-process (one that crashed) at its next save.
-
 Who writes: a large or sharded state is written by every rank, its rows of every tensor
 into the one file opened with the mpio driver (creating datasets and attributes is
 collective, the writes independent), and read back by every rank, its share. A small
@@ -46,7 +37,6 @@ import math
 import os
 import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +50,8 @@ from granger_mpi.storage import fsync
 from granger_mpi.storage.checksums import chunks, combine, crc32, CrcPipeline
 from granger_mpi.errors import UserError, WriteError, describe_io_error
 from granger_mpi.storage.h5files import (create_file, datasets, int_attr, new_dataset, open_file,
-                                         open_for_reading, open_for_update, read_rows,
-                                         rewrite_attr, set_attr, stored_layout, str_attr,
-                                         write_rows)
+                                         open_for_reading, read_rows, set_attr, stored_layout,
+                                         str_attr, write_rows)
 from granger_mpi.model.modelfile import CHECKPOINT_FORMAT
 from granger_mpi.mpi.runtime import agree, raise_from_root
 from granger_mpi.storage.versions import versions_json
@@ -121,12 +110,9 @@ def _tensors(model, state):
 
 # Below this much unsharded state, rank 0 writes the whole file alone with serial HDF5 (the
 # state is the same on every rank): a collective open, close and read-back then cost more
-# than sharing the writes saves (1 MiB at P = 4: 17 ms alone, 36 ms collectively; the two
-# meet near 64 MiB on one node). ``[checkpoint].parallel_write_from_mib`` sets it per job.
+# than sharing the writes saves (docs/performance.md, checkpoints).
+# ``[checkpoint].parallel_write_from_mib`` sets it per job.
 PARALLEL_FROM_BYTES = 64 << 20
-# Below this much state, a save by one process keeps a spare (``_prune``): the extra file
-# costs little disk there.
-SPARE_BELOW_BYTES = 64 << 20
 
 
 def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attrs=None,
@@ -165,23 +151,8 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
             failure = exc
     elif on_written is not None:
         on_written()
-    # The others wait for rank 0's outcome, sleeping. They stop sleeping near the time the
-    # previous save took, when no more ranks than this node has cores can share it (P = 2
-    # here: they saw the end 0.5 ms late, now 0.1; at P = 4 on 2 cores, rank 0's save took
-    # 0.5-1.4 ms longer with them polling so).
-    global _waited
-    spin_after = None
-    if _waited is not None and comm.Get_size() <= (os.cpu_count() or 1):
-        spin_after = 0.8 * _waited
-    started = time.perf_counter()
-    try:
-        raise_from_root(comm, failure, spin_after=spin_after)
-    finally:
-        _waited = time.perf_counter() - started
+    raise_from_root(comm, failure)    # the others wait for rank 0's outcome, sleeping
     return checkpoint_dir(run_dir) / file_name(state.step)
-
-
-_waited = None  # how long this rank last waited for rank 0's save (seconds)
 
 
 def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs,
@@ -209,8 +180,6 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
              "model": json.dumps(model.spec()), "job": job_json,
              "versions": versions_json(),
              "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
-    nbytes = state.params.nbytes + state.optimizer_state.nbytes
-    layout = _layout(tensors, attrs) if comm is None and nbytes < SPARE_BELOW_BYTES else None
     # Rank 0 makes the file durable in two steps, each in the background: an fdatasync as
     # soon as its rows are written, under the metadata HDF5 still has to write, then an
     # fsync after closing, under the read-back (from the page cache either way). The file
@@ -225,11 +194,9 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
             on_written()
     failed = None
     try:
-        fid, reused = (None, None) if layout is None else _open_spare(directory, tmp, tensors, layout)
-        if fid is None:
-            fid = create_file(tmp, comm)
+        fid = create_file(tmp, comm)
         try:
-            failed = _write(fid, comm, tensors, attrs, written, slabs, state.params.size, reused)
+            failed = _write(fid, comm, tensors, attrs, written, slabs, state.params.size)
         finally:
             fid.close()
         if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
@@ -278,7 +245,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
     def publish():
         if rank == 0:
             try:
-                _publish(directory, state.step, doomed, layout)
+                _publish(directory, state.step, doomed)
             except OSError as exc:
                 raise _not_published(final, exc) from None
     _agree(comm, publish)
@@ -383,21 +350,17 @@ def _gather_crcs(comm, crcs):
     return every
 
 
-def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0, reused=None):
+def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     """Create every dataset (collective under mpio), write this rank's rows of each and its
     slab of each sharded dataset (then call ``on_written``), then store the root attributes
-    ``attrs`` and every dataset's CRC32 as its ``crc32``. ``reused``: the datasets of
-    ``tensors`` in a spare file (``_open_spare``), written over with the attributes.
+    ``attrs`` and every dataset's CRC32 as its ``crc32``.
 
     The CRC of what this rank writes is computed from memory (in a helper thread while the
     writes go on, when there is enough of it); the ranks' slab CRCs are then combined (one
     ``Allgather``). Returns the OSError/RuntimeError of a failed write (the file is still
     closed collectively), or None.
     """
-    if reused is None:
-        datasets, put_attr = [new_dataset(fid, path, a.shape, a.dtype) for path, a in tensors], set_attr
-    else:
-        datasets, put_attr = reused, rewrite_attr
+    datasets = [new_dataset(fid, path, a.shape, a.dtype) for path, a in tensors]
     slab_datasets = [new_dataset(fid, path, (slab_length,), np.float32) for path, _ in slabs]
     if slabs:   # where this rank's shard starts in the flat datasets (before any write can fail)
         shard_sizes = np.empty(comm.Get_size(), np.int64)
@@ -422,76 +385,26 @@ def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0, reuse
             on_written()
     except (OSError, RuntimeError) as exc:
         failed = exc
-    if reused is not None:      # a spare's strings are these already
-        attrs = {key: value for key, value in attrs.items() if not isinstance(value, str)}
     for key, value in attrs.items():
-        put_attr(fid, key, value)
+        set_attr(fid, key, value)
     every = _gather_crcs(comm, pipeline.results())
     for i, (dset, (_, array), (_, counts)) in enumerate(zip(datasets, tensors, rows)):
-        put_attr(dset, "crc32", combine(every[:, i], [n * array[:1].nbytes for n in counts]))
+        set_attr(dset, "crc32", combine(every[:, i], [n * array[:1].nbytes for n in counts]))
     for i, dset in enumerate(slab_datasets, start=len(datasets)):
         set_attr(dset, "crc32", combine(every[:, i], shard_sizes * 4))
-    put_attr(fid, "complete", 1)
+    set_attr(fid, "complete", 1)
     return failed
 
 
-def _layout(tensors, attrs):
-    """What a file must hold for a save of ``tensors`` and ``attrs`` to be written over it:
-    the datasets' paths, shapes and types, the attributes' names, and their strings or the
-    types and shapes of their numbers."""
-    def kind(value):
-        return value if isinstance(value, str) else (np.asarray(value).dtype.str, np.shape(value))
-    return (tuple((path, array.shape, array.dtype.str) for path, array in tensors),
-            tuple((key, kind(value)) for key, value in attrs.items()))
-
-
-def _open_spare(directory, tmp, tensors, layout):
-    """``(FileID, DatasetIDs of tensors)`` of the spare checkpoint renamed to ``tmp`` and
-    open for writing, when this process made it (``_prune``) from a save of the same
-    ``layout``; else ``(None, None)``, and ``tmp`` is created anew. (Checking a file made
-    elsewhere, attribute by attribute, cost more than the spare saves: a spare this process
-    did not make, of a process that crashed, is deleted.)
-
-    Writing over a file spares the save what a new one costs the file system: the page
-    cache's fresh pages, and allocating blocks at the first fdatasync, which then also
-    commits the journal (a bare 1 MiB write and fdatasync here: 2.2 ms new, 1.4 over)."""
-    global _spare
-    trusted, _spare = _spare, None
-    if trusted != (directory, layout):
-        (directory / SPARE).unlink(missing_ok=True)
-        return None, None
-    try:
-        os.replace(directory / SPARE, tmp)
-        fid = open_for_update(tmp)
-    except OSError:
-        return None, None
-    try:
-        return fid, [did for _, did in datasets(fid, [path for path, _ in tensors])]
-    except (KeyError, OSError):
-        fid.close()
-        return None, None
-
-
 _pruning = None   # the deletion of checkpoints beyond keep_last in flight (rank 0)
-# A checkpoint past keep_last that the next small save writes over instead of creating a
-# new file (``_open_spare``); ``(directory, layout)`` of the one this process made; the
-# checkpoints this process wrote in small saves, and their layouts.
-SPARE = "spare.h5"
-_spare = None
-_made = {}
 
-
-# The index that will point at the new checkpoint, and a second name of the present one,
-# made while the new file is still being fsynced.
-_STAGED = ("latest.tmp", "latest.old")
+# The index that will point at the new checkpoint, written while the new file is fsynced.
+_STAGED = ("latest.tmp",)
 
 
 def _stage_index(directory, step, keep_last):
-    """Write the index that will point at ``step`` as ``latest.tmp``, and give the present
-    ``latest`` a second name, ``latest.old``: renaming over a file's last name frees its
-    blocks on the save's path (0.8 ms here, 0.3 this way). Returns the files to delete once
-    ``latest`` points at ``step``: ``latest.old`` and the checkpoints beyond the newest
-    ``keep_last``."""
+    """Write the index that will point at ``step`` as ``latest.tmp``. Returns the checkpoints
+    to delete once ``latest`` points at ``step``: those beyond the newest ``keep_last``."""
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         steps = sorted({step} | {int(m.group(1)) for entry in os.listdir(dir_fd)
@@ -499,24 +412,15 @@ def _stage_index(directory, step, keep_last):
         keep = [s for s in steps if s <= step][-keep_last:]
         index = {"latest": file_name(step), "step": step, "kept": [file_name(s) for s in keep]}
         _write_new(_STAGED[0], (json.dumps(index, indent=1) + "\n").encode(), dir_fd)
-        old = _STAGED[1]
-        try:
-            os.link("latest", old, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except FileExistsError:     # left by a process that ended before deleting it
-            os.unlink(old, dir_fd=dir_fd)
-            os.link("latest", old, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except OSError:             # the first save, or no hard links on this file system
-            old = None
     finally:
         os.close(dir_fd)
-    doomed = [directory / file_name(s) for s in steps if s not in keep and s < step]
-    return doomed + ([directory / old] if old else [])
+    return [directory / file_name(s) for s in steps if s not in keep and s < step]
 
 
-def _publish(directory, step, doomed, layout):
+def _publish(directory, step, doomed):
     """Rename the verified ``step_XXXXXXXX.h5.tmp`` to its final name and ``latest.tmp`` over
     ``latest``, make both renames durable with one fsync of the directory, then start
-    ``_prune(directory, doomed, layout)`` in the helper thread (unlinking a GiB file takes
+    deleting ``doomed`` in the helper thread (unlinking a GiB file takes
     a good part of a second, which training need not wait for; the next save, and
     ``wait_for_pruning``, wait for it). Names are resolved through one descriptor of the
     directory, the one fsynced."""
@@ -529,35 +433,11 @@ def _publish(directory, step, doomed, layout):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    if layout is not None:
-        _made[directory / name] = layout
     if doomed:
-        _pruning = _io.submit(_prune, directory, doomed, layout)
+        _pruning = _io.submit(_prune, doomed)
 
 
-def _prune(directory, doomed, layout):
-    """Delete the files ``doomed``, but for the newest checkpoint among them that this
-    process wrote with ``layout`` (a small save's): it becomes the spare, over any other,
-    renamed durably before any save can write over it (else a crash could bring its old
-    name back on a file half written over). With no ``layout`` the spare is deleted too."""
-    global _spare
-    made = {path: _made.pop(path, None) for path in doomed}
-    doomed = list(doomed)
-    if layout is None:
-        doomed.append(directory / SPARE)
-        if _spare is not None and _spare[0] == directory:
-            _spare = None
-    elif mine := [path for path in sorted(doomed) if made[path] == layout]:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.replace(mine[-1].name, SPARE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            os.fsync(dir_fd)
-            _spare = (directory, layout)
-            doomed.remove(mine[-1])
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
+def _prune(doomed):
     for path in doomed:
         path.unlink(missing_ok=True)
 
@@ -579,13 +459,8 @@ def wait_for_pruning():
 
 
 def finish_run():
-    """Before a process that saved ends: wait until old checkpoints are deleted, and delete
-    the spare it made (no other process would write over it)."""
-    global _spare
+    """Before a process that saved ends: wait until old checkpoints are deleted."""
     wait_for_pruning()
-    if _spare is not None:
-        (_spare[0] / SPARE).unlink(missing_ok=True)
-        _spare = None
 
 
 def _dataset_crcs(fid, comm, expected=None):

@@ -431,7 +431,7 @@ def test_a_failed_fsync_fails_the_save_and_leaves_the_directory_as_it_was(tmp_pa
     assert index["latest"] == "step_00000003.h5"
 
 
-SPARE_SAVES = """
+SMALL_SAVES = """
     import json, os, sys
     import numpy as np
     from mpi4py import MPI
@@ -447,12 +447,6 @@ SPARE_SAVES = """
     for step in range(first, last + 1):
         params = np.arange(model.layout.size, dtype=np.float32) * step
         state = checkpoint.Snapshot(params, -params, step, step // 3, step % 3, ("velocity",))
-        # A second name of the spare keeps its inode alive whatever the save does with it:
-        # the new checkpoint has that inode only if it was written over the spare.
-        spare, probe = os.path.join(directory, "spare.h5"), os.path.join(run_dir, "probe")
-        had_spare = comm.Get_rank() == 0 and os.path.exists(spare)
-        if had_spare:
-            os.link(spare, probe)
         path = None
         try:
             path = checkpoint.save(comm, run_dir, model, state, job_json="{}", seed=0, keep_last=1,
@@ -461,15 +455,11 @@ SPARE_SAVES = """
             if comm.Get_rank() == 0:
                 print(json.dumps({"step": step, "failed": str(exc),
                                   "files": sorted(os.listdir(directory))}), flush=True)
-        over_spare = None
-        if had_spare:
-            over_spare = path is not None and os.stat(probe).st_ino == os.stat(path).st_ino
-            os.unlink(probe)
         checkpoint.wait_for_pruning()
         if path is not None and comm.Get_rank() == 0:
             back, attrs = checkpoint.read(path, model)
             print(json.dumps({
-                "step": step, "over_spare": over_spare,
+                "step": step,
                 "files": sorted(os.listdir(directory)),
                 "verify": checkpoint.verify(path),
                 "attrs": [int(attrs[k]) for k in ("step", "epoch", "step_in_epoch", "world_size", "writers")],
@@ -483,8 +473,8 @@ SPARE_SAVES = """
 """
 
 
-def spare_saves(tmp_path, hidden, first, last, parallel_from=64, fail_at=0, finish=0):
-    run = mpirun_script(2, SPARE_SAVES, str(tmp_path / "run"), hidden, first, last, parallel_from,
+def small_saves(tmp_path, hidden, first, last, parallel_from=64, fail_at=0, finish=0):
+    run = mpirun_script(2, SMALL_SAVES, str(tmp_path / "run"), hidden, first, last, parallel_from,
                         fail_at, finish, tmp_path=tmp_path, timeout=60)
     assert run.returncode == 0, run.output
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -497,45 +487,31 @@ def good(save, parallel=False):
             and save["attrs"] == [step, step // 3, step % 3, 2, 2 if parallel else 1])
 
 
-def test_a_small_save_writes_over_the_spare_checkpoint_this_process_made(tmp_path):
-    """Past keep_last, an old checkpoint is kept as spare.h5 and the next small save writes
-    over it, and each file still holds exactly its own state; a failed save over it leaves
-    no file; a spare left by another process, or of another layout, is deleted, not written
-    over; a large save, and the end of a run, delete it."""
-    saves = spare_saves(tmp_path, 8, 1, 6, fail_at=5)
+def test_small_saves_hold_their_own_state_and_a_failed_one_leaves_no_file(tmp_path):
+    """Saves by rank 0 past keep_last = 1: each file holds exactly its own state, only the
+    newest is kept; a failed save (a full disk, simulated) leaves no file and the previous
+    checkpoint; another model's saves in the same directory, and every rank writing."""
+    saves = small_saves(tmp_path, 8, 1, 6, fail_at=5)
     assert all(good(save) for save in saves if "failed" not in save)
-    assert [save.get("over_spare") for save in saves] == [None, None, True, True, None, None]
-    assert saves[0]["files"] == ["latest", "step_00000001.h5"]
-    for save in saves[1:4]:
-        assert save["files"] == ["latest", "spare.h5", f"step_{save['step']:08d}.h5"]
-    # step 5 fails (a full disk, simulated) after writing over the spare: the file is gone
+    for save in saves:
+        if "failed" not in save:
+            assert save["files"] == ["latest", f"step_{save['step']:08d}.h5"]
     assert "No space left on device" in saves[4]["failed"]
     assert saves[4]["files"] == ["latest", "step_00000004.h5"]
-    assert saves[5]["files"] == ["latest", "spare.h5", "step_00000006.h5"]
-    assert saves[5]["candidates"] == ["step_00000006.h5"]      # resume never takes the spare
-
-    # Another process, another model: the spare it finds is deleted, and step 6 (not its
-    # own) too; its own step 7 becomes the spare that step 9 is written over.
-    saves = spare_saves(tmp_path, 12, 7, 9, finish=1)
+    assert saves[5]["candidates"] == ["step_00000006.h5"]
+    saves = small_saves(tmp_path, 12, 7, 9, finish=1)
     assert all(good(save) for save in saves[:3])
-    assert [save.get("over_spare") for save in saves[:3]] == [False, None, True]
-    assert saves[0]["files"] == ["latest", "step_00000007.h5"]
-    assert saves[2]["files"] == ["latest", "spare.h5", "step_00000009.h5"]
     assert saves[3]["finished"] == ["latest", "step_00000009.h5"]      # the end of the run
-
-    saves = spare_saves(tmp_path, 12, 10, 11)      # leaves a spare: the run does not end
-    assert saves[-1]["files"] == ["latest", "spare.h5", "step_00000011.h5"]
-    saves = spare_saves(tmp_path, 12, 12, 12, parallel_from=0)     # every rank writes
-    assert good(saves[0], parallel=True) and saves[0]["over_spare"] is False
+    saves = small_saves(tmp_path, 12, 12, 12, parallel_from=0)     # every rank writes
+    assert good(saves[0], parallel=True)
     assert saves[0]["files"] == ["latest", "step_00000012.h5"]
 
 
 def test_a_checkpoint_holding_another_step_than_its_name_is_refused(tmp_path):
-    """As a spare would be if a crash brought back its old name after a save had written it
-    over: a whole checkpoint, of another step."""
-    spare_saves(tmp_path, 8, 1, 2)
+    """A whole checkpoint under another step's name (a stray copy, a bad restore)."""
+    small_saves(tmp_path, 8, 1, 1)
     directory = tmp_path / "run" / "ckpt"
-    os.replace(directory / "spare.h5", directory / "step_00000003.h5")      # step 1's file
+    os.replace(directory / "step_00000001.h5", directory / "step_00000003.h5")
     run = granger("inspect", str(directory / "step_00000003.h5"), "--verify")
     assert run.returncode == 1, run.output
     assert "holds step 1, not the step of its name" in run.output
@@ -608,8 +584,7 @@ def test_timed_checkpoints(small_dataset, tmp_path):
     assert len(kept) == 2                                      # keep_last prunes the rest
     index = json.loads((run_dir / "ckpt" / "latest").read_text())
     assert index["latest"] == kept[-1] and index["kept"] == kept
-    # every replaced index (a second name, latest.old, until the pruning thread deletes it),
-    # every temporary file and the spare are gone once the run has ended
+    # every temporary file is gone once the run has ended
     assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", *kept]
 
 

@@ -1,4 +1,4 @@
-"""fsync.start: the outcome of an fsync run in the background, through glibc's AIO or not."""
+"""fsync.start: the outcome of an fsync run in the background."""
 
 import errno
 
@@ -7,18 +7,8 @@ import pytest
 from granger_mpi.storage import fsync
 
 
-@pytest.fixture(params=["aio", "at once"])
-def way(request, monkeypatch):
-    if request.param == "aio":
-        if fsync._aio is None:
-            pytest.skip("no glibc AIO here")
-    else:
-        monkeypatch.setattr(fsync, "_aio", None)
-    return request.param
-
-
 @pytest.mark.parametrize("data_only", [False, True])
-def test_the_outcome_of_each_fsync_is_reported_once_it_ends(tmp_path, way, data_only):
+def test_the_outcome_of_each_fsync_is_reported_once_it_ends(tmp_path, data_only):
     good = tmp_path / "good.bin"
     good.write_bytes(b"x" * (1 << 20))
     waits = [fsync.start(path, data_only) for path in (good, "/proc/self/stat", tmp_path / "none")]
@@ -28,4 +18,3 @@ def test_the_outcome_of_each_fsync_is_reported_once_it_ends(tmp_path, way, data_
     assert outcomes[1].errno == errno.EINVAL and "/proc/self/stat" in str(outcomes[1])
     assert outcomes[2].errno == errno.ENOENT
     assert [wait() for wait in waits] == outcomes       # asked again: the same answer
-    assert not fsync._in_flight                          # no control block left behind

@@ -20,7 +20,7 @@ def test_rank_0s_outcome_reaches_every_rank_with_its_message_and_exit_code(tmp_p
                 error = UserError("x" * length)
                 error.exit_code = 7
             try:
-                raise_from_root(comm, error, spin_after=0.0)
+                raise_from_root(comm, error)
             except UserError as exc:
                 print("rank", rank, "raised", len(str(exc)), set(str(exc)) <= {"x"},
                       exc.exit_code, exc.agreed, flush=True)

@@ -3,8 +3,6 @@
 Every function takes its communicator as an argument; only the CLI touches COMM_WORLD.
 """
 
-import math
-import os
 import sys
 import time
 
@@ -63,23 +61,16 @@ def _raise_agreed_error(message, exit_code):
 
 _OUTCOME_TAG = 0x676F       # the point-to-point tag of ``raise_from_root``'s messages
 _POLL_S = 1e-4              # how long the ranks waiting for rank 0 sleep between polls
-_SPIN_S = 2e-3              # the most they poll without sleeping, from ``spin_after`` on
 
 
-def raise_from_root(comm, error, spin_after=None):
+def raise_from_root(comm, error):
     """Collective over ``comm``: when rank 0's ``error`` (a ``UserError``, or None; the
     other ranks' is ignored) is set, raise it (message and exit code) on every rank.
 
     For ranks that wait a long time for rank 0 alone (a checkpoint it writes by itself):
     they poll for its message and sleep in between instead of spinning in MPI, leaving the
-    cores to its I/O threads and the kernel's writeback. Rank 0 sends its outcome to each
-    directly and goes on, and each sees it at its next poll: through an agreement
-    (``Iallreduce``'s tree) rank 0 waited for sleeping ranks' polls and they for each
-    other's (P = 4 on 2 cores: 0.51 ms from rank 0's end until all had passed a barrier,
-    0.27 ms this way). A sleeping rank wakes up slowly here; from ``spin_after`` seconds on
-    (when it expects the end) it polls without sleeping, yielding its core between polls,
-    for at most ``_SPIN_S``. When rank 0 dies, the others see an MPI error here; when
-    another rank dies, its peers see one in their next collective.
+    cores to its I/O. When rank 0 dies, the others see an MPI error here; when another rank
+    dies, its peers see one in their next collective.
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     failed = rank == 0 and error is not None
@@ -93,25 +84,14 @@ def raise_from_root(comm, error, spin_after=None):
         MPI.Request.Waitall(requests)
     else:
         request = comm.Irecv(header, source=0, tag=_OUTCOME_TAG)
-        _poll(request, spin_after)
-        request.Wait()
+        while not request.Test():
+            time.sleep(_POLL_S)
         if header[0]:
             body = np.empty(int(header[2]), np.uint8)
             comm.Recv(body, source=0, tag=_OUTCOME_TAG)
             text = body.tobytes()
     if header[0]:
         _raise_agreed_error(text.decode(), header[1])
-
-
-def _poll(request, spin_after):
-    """Test ``request`` until it completes, sleeping ``_POLL_S`` between tests, except from
-    ``spin_after`` seconds to ``_SPIN_S`` later (None: never), when it yields instead."""
-    spin_from = time.perf_counter() + (math.inf if spin_after is None else spin_after)
-    while not request.Test():
-        if spin_from <= time.perf_counter() < spin_from + _SPIN_S:
-            os.sched_yield()
-        else:
-            time.sleep(_POLL_S)
 
 
 def say(comm, message, *, file=sys.stdout):

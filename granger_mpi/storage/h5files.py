@@ -71,12 +71,6 @@ def create_file(path, comm=None):
     return h5f.create(str(path).encode(), h5f.ACC_TRUNC, fapl=fapl)
 
 
-def open_for_update(path):
-    """The low-level ``FileID`` of the existing HDF5 file ``path`` opened for writing by this
-    process alone (sec2 driver); ``OSError`` if it is not one."""
-    return h5f.open(str(path).encode(), h5f.ACC_RDWR, fapl=_SERIAL_ACCESS)
-
-
 def new_dataset(fid, path, shape, dtype):
     """A contiguous dataset at ``path`` (groups created on the way) in the file ``fid`` that
     HDF5 never fills with a fill value: every byte of it is written. Returns its low-level
@@ -93,13 +87,6 @@ def set_attr(oid, name, value):
     space = h5s.create_simple(data.shape) if data.shape else _SCALAR
     file_type, memory_type = _types(data.dtype)
     h5a.create(oid, name.encode(), file_type, space).write(data, mtype=memory_type)
-
-
-def rewrite_attr(oid, name, value):
-    """Write ``value`` (a number or array, of the attribute's type and shape: it is then
-    written in place) over attribute ``name`` of the object with low-level id ``oid``."""
-    data = np.array(value)
-    h5a.open(oid, name.encode()).write(data, mtype=_types(data.dtype)[1])
 
 
 def datasets(fid, paths=None):
