@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from granger_mpi.collectives import buffers
+from granger_mpi import collectives
 from granger_mpi.errors import UserError
 
 MODES = ("exit", "kill9", "hang", "slow")
@@ -119,7 +119,7 @@ class Injector:
         if injection and algorithm == "native":
             fail(injection)
         if injection:
-            buffers.after_exchange = lambda: fail(injection)
+            collectives.fail_after_next_exchange(lambda: fail(injection))
 
     def at_report(self, step):
         """Called before the timing report after step ``step``."""

@@ -17,7 +17,7 @@ dtype) across ranks: a mismatch then fails with the ranks named instead of hangi
 import os
 
 import numpy as np
-from granger_mpi.collectives import auto, hierarchical, native, rd, rhd, ring, shm
+from granger_mpi.collectives import auto, buffers, hierarchical, native, rd, rhd, ring, shm
 
 ALGORITHMS = ("native", "ring", "rhd", "rd", "shm", "hierarchical", "auto")
 # Those that survive a rank failure under ULFM (an error, not a hang): point-to-point and
@@ -35,6 +35,13 @@ _last_auto = (None, -1, None)   # (communicator, bytes, algorithm) of the latest
 
 class CollectiveMismatch(RuntimeError):
     """Ranks entered the same collective with different arguments."""
+
+
+def fail_after_next_exchange(hook):
+    """Fault injection: call ``hook()`` once, after this rank's next point-to-point exchange
+    inside a hand-written algorithm, so that a rank can die mid-collective (``native`` has
+    no such point: MPI's insides)."""
+    buffers.after_exchange = hook
 
 
 def pieces(n, limit):

@@ -8,7 +8,7 @@ Two sources, in order:
    ``GRANGER_CALIBRATION`` (default ``~/.cache/granger-mpi/calibration.json``); where that
    has no table, the one shipped with granger-mpi (measured on the project's 2-core
    machines) is used.
-2. Otherwise the alpha-beta-gamma model of DESIGN.md §7 with the file's (or default) alpha
+2. Otherwise the alpha-beta-gamma model (``costmodel``) with the file's (or default) alpha
    (seconds per message), beta (seconds per byte sent) and gamma (seconds per byte added).
 
 Rank 0 reads the file and broadcasts it, so every rank decides alike (a disagreement would
@@ -22,7 +22,8 @@ import os
 from pathlib import Path
 
 from granger_mpi.collectives import shm
-from granger_mpi.collectives.buffers import cache, largest_power_of_two
+from granger_mpi.collectives.buffers import cache
+from granger_mpi.collectives.costmodel import seconds as model_seconds
 from granger_mpi.mpi.runtime import bcast_text
 
 log = logging.getLogger("granger_mpi.collectives")
@@ -52,28 +53,6 @@ def read_calibration(path):
 def table_key(size, one_node):
     """Key of a table: world size and whether all ranks share one node."""
     return f"P{size}-{'node' if one_node else 'net'}"
-
-
-def model_seconds(algorithm, nbytes, size, model):
-    """Predicted seconds of ``algorithm`` by the alpha-beta-gamma model (DESIGN.md §7)."""
-    a, b, c = model["alpha"], model["beta"], model["gamma"]
-    p2 = largest_power_of_two(size)
-    fold = 0.0 if p2 == size else 2 * (a + nbytes * b) + nbytes * c
-    steps = math.log2(p2)
-    if algorithm == "ring":
-        return 2 * (size - 1) * a + (size - 1) / size * nbytes * (2 * b + c)
-    if algorithm == "rhd":
-        return 2 * steps * a + (p2 - 1) / p2 * nbytes * (2 * b + c) + fold
-    if algorithm in ("rd", "native"):
-        # native (MPI_Allreduce in C) is modelled as recursive doubling without Python's cost
-        alpha = a / 4 if algorithm == "native" else a
-        return steps * (alpha + nbytes * (b + c)) + fold
-    if algorithm == "shm":
-        # three barriers; copy in, add our segment from every slot, copy the rest out
-        return 3 * a + nbytes * (3 * c)
-    if algorithm == "hierarchical":  # one node: binomial reduce then broadcast
-        return math.ceil(math.log2(size)) * (2 * a + nbytes * (2 * b + c))
-    raise ValueError(algorithm)
 
 
 def _document(comm):

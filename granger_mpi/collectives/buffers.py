@@ -23,8 +23,8 @@ PIPELINE_ELEMENTS = 1 << 21
 
 _keyval = None
 
-# Fault injection (granger_mpi.faults): called once, then cleared, after the next
-# point-to-point exchange of a hand-written algorithm, so a rank can die mid-collective.
+# Fault injection (``collectives.fail_after_next_exchange``): called once, then cleared,
+# after the next point-to-point exchange of a hand-written algorithm.
 after_exchange = None
 
 

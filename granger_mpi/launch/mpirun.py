@@ -1,7 +1,7 @@
 """``granger-mpi run``: start ``mpirun`` with the flags a job's fault mode needs.
 
 Users should not have to remember that ULFM wants ``--with-ft ulfm --mca pml ob1 --mca btl
-tcp,self`` (DESIGN.md §5), nor how to tune its failure detector. ``run`` builds the command
+tcp,self`` (docs/architecture.md, "Environment traps"), nor how to tune its failure detector. ``run`` builds the command
 from the job file's ``[fault].mode``, shows it, and runs it once or under ``supervise``.
 """
 

@@ -3,7 +3,7 @@ completes (the restart path of fault tolerance, for an MPI without ULFM or past 
 
 Success is read from the run's own completion record (``RUN_DIR/COMPLETE``, written by
 ``train`` after the model is saved), never from mpirun's exit code alone: Open MPI's
-mpirun can exit 0 after ranks were lost (DESIGN.md §5).
+mpirun can exit 0 after ranks were lost (docs/architecture.md, "Environment traps").
 """
 
 import os

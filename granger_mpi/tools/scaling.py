@@ -1,7 +1,7 @@
 """``granger-mpi model``: an alpha-beta-gamma cost model fitted to the benchmark CSVs, and
 step-time / efficiency predictions from one machine to 65,536 ranks.
 
-The model (DESIGN.md §7, ``collectives.auto.model_seconds``): an allreduce of ``n`` bytes
+The model (``collectives.costmodel``, docs/architecture.md): an allreduce of ``n`` bytes
 on ``P`` ranks costs ``x_alpha * alpha + x_beta * n * beta + x_gamma * n * gamma`` where the
 multipliers depend on the algorithm (ring ``2(P-1), 2(P-1)/P, (P-1)/P``; recursive
 halving-doubling ``2 log2 P, 2(P-1)/P, (P-1)/P``; recursive doubling ``log2 P`` times
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from granger_mpi.collectives.buffers import largest_power_of_two
+from granger_mpi.collectives import costmodel
 from granger_mpi.errors import UserError
 
 FITTED_ALGORITHMS = ("ring", "rhd", "rd")
@@ -41,23 +41,9 @@ NETWORKS = {
 PROJECTION_RANKS = (2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384, 65536)
 
 
-def coefficients(algorithm, nbytes, size):
-    """Multipliers of (alpha, beta, gamma) in the predicted seconds (matches auto.model_seconds)."""
-    p2 = largest_power_of_two(size)
-    fold = np.array([2.0, 2.0 * nbytes, nbytes]) if p2 != size else np.zeros(3)
-    steps = math.log2(p2)
-    if algorithm == "ring":
-        return np.array([2 * (size - 1), 2 * (size - 1) / size * nbytes, (size - 1) / size * nbytes])
-    if algorithm == "rhd":
-        return np.array([2 * steps, 2 * (p2 - 1) / p2 * nbytes, (p2 - 1) / p2 * nbytes]) + fold
-    if algorithm == "rd":
-        return np.array([steps, steps * nbytes, steps * nbytes]) + fold
-    raise ValueError(f"no model for algorithm {algorithm!r}")
-
-
 def predict_allreduce(algorithm, nbytes, size, model):
     """Seconds of one allreduce by the model ``{alpha, beta, gamma}``."""
-    return float(coefficients(algorithm, nbytes, size) @ [model["alpha"], model["beta"], model["gamma"]])
+    return costmodel.seconds(algorithm, nbytes, size, model)
 
 
 def best_algorithm(nbytes, size, model):
@@ -101,7 +87,7 @@ def fit_allreduce(path, min_bytes=0):
     rows = [r for r in read_allreduce_csv(path) if r[0] in FITTED_ALGORITHMS and r[2] >= min_bytes]
     if len(rows) < 3:
         raise UserError(f"{path}: fewer than 3 ring/rhd/rd points to fit")
-    A = np.array([coefficients(impl, n, p) / t for impl, p, n, t in rows])
+    A = np.array([costmodel.coefficients(impl, n, p) / t for impl, p, n, t in rows])
     # Columns differ by 10^9 in scale (alpha vs per-byte costs): normalise for the solver.
     scale = np.abs(A).max(axis=0)
     scale[scale == 0] = 1
