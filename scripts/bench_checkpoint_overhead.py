@@ -4,8 +4,8 @@ A 784-256-10 MLP (about 1.6 MiB of parameters and momentum) on 30,000 generated 
 ranks, 10 epochs (1,180 steps, 11 checkpoints); no checkpoints, a checkpoint every 100
 steps, and the same written in the background (``[checkpoint].async_write``) alternate 5
 times (``GRANGER_BENCH_REPS``, each rep in another order). We compare median times of the
-training loop as the job reports it ("done: N steps in X s", start-up and the final
-evaluation left out), and the ratio within each rep. Identical runs differ by tens of
+training loop as the run reports it (``train_seconds`` in ``RUN_DIR/summary.json``: start-up
+and the final evaluation left out), and the ratio within each rep. Identical runs differ by tens of
 percent on a shared machine, so the script also reads what the loop itself spent in its
 saves, from each run's per-rank time split (``metrics.h5``, ``ranks/checkpoint_s``): ms per
 save, and their sum as a share of the loop's time in that run. It takes the rank that
@@ -24,48 +24,35 @@ moves the wall-clock by ±15%, does not enter them."""
 import os
 import re
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+import bench_common
+from bench_common import ROOT
+
 AFTER = 10     # the steps after a save whose excess over the run's median step is counted
 REPS = int(os.environ.get("GRANGER_BENCH_REPS", "5"))
-MPIRUN = [str(ROOT / "scripts" / "mpirun"), "-n", "2", str(ROOT / ".venv" / "bin" / "granger-mpi")]
 
-JOB = """
-[data]
-path = "{data}"
-[model]
-kind = "mlp"
-hidden = [256]
-[optimizer]
-learning_rate = 0.05
-momentum = 0.9
-[train]
-global_batch = 256
-epochs = 10
-seed = 1
-[output]
-run_dir = "{run}"
-progress_interval_s = 1000.0
-[checkpoint]
-at_end = false
-{every}
-"""
+
+def job(path, data, run_dir, checkpoint):
+    return bench_common.write_job(path, {
+        "data": {"path": str(data)}, "model": {"kind": "mlp", "hidden": [256]},
+        "optimizer": {"learning_rate": 0.05, "momentum": 0.9},
+        "train": {"global_batch": 256, "epochs": 10, "seed": 1},
+        "output": {"run_dir": str(run_dir), "progress_interval_s": 1000.0},
+        "checkpoint": {"at_end": False, **checkpoint}})
 
 
 def main():
     with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as tmp:
         tmp = Path(tmp)
         data = tmp / "train.h5"
-        subprocess.run([*MPIRUN, "make-dataset", str(data), "--rows", "30000", "--features", "784",
-                        "--classes", "10", "--seed", "3"], check=True, capture_output=True)
-        variants = (("none", ""), ("every 100 steps", "every_steps = 100"),
-                    ("every 100, async", "every_steps = 100\nasync_write = true"))
+        bench_common.make_dataset(data, rows=30000, features=784, classes=10, seed=3)
+        variants = (("none", {}), ("every 100 steps", {"every_steps": 100}),
+                    ("every 100, async", {"every_steps": 100, "async_write": True}))
         seconds = {label: [] for label, _ in variants}
         split = {label: [] for label, _ in variants[1:]}   # (ms per save, share of the loop, saves)
         after = {label: [] for label, _ in variants}       # ms over the median, per save
@@ -74,11 +61,11 @@ def main():
             # over all of them instead of always favouring the first.
             for k in [(rep + j) % len(variants) for j in range(len(variants))]:
                 label, every = variants[k]
-                job = tmp / f"{rep}-{k}.toml"
-                job.write_text(JOB.format(data=data, run=tmp / f"run-{rep}-{k}", every=every))
-                out = subprocess.run([*MPIRUN, "train", str(job)], check=True, capture_output=True,
-                                     text=True).stdout
-                seconds[label].append(float(re.search(r"done: \d+ steps in ([0-9.]+) s", out).group(1)))
+                run_dir = tmp / f"run-{rep}-{k}"
+                run = bench_common.train(job(tmp / f"{rep}-{k}.toml", data, run_dir, every), 2,
+                                         run_dir=run_dir)
+                out = run.output
+                seconds[label].append(run.summary["train_seconds"])
                 after[label].append(excess_after_saves(tmp / f"run-{rep}-{k}" / "metrics.h5"))
                 if every:
                     saves = len(re.findall(r"^checkpoint .*\(step \d+", out, re.M))

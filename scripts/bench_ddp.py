@@ -5,7 +5,7 @@ order (see ``bench_ddp_torch.py``), with the same global batch, epochs, SGD with
 and weight decay, and the same threads per rank, launched by the same ``scripts/mpirun``
 at each P. Repetitions alternate which side goes first, so that the machine's other load
 hits both alike. Throughput = rows x epochs / training-loop seconds (granger-mpi's
-"done: N steps in X s", printed to 0.01 s, which excludes start-up and the test
+``train_seconds`` in ``RUN_DIR/summary.json``, which excludes start-up and the test
 evaluation; DDP's loop between two barriers, data already in memory). Final accuracy is on
 the test file.
 
@@ -25,36 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MPIRUN = str(ROOT / "scripts" / "mpirun")
-PYTHON = str(ROOT / ".venv" / "bin" / "python")
-GRANGER = str(ROOT / ".venv" / "bin" / "granger-mpi")
+import bench_common
+from bench_common import MPIRUN, PYTHON, ROOT
+
 TARGET_RATIO = 1.5
 ACCURACY_TOLERANCE_POINTS = 0.5
-
-JOB = """
-[data]
-path = "{data}"
-test_path = "{test}"
-[model]
-kind = "mlp"
-hidden = [{hidden}]
-activation = "relu"
-[optimizer]
-learning_rate = {lr}
-momentum = {momentum}
-weight_decay = {weight_decay}
-[train]
-global_batch = {batch}
-epochs = {epochs}
-seed = {seed}
-[output]
-run_dir = "{run_dir}"
-progress_interval_s = 100000.0
-[checkpoint]
-at_end = false
-"""
-
 
 def free_port():
     with socket.socket() as s:
@@ -77,11 +52,12 @@ def run(cmd, env=None, timeout=900):
 MPIRUN_ARGS = []   # --mpirun-arg: extra launcher flags, the same for both sides
 
 
-def run_granger(job, ranks):
-    out = run([MPIRUN, "-n", str(ranks), *MPIRUN_ARGS, GRANGER, "train", str(job), "--overwrite"])
-    seconds = float(re.search(r"done: \d+ steps in ([0-9.]+) s", out).group(1))
-    accuracy = float(re.search(r"test set .*accuracy ([0-9.]+)%", out).group(1))
-    return seconds, accuracy
+def run_granger(job, ranks, run_dir):
+    """The training loop's seconds (start-up and the test evaluation left out) and the test
+    accuracy in %, from the run's summary.json."""
+    summary = bench_common.train(job, ranks, run_dir=run_dir, mpirun_args=MPIRUN_ARGS,
+                                 args=["--overwrite"], timeout=900).summary
+    return summary["train_seconds"], 100 * summary["test_accuracy"]
 
 
 def run_torch(args, data, test, ranks):
@@ -196,15 +172,18 @@ def main():
     with tempfile.TemporaryDirectory(dir=ROOT / "runs", prefix="bench-ddp-") as tmp:
         tmp = Path(tmp)
         data = tmp / "train.h5"
-        run([MPIRUN, "-n", "2", GRANGER, "make-dataset", str(data), "--rows", str(args.rows),
-             "--test-rows", str(args.test_rows), "--features", str(args.features),
-             "--classes", str(args.classes), "--clusters", "3", "--separation", "1.0", "--seed", "7"])
+        bench_common.make_dataset(data, rows=args.rows, features=args.features, classes=args.classes,
+                                  seed=7, test_rows=args.test_rows, clusters=3, separation=1.0)
         test = tmp / "train-test.h5"
-        job = tmp / "job.toml"
-        job.write_text(JOB.format(data=data, test=test, hidden=args.hidden, lr=args.lr,
-                                  momentum=args.momentum, weight_decay=args.weight_decay,
-                                  batch=args.batch, epochs=args.epochs, seed=args.seed,
-                                  run_dir=tmp / "run"))
+        job = bench_common.write_job(tmp / "job.toml", {
+            "data": {"path": str(data), "test_path": str(test)},
+            "model": {"kind": "mlp", "hidden": [int(h) for h in args.hidden.split(",")],
+                      "activation": "relu"},
+            "optimizer": {"learning_rate": args.lr, "momentum": args.momentum,
+                          "weight_decay": args.weight_decay},
+            "train": {"global_batch": args.batch, "epochs": args.epochs, "seed": args.seed},
+            "output": {"run_dir": str(tmp / "run"), "progress_interval_s": 100000.0},
+            "checkpoint": {"at_end": False}})
         samples = args.rows * args.epochs
         print(f"bench-ddp: MLP {args.features},{args.hidden},{args.classes}, {args.rows:,} rows x "
               f"{args.epochs} epochs, global batch {args.batch}, P = {ranks_list}, {args.reps} reps, "
@@ -216,7 +195,7 @@ def main():
                 for impl in order:
                     load = os.getloadavg()[0]
                     if impl == "granger-mpi":
-                        seconds, accuracy = run_granger(job, ranks)
+                        seconds, accuracy = run_granger(job, ranks, tmp / "run")
                     else:
                         seconds, accuracy = run_torch(args, data, test, ranks)
                     row = {"impl": impl, "ranks": ranks, "rep": rep, "threads_per_rank": threads_per_rank(ranks),
@@ -226,10 +205,7 @@ def main():
                     rows.append(row)
                     print(f"  rep {rep} P={ranks} {impl:<12} {seconds:7.2f} s  {samples / seconds:9,.0f} "
                           f"samples/s  test accuracy {accuracy:.2f}%  (load {load:.2f})", flush=True)
-    with open(out / f"ddp{args.tag}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    bench_common.write_csv(rows, out / f"ddp{args.tag}.csv")
     lines, _ = summarize(rows, ranks_list)
     print("\n".join(lines))
     print(f"load average at end {os.getloadavg()[0]:.2f}")

@@ -9,73 +9,44 @@ Both modes use the ring allreduce, so that only the fault handling differs (``au
 ``shm`` without ULFM, whose fences spin: on 4 ranks sharing 2 loaded cores that alone made
 the restart runs 5x slower).
 P = 8 on a 2-core machine is oversubscribed (4 ranks per core); ULFM runs use TCP even
-between ranks of one machine (DESIGN.md §5).
+between ranks of one machine (docs/architecture.md, "Environment traps").
 """
 
 import argparse
 import csv
-import os
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import h5py
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / ".venv" / "bin"
-MPIRUN = [str(ROOT / "scripts" / "mpirun")]
-# Oversubscribed ranks must yield the core while they wait, or busy-polling ranks starve the
-# ones with work (the restart runs use shared memory, the ULFM runs TCP).
-ENV = dict(os.environ, OMPI_MCA_mpi_yield_when_idle="1")
-ULFM = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self"]
+import bench_common
+from bench_common import ROOT
+from granger_mpi.mpi.ulfm import LAUNCH_FLAGS as ULFM_FLAGS
 
-JOB = """
-[data]
-path = "{data}"
-[model]
-kind = "mlp"
-hidden = [128, 64]
-[optimizer]
-learning_rate = 0.05
-momentum = 0.9
-[train]
-global_batch = 256
-epochs = {epochs}
-seed = 1
-[collectives]
-algorithm = "ring"
-[checkpoint]
-every_steps = 100
-[fault]
-mode = "{mode}"
-[output]
-run_dir = "{run}"
-progress_interval_s = 1000.0
-"""
+ENV = bench_common.YIELDING      # the restart runs use shared memory, the ULFM runs TCP
+MPIRUN = [bench_common.MPIRUN]
 
 
 def train(tmp, data, name, ranks, mode, injections, epochs):
     """Run one job; returns (wall seconds, stdout+stderr, run directory)."""
     run_dir = tmp / name
-    job = tmp / f"{name}.toml"
-    job.write_text(JOB.format(data=data, run=run_dir, epochs=epochs, mode=mode))
+    job = bench_common.write_job(tmp / f"{name}.toml", {
+        "data": {"path": str(data)}, "model": {"kind": "mlp", "hidden": [128, 64]},
+        "optimizer": {"learning_rate": 0.05, "momentum": 0.9},
+        "train": {"global_batch": 256, "epochs": epochs, "seed": 1},
+        "collectives": {"algorithm": "ring"}, "checkpoint": {"every_steps": 100},
+        "fault": {"mode": mode}, "output": {"run_dir": str(run_dir), "progress_interval_s": 1000.0}})
     inject = [f"--inject-failure=rank={r},step={s},mode=kill9" for r, s in injections]
     if mode == "ulfm":
-        cmd = [*MPIRUN, "-n", str(ranks), *ULFM, str(BIN / "granger-mpi"), "train", str(job), *inject]
+        cmd = [*MPIRUN, "-n", str(ranks), *ULFM_FLAGS, bench_common.GRANGER, "train", str(job), *inject]
     else:   # the restart path: granger-mpi run under supervise, no ULFM
-        cmd = [str(BIN / "granger-mpi"), "run", str(job), "-n", str(ranks), "--max-restarts", "3",
-               "--backoff", "0", "--mpirun", str(ROOT / "scripts" / "mpirun"), *inject]
-    started = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
-    seconds = time.perf_counter() - started
-    text = out.stdout + out.stderr
-    if not (run_dir / "COMPLETE").exists():
-        sys.exit(f"{name}: the run did not complete (exit {out.returncode}):\n{text[-3000:]}")
-    return seconds, text, run_dir
+        cmd = [bench_common.GRANGER, "run", str(job), "-n", str(ranks), "--max-restarts", "3",
+               "--backoff", "0", "--mpirun", bench_common.MPIRUN, *inject]
+    run = bench_common.train(job, ranks, run_dir=run_dir, command=cmd, env=ENV, timeout=600,
+                             lost_ranks=bool(injections))
+    return run.wall_s, run.output, run_dir
 
 
 def recovery(text, run_dir):
@@ -126,9 +97,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "train.h5"
-        subprocess.run([*MPIRUN, "-n", "2", str(BIN / "granger-mpi"), "make-dataset", str(data),
-                        "--rows", "20000", "--features", "32", "--classes", "10", "--seed", "3"],
-                       check=True, capture_output=True)
+        bench_common.make_dataset(data, rows=20000, features=32, classes=10, seed=3)
         rows = []
         for rep in range(0 if args.impact_only else args.reps):
             for ranks in (2, 4, 8):

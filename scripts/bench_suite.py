@@ -14,7 +14,6 @@ it the efficiency falls by design, and ranks yield when idle
 import argparse
 import csv
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -25,78 +24,44 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / ".venv" / "bin"
-MPIRUN = str(ROOT / "scripts" / "mpirun")
+import bench_common
+from bench_common import ROOT
+
 OUT = ROOT / "docs" / "bench"
 PERFORMANCE = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench suite: begin -->", "<!-- bench suite: end -->"
-ENV = dict(os.environ, OMPI_MCA_mpi_yield_when_idle="1")
+ENV = bench_common.YIELDING
 WARMUP_STEPS = 3
 MIN_STEPS = 40     # data scaling: at least this many steps, so small sets are timed too
 PROBLEM = ("65,536 rows x 64 features, 10 classes (4 overlapping blobs each), MLP 64-256-10, "
            "global batch 512, SGD with momentum")
 SECTIONS = ("workers", "data", "strategies", "faults", "checkpoint")
 
-JOB = """
-[data]
-path = "{data}"
-test_path = "{test}"
-[model]
-kind = "mlp"
-hidden = [256]
-[optimizer]
-learning_rate = 0.05
-momentum = 0.9
-[train]
-global_batch = {batch}
-epochs = {epochs}
-seed = 1
-strategy = "{strategy}"
-[collectives]
-algorithm = "{algorithm}"
-{collectives_extra}
-[fault]
-mode = "restart"
-[output]
-run_dir = "{run_dir}"
-progress_interval_s = 100000.0
-[checkpoint]
-at_end = false
-"""
-
-
 def make_dataset(path, rows):
-    if not path.exists():
-        subprocess.run([MPIRUN, "-n", "2", str(BIN / "granger-mpi"), "make-dataset", str(path),
-                        "--rows", str(rows), "--features", "64", "--classes", "10",
-                        "--clusters", "4", "--separation", "0.35", "--test-rows", "5000",
-                        "--seed", "7"],
-                       check=True, capture_output=True, env=ENV)
-    return path
+    return bench_common.make_dataset(path, rows=rows, features=64, classes=10, seed=7, clusters=4,
+                                     separation=0.35, test_rows=5000, env=ENV)
 
 
 def train(tmp, data, ranks, *, algorithm="auto", strategy="sync", batch=512, epochs=3,
           name="run"):
     """One run: (samples/s after warm-up, wall s, test accuracy %)."""
     run_dir = tmp / name
-    job = tmp / f"{name}.toml"
-    extra = "ranks_per_node = 2" if algorithm == "hierarchical" else ""
-    job.write_text(JOB.format(data=data, test=data.with_name(data.stem + "-test.h5"), batch=batch,
-                              epochs=epochs, strategy=strategy, algorithm=algorithm,
-                              collectives_extra=extra, run_dir=run_dir))
-    started = time.perf_counter()
-    done = subprocess.run([MPIRUN, "-n", str(ranks), str(BIN / "granger-mpi"), "train", str(job),
-                           "--overwrite"], capture_output=True, text=True, env=ENV, timeout=1800)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"{name}: exit {done.returncode}\n{(done.stdout + done.stderr)[-3000:]}")
+    collectives = {"algorithm": algorithm, **({"ranks_per_node": 2} if algorithm == "hierarchical" else {})}
+    job = bench_common.write_job(tmp / f"{name}.toml", {
+        "data": {"path": str(data), "test_path": str(data.with_name(data.stem + "-test.h5"))},
+        "model": {"kind": "mlp", "hidden": [256]},
+        "optimizer": {"learning_rate": 0.05, "momentum": 0.9},
+        "train": {"global_batch": batch, "epochs": epochs, "seed": 1, "strategy": strategy},
+        "collectives": collectives, "fault": {"mode": "restart"},
+        "output": {"run_dir": str(run_dir), "progress_interval_s": 100000.0},
+        "checkpoint": {"at_end": False}})
+    run = bench_common.train(job, ranks, run_dir=run_dir, args=["--overwrite"], env=ENV)
     with h5py.File(run_dir / "metrics.h5", "r") as f:
         seconds = f["step_time_s"][WARMUP_STEPS:]
         samples = f["samples_per_s"][WARMUP_STEPS:] * seconds
-    accuracy = re.search(r"test set .*accuracy ([\d.]+)%", done.stdout)
-    return (float(samples.sum() / seconds.sum()), wall,
-            float(accuracy.group(1)) if accuracy else float("nan"))
+    accuracy = run.summary["test_accuracy"]
+    return (float(samples.sum() / seconds.sum()), run.wall_s,
+            100 * accuracy if accuracy is not None else float("nan"))
 
 
 def repeat(reps, fn, **labels):
@@ -123,13 +88,6 @@ def text_table(rows, first, middle=()):
         [" ".join(f"{fmt(r):>{width}}" for _, width, fmt in columns) for r in rows]
 
 
-def write_csv(rows, path):
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def figure(panels):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -154,7 +112,7 @@ def workers(tmp, args, cores):
     base = rows[0]["samples_per_s"] / rows[0]["ranks"]
     for r in rows:
         r["efficiency"] = r["samples_per_s"] / (base * r["ranks"])
-    write_csv(rows, OUT / "suite_workers.csv")
+    bench_common.write_csv(rows, OUT / "suite_workers.csv")
     fig, (ax, eff) = figure(2)
     rate, spread = error_bars(rows)
     ranks = [r["ranks"] for r in rows]
@@ -182,7 +140,7 @@ def data_scaling(tmp, args, cores):
         epochs = max(1, -(-MIN_STEPS * 512 // n))    # small sets: enough steps to time
         rows.append(repeat(args.reps, lambda data=data, n=n, epochs=epochs:
                            train(tmp, data, 2, epochs=epochs, name=f"d{n}"), rows=n, epochs=epochs))
-    write_csv(rows, OUT / "suite_data.csv")
+    bench_common.write_csv(rows, OUT / "suite_data.csv")
     fig, (ax, wall) = figure(2)
     rate, spread = error_bars(rows)
     sizes = [r["rows"] for r in rows]
@@ -205,7 +163,7 @@ def strategies(tmp, args, cores):
         run = (lambda: train(tmp, data, 4, strategy="async", name="s-async")) if name == "async" else \
               (lambda name=name: train(tmp, data, 4, algorithm=name, name=f"s-{name}"))
         rows.append(repeat(args.reps, run, strategy=name))
-    write_csv(rows, OUT / "suite_strategies.csv")
+    bench_common.write_csv(rows, OUT / "suite_strategies.csv")
     fig, (ax,) = figure(1)
     rate, spread = error_bars(rows)
     ax.bar([r["strategy"] for r in rows], rate, yerr=spread, capsize=3)
