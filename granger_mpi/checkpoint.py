@@ -58,9 +58,6 @@ from granger_mpi.storage.versions import versions_json
 
 FORMAT = CHECKPOINT_FORMAT
 NAME = re.compile(r"^step_(\d{8})\.h5$")
-# Fault injection for tests, by step number: make the last rank's write fail as on a full
-# disk. (Dying mid-save is ``--inject-failure ...,at=checkpoint``: ``save(on_written=)``.)
-ENOSPC_HOOK = "GRANGER_TEST_ENOSPC_IN_CHECKPOINT"
 
 
 class CheckpointError(WriteError):
@@ -116,7 +113,8 @@ PARALLEL_FROM_BYTES = 64 << 20
 
 
 def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attrs=None,
-         verify_after_write=True, on_written=None, parallel_from_bytes=PARALLEL_FROM_BYTES):
+         verify_after_write=True, on_written=None, parallel_from_bytes=PARALLEL_FROM_BYTES,
+         fail_write=False):
     """Write ``state`` as a new checkpoint; collective over ``comm``. Returns its path.
 
     ``verify_after_write`` reads the file back and checks every checksum before the file
@@ -125,7 +123,8 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     If any part fails (a full disk, say), every rank raises the same ``UserError``: the
     message and exit code of the ``CheckpointError`` where it failed (``runtime.agree``, or
     rank 0's sent to all); the checkpoints written before are left as they were.
-    ``on_written`` is called after this rank's writes, before the file is closed (fault
+    ``on_written`` is called after this rank's writes, before the file is closed, and
+    ``fail_write`` makes the last writing rank's write fail as on a full disk (fault
     injection).
 
     Who writes: with sharded optimizer state, or at least ``parallel_from_bytes`` of state,
@@ -137,7 +136,7 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
     surfaces as an MPI error on ``comm`` that the survivors recover from and then save again.
     """
     save_args = dict(job_json=job_json, seed=seed, keep_last=keep_last, extra_attrs=extra_attrs,
-                     verify_after_write=verify_after_write)
+                     verify_after_write=verify_after_write, fail_write=fail_write)
     nbytes = state.params.nbytes + state.optimizer_state.nbytes
     if state.optimizer_shard is not None or nbytes >= parallel_from_bytes:
         return _save(comm, run_dir, model, state, on_written=on_written,
@@ -156,7 +155,7 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
 
 
 def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs,
-          verify_after_write, on_written, world_size):
+          verify_after_write, on_written, world_size, fail_write=False):
     """``save`` by every rank of ``comm`` through the mpio driver, or (``comm`` None) by
     this process alone with serial HDF5 and no MPI call (rank 0 for all, and
     ``AsyncSaver``'s thread); ``world_size`` is the number of ranks the state is from."""
@@ -176,15 +175,12 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
     _agree(comm, prepare)
     attrs = {"format": FORMAT, "step": state.step, "epoch": state.epoch,
              "step_in_epoch": state.step_in_epoch, "world_size": world_size, "writers": size,
-             "seed": seed,
-             "model": json.dumps(model.spec()), "job": job_json,
+             "seed": seed, "model": json.dumps(model.spec()), "job": job_json,
              "versions": versions_json(),
              "optimizer_slots": json.dumps(list(state.optimizer_slots)), **(extra_attrs or {})}
     # Rank 0 makes the file durable in two steps, each in the background: an fdatasync as
     # soon as its rows are written, under the metadata HDF5 still has to write, then an
-    # fsync after closing, under the read-back (from the page cache either way). The file
-    # is renamed only after both. (A 1 MiB file's fsync takes as long as the rest of its
-    # save: 3-6 ms here; this hides it.)
+    # fsync after closing, under the read-back. The file is renamed only after both.
     syncs = []
 
     def written():
@@ -192,17 +188,8 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
             syncs.append(fsync.start(tmp, data_only=True))
         if on_written is not None:
             on_written()
-    failed = None
-    try:
-        fid = create_file(tmp, comm)
-        try:
-            failed = _write(fid, comm, tensors, attrs, written, slabs, state.params.size)
-        finally:
-            fid.close()
-        if os.environ.get(ENOSPC_HOOK) == str(state.step) and rank == size - 1:
-            failed = OSError(28, "No space left on device")
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:  # h5py's, too
-        failed = failed or exc
+    failed = _write_file(comm, tmp, tensors, attrs, written, slabs, state.params.size,
+                         fail_write and rank == size - 1)
 
     def report_write():
         if failed is not None:
@@ -215,25 +202,49 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
         for wait in syncs:      # the fdatasync may still run; it holds a descriptor
             wait()
         raise
-
     if rank == 0:
         syncs.append(fsync.start(tmp))
-    problems = []
-    if verify_after_write:
-        problems = verify(tmp, comm, expected=[path for path, _ in tensors + slabs])
+    problems = verify(tmp, comm, expected=[path for path, _ in tensors + slabs]) if verify_after_write else []
+    _publish_when_durable(comm, final, keep_last, syncs, problems)
+    return final
 
+
+def _write_file(comm, tmp, tensors, attrs, written, slabs, slab_length, fail_write):
+    """Create ``tmp`` and ``_write`` it; the exception a failed write raised, or None.
+    ``fail_write``: fail as a full disk does, after writing (fault injection)."""
+    failed = None
+    try:
+        fid = create_file(tmp, comm)
+        try:
+            failed = _write(fid, comm, tensors, attrs, written, slabs, slab_length)
+        finally:
+            fid.close()
+        if fail_write:
+            failed = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:  # h5py's, too
+        failed = failed or exc
+    return failed
+
+
+def _publish_when_durable(comm, final, keep_last, syncs, problems):
+    """Collective: once the fsyncs ``syncs`` ended well and the read-back found no
+    ``problems``, rank 0 renames the file to ``final`` and points ``latest`` at it; else
+    every rank raises the same ``CheckpointError`` and the temporary files are removed."""
+    rank = 0 if comm is None else comm.Get_rank()
+    directory, tmp = final.parent, final.with_name(final.name + ".tmp")
+    step = int(NAME.match(final.name).group(1))
     doomed = []     # what to delete once published (rank 0)
 
     def flushed_and_verified():
         staging = None
         if rank == 0 and not problems:      # while the fsync may still run
             try:
-                doomed.extend(_stage_index(directory, state.step, keep_last))
+                doomed.extend(_stage_index(directory, step, keep_last))
             except OSError as exc:
                 staging = exc
         failure = next((exc for exc in [wait() for wait in syncs] if exc is not None), None)
         if failure is not None:
-            raise CheckpointError(f"checkpoint at step {state.step}: {describe_io_error(failure)}; "
+            raise CheckpointError(f"checkpoint at step {step}: {describe_io_error(failure)}; "
                                   f"earlier checkpoints are untouched")
         if problems:
             raise CheckpointError(f"checkpoint {tmp} failed verification after writing: "
@@ -245,11 +256,10 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
     def publish():
         if rank == 0:
             try:
-                _publish(directory, state.step, doomed)
+                _publish(directory, step, doomed)
             except OSError as exc:
                 raise _not_published(final, exc) from None
     _agree(comm, publish)
-    return final
 
 
 def _not_published(final, exc):

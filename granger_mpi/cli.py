@@ -78,7 +78,8 @@ def cmd_train(args):
     world = _world()
     injections = agree(world, lambda: [faults.parse(text) for text in args.inject_failure])
     job = agree(world, config.load, args.job, args.run_dir)
-    hooks = Hooks(injections=tuple(injections), row_log_dir=args.row_log)
+    hooks = Hooks(injections=tuple(injections), row_log_dir=args.row_log,
+                  checkpoint_write_fails_at=args.fail_checkpoint_write)
     summary = api.train(world, job, resume=args.resume, overwrite=args.overwrite, log=_print_flushed,
                         hooks=hooks, abort=world.Abort)
     if summary.ranks_lost:
@@ -338,6 +339,8 @@ def build_parser():
                         "at=checkpoint the checkpoint of S completed steps); default mode kill9, "
                         "at compute; slow stalls T seconds (default 1) and goes on: a straggler")
     _add_row_log(p)
+    # a test seam: the checkpoint of this step fails as on a full disk (not in --help)
+    p.add_argument("--fail-checkpoint-write", type=int, metavar="STEP", help=argparse.SUPPRESS)
 
     p = add("status", cmd_status, "per-rank state of a run, live or after it ended (no MPI needed)",
             "Print who is alive, each rank's state (IDLE, TRAINING, AGGREGATING, CHECKPOINTING, "

@@ -356,7 +356,7 @@ def test_a_failed_write_on_one_rank_fails_the_save_on_all(small_dataset, tmp_pat
     run_dir = tmp_path / "run"
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir,
                    checkpoint={"every_steps": 10, "parallel_write_from_mib": 0})
-    run = mpirun(3, "train", job, timeout=120, env={"GRANGER_TEST_ENOSPC_IN_CHECKPOINT": "20"})
+    run = mpirun(3, "train", job, "--fail-checkpoint-write", "20", timeout=120)
     assert run.returncode == 1, run.output
     errors = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]
     assert len(errors) == 1, run.output
@@ -442,7 +442,6 @@ SMALL_SAVES = """
     run_dir = sys.argv[1]
     hidden, first, last, parallel_from, fail_at, finish = map(int, sys.argv[2:])
     directory = os.path.join(run_dir, "ckpt")
-    os.environ[checkpoint.ENOSPC_HOOK] = str(fail_at)
     model = Model("mlp", (16, hidden, 2), "relu", "classification")
     for step in range(first, last + 1):
         params = np.arange(model.layout.size, dtype=np.float32) * step
@@ -450,7 +449,7 @@ SMALL_SAVES = """
         path = None
         try:
             path = checkpoint.save(comm, run_dir, model, state, job_json="{}", seed=0, keep_last=1,
-                                   parallel_from_bytes=parallel_from << 20)
+                                   parallel_from_bytes=parallel_from << 20, fail_write=step == fail_at)
         except UserError as exc:     # raised on every rank
             if comm.Get_rank() == 0:
                 print(json.dumps({"step": step, "failed": str(exc),
@@ -543,7 +542,7 @@ def test_a_failed_background_save_fails_the_run_at_the_next_save(small_dataset, 
     run_dir = tmp_path / "run"
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir,
                    checkpoint={"every_steps": 10, "async_write": True})
-    run = mpirun(2, "train", job, timeout=120, env={"GRANGER_TEST_ENOSPC_IN_CHECKPOINT": "20"})
+    run = mpirun(2, "train", job, "--fail-checkpoint-write", "20", timeout=120)
     assert run.returncode == 1, run.output
     errors = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]
     assert len(errors) == 1, run.output

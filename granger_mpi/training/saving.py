@@ -20,7 +20,7 @@ class Saver:
     """
 
     def __init__(self, job, model, info, steps_per_epoch: int, slots: tuple, shard: tuple | None,
-                 *, fault_tolerant: bool, log: Callable[[str], None]):
+                 *, fault_tolerant: bool, log: Callable[[str], None], fail_write_at: int | None = None):
         ckpt = job.checkpoint
         self.run_dir = job.output.run_dir
         self.model = model
@@ -31,6 +31,7 @@ class Saver:
                               extra_attrs={"n_rows": info.n_rows},
                               verify_after_write=ckpt.verify_after_write)
         self.log = log
+        self.fail_write_at = fail_write_at  # fault injection: this step's save fails, disk full
         self.newest: Path | None = None     # the last checkpoint written
         self._writer = checkpoint.AsyncSaver()
 
@@ -38,13 +39,14 @@ class Saver:
         """Collective: a checkpoint of ``state`` at its step (``on_written``: fault injection)."""
         self.finish_background(comm)    # one in flight at most, published in step order
         snapshot = state.snapshot(self.per_epoch, self.slots, self.shard)
+        save_args = dict(self.save_args, fail_write=state.step == self.fail_write_at)
         if background and self.background_allowed:
             if on_written is not None:
                 on_written()
-            self._writer.start(comm, self.run_dir, self.model, snapshot, **self.save_args)
+            self._writer.start(comm, self.run_dir, self.model, snapshot, **save_args)
             return
         self.newest = checkpoint.save(comm, self.run_dir, self.model, snapshot, on_written=on_written,
-                                      parallel_from_bytes=self.parallel_from_bytes, **self.save_args)
+                                      parallel_from_bytes=self.parallel_from_bytes, **save_args)
         if comm.Get_rank() == 0:
             self.log(f"checkpoint {self.newest} (step {state.step})")
 

@@ -21,12 +21,13 @@ from granger_mpi.training.evaluation import first_bad_row
 @dataclass(frozen=True)
 class Hooks:
     """What tests and demos plug into a run: planned failures (``faults.Injection``, fired
-    where they belong) and a directory where each rank logs the rows of every step it
-    starts (``epoch step generation row row ...``; ``generation`` counts the failures
+    where they belong), a checkpoint whose write fails as on a full disk, and a directory
+    where each rank logs the rows of every step it starts (``epoch step generation row row ...``; ``generation`` counts the failures
     survived, so that a step redone after a roll-back is counted from its newest one)."""
 
     injections: tuple = ()
     row_log_dir: Path | None = None
+    checkpoint_write_fails_at: int | None = None    # the save of this step fails as on a full disk
 
     def open_row_log(self, rank: int, pid: int) -> IO | None:
         if self.row_log_dir is None:
