@@ -385,7 +385,7 @@ def test_a_read_failing_on_one_rank_fails_the_shared_verification_on_all(tmp_pat
         if comm.Get_rank() == 1:
             def broken(*args, **kwargs):
                 raise OSError(5, "Input/output error")
-            checkpoint.read_rows = broken
+            checkpoint.format.read_rows = broken
         print("rank", comm.Get_rank(), checkpoint.verify(path, comm), flush=True)
     """, tmp_path=tmp_path, timeout=60)
     assert run.returncode == 0, run.output

@@ -75,24 +75,25 @@ def test_sharded_checkpoint_resumes_at_the_same_and_another_p(straight, small_da
 
 def test_shard_reads_check_every_checksum_in_bounded_chunks(tmp_path, monkeypatch):
     from granger_mpi import checkpoint
+    from granger_mpi.checkpoint import format as checkpoint_file
     from granger_mpi.model.models import Model
     model = Model("mlp", (5, 4, 3), "relu", "classification")
     n = model.layout.size
     data = np.arange(n, dtype=np.float32)
-    monkeypatch.setattr(checkpoint, "READ_CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(checkpoint_file, "READ_CHUNK_ELEMENTS", 7)
     with h5py.File(tmp_path / "c.h5", "w") as f:
         f["flat"] = data
-        f["flat"].attrs["crc32"] = checkpoint.crc32(data)
+        f["flat"].attrs["crc32"] = checkpoint_file.crc32(data)
         for name, view in model.layout.views(data.copy()).items():
             f[f"named/{name}"] = view
-            f[f"named/{name}"].attrs["crc32"] = checkpoint.crc32(view)
+            f[f"named/{name}"].attrs["crc32"] = checkpoint_file.crc32(view)
         f["bad"] = data
-        f["bad"].attrs["crc32"] = checkpoint.crc32(data) ^ 1
+        f["bad"].attrs["crc32"] = checkpoint_file.crc32(data) ^ 1
     with h5py.File(tmp_path / "c.h5", "r") as f:
         for group in ("flat", "named"):
             for lo, hi in ((0, n), (3, 30), (29, n), (10, 10)):
                 out = np.full(hi - lo, -1, np.float32)
-                checkpoint._read_part(f, "c.h5", group, model, out, lo, hi)
+                checkpoint_file._read_part(f, "c.h5", group, model, out, lo, hi)
                 assert np.array_equal(out, data[lo:hi]), (group, lo, hi)
         with pytest.raises(checkpoint.CheckpointError, match="/bad: checksum mismatch"):
-            checkpoint._read_part(f, "c.h5", "bad", model, np.empty(5, np.float32), 3, 8)
+            checkpoint_file._read_part(f, "c.h5", "bad", model, np.empty(5, np.float32), 3, 8)

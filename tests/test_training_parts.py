@@ -12,7 +12,8 @@ import pytest
 from conftest import mpirun, mpirun_script, read_params, write_job
 from granger_mpi import config
 from granger_mpi.training.outputs import Outputs
-from granger_mpi.training.requests import CheckpointPolicy, RequestSource
+from granger_mpi.checkpoint import CheckpointPolicy
+from granger_mpi.training.requests import RequestSource
 from granger_mpi.training.state import TrainState
 
 

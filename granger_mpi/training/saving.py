@@ -34,6 +34,7 @@ class Saver:
         self.fail_write_at = fail_write_at  # fault injection: this step's save fails, disk full
         self.newest: Path | None = None     # the last checkpoint written
         self._writer = checkpoint.AsyncSaver()
+        self._store = checkpoint.store(self.run_dir)
 
     def save(self, comm: MPI.Comm, state: TrainState, *, on_written=None, background=False) -> None:
         """Collective: a checkpoint of ``state`` at its step (``on_written``: fault injection)."""
@@ -58,3 +59,7 @@ class Saver:
             self.newest = path
             if comm.Get_rank() == 0:
                 self.log(f"checkpoint {path} (step {step}, written in the background)")
+
+    def close(self) -> None:
+        """The run's saves are over: wait for old checkpoints to be deleted, end the thread."""
+        self._store.close()

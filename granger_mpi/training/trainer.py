@@ -23,7 +23,7 @@ from granger_mpi.training import setup
 from granger_mpi.training.evaluation import check_replicas_identical, evaluate, report_bad_row
 from granger_mpi.training.outputs import Outputs
 from granger_mpi.training.recovery import NoRecovery, UlfmRecovery, hosts, past_limits
-from granger_mpi.training.requests import CheckpointPolicy, RequestSource
+from granger_mpi.training.requests import RequestSource
 from granger_mpi.training.result import TrainResult
 from granger_mpi.training.saving import Saver
 from granger_mpi.training.state import TrainState
@@ -82,7 +82,7 @@ class Trainer:
             slow_timeout_s=fault.checkpoint_timeout_s, abort=abort or comm.Abort)
         self.injector = faults.Injector(hooks.injections, comm.Get_rank())
         self.outputs = Outputs(comm, job, total_steps=self.total_steps, log=log)
-        self.policy = CheckpointPolicy(job.checkpoint, self.total_steps)
+        self.policy = checkpoint.CheckpointPolicy(job.checkpoint, self.total_steps)
         self.requests = RequestSource(self.policy, self.outputs.run.stop, watcher=comm.Get_rank() == 0)
         self.saver = Saver(job, model, info, self.per_epoch, self.opt.slots, self.shard,
                            fault_tolerant=fault_tolerant, log=log,
@@ -317,7 +317,7 @@ class Trainer:
 
     def _result(self, seconds: float, limit: str | None) -> TrainResult:
         """The outcome; for a completed run, ``model.h5``, the completion record and the test score."""
-        checkpoint.finish_run()    # old checkpoints are deleted in the background
+        self.saver.close()    # waits for old checkpoints to be deleted
         done, run = self.state.step, self.outputs.run
         result = TrainResult(done, self.loss, self.accuracy, run.model, run.metrics, seconds=seconds,
                              samples=rows_trained(self.info, self.job, self.start_step, done),
