@@ -37,10 +37,10 @@ def _default_threads(requested=None):
     numpy/numba are imported (BLAS reads its count once, when loaded). Explicit settings
     in the environment win.
     """
+    from granger_mpi.mpi.threads import default_threads     # imports no numpy
     ranks_here = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
                      or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
-    cores = len(os.sched_getaffinity(0))
-    threads = str(requested or max(1, cores // max(1, ranks_here)))
+    threads = str(requested or default_threads(len(os.sched_getaffinity(0)), ranks_here))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(var, threads)
 

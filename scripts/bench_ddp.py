@@ -27,6 +27,7 @@ from pathlib import Path
 
 import bench_common
 from bench_common import MPIRUN, PYTHON, ROOT
+from granger_mpi.mpi.threads import default_threads
 
 TARGET_RATIO = 1.5
 ACCURACY_TOLERANCE_POINTS = 0.5
@@ -38,8 +39,8 @@ def free_port():
 
 
 def threads_per_rank(ranks):
-    """What ``granger-mpi`` gives each rank (cli._default_threads): a share of the cores."""
-    return max(1, len(os.sched_getaffinity(0)) // ranks)
+    """What ``granger-mpi`` gives each rank: a share of the cores."""
+    return default_threads(len(os.sched_getaffinity(0)), ranks)
 
 
 def run(cmd, env=None, timeout=900):

@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from granger_mpi.mpi.ulfm import LAUNCH_FLAGS
+
 ROOT = Path(__file__).resolve().parent.parent
 MPIRUN = [str(ROOT / "scripts" / "mpirun")]
 PYTHON = sys.executable
 # How the tests start granger-mpi, as the launchers do: ``-P`` keeps the current directory off
 # ``sys.path`` (granger_mpi.launch.supervise.RANK_PROGRAM).
 GRANGER = [PYTHON, "-P", "-m", "granger_mpi"]
-ULFM_FLAGS = ["--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "btl", "tcp,self"]
+ULFM_FLAGS = list(LAUNCH_FLAGS)
 
 
 @dataclass
