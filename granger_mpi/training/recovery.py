@@ -41,10 +41,7 @@ class NoRecovery:
         self.generation = 0                          # failures survived
 
     def admit(self, failure: RankFailure) -> None:
-        """Raise the failure's MPI error unless this run survives it."""
-        raise failure.error
-
-    def recover(self, failure: RankFailure, comm: MPI.Comm, state: TrainState) -> Recovered:
+        """Raise the failure's MPI error unless this run survives it (then ``recover``)."""
         raise failure.error
 
 

@@ -16,7 +16,8 @@ class Saver:
     ``async_write`` saves run in a thread on rank 0 from a copy (not with a sharded
     optimizer, nor under ULFM, where rank 0 writes alone with serial HDF5 so that no MPI
     call runs inside HDF5 when a peer dies); one is in flight at most, and each is waited
-    for, and its failure raised, before the next save and at the end.
+    for, and its failure raised, before the next save and at the end. ``log`` is the
+    writer rank's (``Outputs.log``: a no-op on the other ranks).
     """
 
     def __init__(self, job, model, info, steps_per_epoch: int, slots: tuple, shard: tuple | None,
@@ -48,8 +49,7 @@ class Saver:
             return
         self.newest = checkpoint.save(comm, self.run_dir, self.model, snapshot, on_written=on_written,
                                       parallel_from_bytes=self.parallel_from_bytes, **save_args)
-        if comm.Get_rank() == 0:
-            self.log(f"checkpoint {self.newest} (step {state.step})")
+        self.log(f"checkpoint {self.newest} (step {state.step})")
 
     def finish_background(self, comm: MPI.Comm) -> None:
         """Collective: wait for the checkpoint being written in the background, if any."""
@@ -57,8 +57,7 @@ class Saver:
         path = self._writer.wait(comm)
         if path is not None:
             self.newest = path
-            if comm.Get_rank() == 0:
-                self.log(f"checkpoint {path} (step {step}, written in the background)")
+            self.log(f"checkpoint {path} (step {step}, written in the background)")
 
     def close(self) -> None:
         """The run's saves are over: wait for old checkpoints to be deleted, end the thread."""

@@ -85,7 +85,7 @@ class Trainer:
         self.policy = checkpoint.CheckpointPolicy(job.checkpoint, self.total_steps)
         self.requests = RequestSource(self.policy, self.outputs.run.stop, watcher=comm.Get_rank() == 0)
         self.saver = Saver(job, model, info, self.per_epoch, self.opt.slots, self.shard,
-                           fault_tolerant=fault_tolerant, log=log,
+                           fault_tolerant=fault_tolerant, log=self.outputs.log,
                            fail_write_at=hooks.checkpoint_write_fails_at)
         self.timer = timing.PhaseTimer()
         self.stream = self.batches = self.row_log = None
