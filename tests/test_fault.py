@@ -158,7 +158,8 @@ def test_a_rank_killed_inside_the_allreduce(small_dataset, tmp_path, algorithm, 
 def test_a_rank_killed_before_the_timing_report_only_rank_0_sees_it_there(small_dataset, tmp_path):
     """Rank 2 dies just before the per-rank timing Gather after step 29: the root fails in
     the Gather, ranks 1 and 3 (their sends done) in the next allreduce; all must meet again
-    (CI once hung here when the root re-ran the Gather while the others went on)."""
+    (CI once hung here when the root re-ran the Gather while the others went on). They
+    agree on the earlier place, the report of step 29, and all three make it again."""
     run_dir = tmp_path / "run"
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, output={"timing_every_steps": 10},
                    fault={"step_timeout_s": 30.0})
@@ -169,7 +170,7 @@ def test_a_rank_killed_before_the_timing_report_only_rank_0_sees_it_there(small_
     assert_every_sample_once(log_dir, 3)
     with h5py.File(run_dir / "metrics.h5", "r") as f:
         steps, comm_s = f["ranks/step"][...], f["ranks/comm_s"][...]
-    assert steps.tolist() == [9, 19, 39, 49, 59, 69, 79, 89, 95]   # the window of step 29 is lost
+    assert steps.tolist() == [9, 19, 29, 39, 49, 59, 69, 79, 89, 95]   # 29 made again, once
     assert not np.isnan(comm_s[:2]).any() and np.isnan(comm_s[2:, 2]).all()
     assert not np.isnan(comm_s[2:, [0, 1, 3]]).any()
 

@@ -78,7 +78,7 @@ def save(comm, run_dir, model, state, *, job_json, seed, keep_last=3, extra_attr
             failure = exc
     elif on_written is not None:
         on_written()
-    raise_from_root(comm, failure)    # the others wait for rank 0's outcome, sleeping
+    raise_from_root(comm, failure, sequence=state.step)    # the others wait for rank 0's outcome, sleeping
     return checkpoint_dir(run_dir) / file_name(state.step)
 
 

@@ -63,35 +63,40 @@ _OUTCOME_TAG = 0x676F       # the point-to-point tag of ``raise_from_root``'s me
 _POLL_S = 1e-4              # how long the ranks waiting for rank 0 sleep between polls
 
 
-def raise_from_root(comm, error):
+def raise_from_root(comm, error, sequence=0):
     """Collective over ``comm``: when rank 0's ``error`` (a ``UserError``, or None; the
     other ranks' is ignored) is set, raise it (message and exit code) on every rank.
 
     For ranks that wait a long time for rank 0 alone (a checkpoint it writes by itself):
     they poll for its message and sleep in between instead of spinning in MPI, leaving the
     cores to its I/O. When rank 0 dies, the others see an MPI error here; when another rank
-    dies, its peers see one in their next collective.
+    dies, its peers see one in their next collective. ``sequence`` (a checkpoint's step)
+    travels in the message: one left over from an earlier call is drained, never taken
+    for this call's outcome.
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     failed = rank == 0 and error is not None
     text = str(error).encode() if failed else b""
-    header = np.array([failed, error.exit_code if failed else 0, len(text)], np.int64)
+    header = np.array([sequence, failed, error.exit_code if failed else 0, len(text)], np.int64)
     if rank == 0:
         requests = [comm.Isend(header, dest=r, tag=_OUTCOME_TAG) for r in range(1, size)]
         if failed:
             body = np.frombuffer(text, np.uint8)
-            requests += [comm.Isend(body, dest=r, tag=_OUTCOME_TAG) for r in range(1, size)]
+            requests += [comm.Isend(body, dest=r, tag=_OUTCOME_TAG + 1) for r in range(1, size)]
         MPI.Request.Waitall(requests)
     else:
-        request = comm.Irecv(header, source=0, tag=_OUTCOME_TAG)
-        while not request.Test():
-            time.sleep(_POLL_S)
-        if header[0]:
-            body = np.empty(int(header[2]), np.uint8)
-            comm.Recv(body, source=0, tag=_OUTCOME_TAG)
-            text = body.tobytes()
-    if header[0]:
-        _raise_agreed_error(text.decode(), header[1])
+        while True:
+            request = comm.Irecv(header, source=0, tag=_OUTCOME_TAG)
+            while not request.Test():
+                time.sleep(_POLL_S)
+            if header[1]:
+                body = np.empty(int(header[3]), np.uint8)
+                comm.Recv(body, source=0, tag=_OUTCOME_TAG + 1)
+                text = body.tobytes()
+            if header[0] == sequence:
+                break
+    if header[1]:
+        _raise_agreed_error(text.decode(), header[2])
 
 
 def say(comm, message, *, file=sys.stdout):

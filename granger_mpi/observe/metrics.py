@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 
 from granger_mpi.errors import WriteError, describe_io_error
-from granger_mpi.observe.reporters import extra_sinks, Reporter, Reporters
+from granger_mpi.observe.reporters import extra_files, live_sinks, Reporter, Reporters
 from granger_mpi.observe.timing import COLUMNS as TIMING_COLUMNS
 
 FIELDS = {  # name: dtype
@@ -27,7 +27,8 @@ class MetricsFile(Reporter):
     """Appends one row per step to ``metrics.h5`` (one 1-D dataset per field).
 
     Rows are buffered and written every ``flush_every`` steps and on close, so the file
-    costs nothing per step. Only one process writes it (rank 0). Per-rank time windows go
+    costs nothing per step. A step (or timing window) the file holds already is skipped,
+    so a writer that takes over can hand it every record it kept. Only one process writes it (rank 0). Per-rank time windows go
     to the group ``ranks``: ``step`` and ``steps`` (1-D), and one 2-D dataset per
     ``timing.COLUMNS`` entry, a row per window and a column per world rank.
     """
@@ -37,16 +38,21 @@ class MetricsFile(Reporter):
         self.path = path
         self.flush_every = flush_every
         self._rows = {name: [] for name in FIELDS}
+        self.last_step = self.last_window = -1     # the last step and timing window held
         if resume_step is not None and path.exists():
             self._file = h5py.File(path, "a")
-            keep = int(np.searchsorted(self._file["step"][...], resume_step))
+            steps = self._file["step"][...]
+            keep = int(np.searchsorted(steps, resume_step))
             for name in FIELDS:   # steps after the checkpoint will be run (and logged) again
                 self._file[name].resize(keep, axis=0)
+            self.last_step = int(steps[keep - 1]) if keep else -1
             if "ranks" in self._file:
                 group = self._file["ranks"]
-                keep = int(np.searchsorted(group["step"][...], resume_step))
+                windows = group["step"][...]
+                keep = int(np.searchsorted(windows, resume_step))
                 for dset in group.values():
                     dset.resize(keep, axis=0)
+                self.last_window = int(windows[keep - 1]) if keep else -1
         else:
             self._file = h5py.File(path, "w")
             for name, dtype in FIELDS.items():
@@ -70,6 +76,9 @@ class MetricsFile(Reporter):
 
     def step(self, row):
         """Add one step's values (every field of ``FIELDS``)."""
+        if row["step"] <= self.last_step:
+            return
+        self.last_step = row["step"]
         for name in FIELDS:
             self._rows[name].append(row[name])
         if len(self._rows["step"]) >= self.flush_every:
@@ -77,6 +86,9 @@ class MetricsFile(Reporter):
 
     def timings(self, row):
         """Add one window of per-rank seconds (written at once: one row per window)."""
+        if row["step"] <= self.last_window:
+            return
+        self.last_window = row["step"]
         width = len(row[TIMING_COLUMNS[0]])
         try:
             group = self._file.require_group("ranks")
@@ -125,13 +137,15 @@ class MetricsFile(Reporter):
                     pass   # the flush above has already raised the error worth reporting
 
 
-def open_sinks(run_dir, job, attrs=None, resume_step=None):
+def open_sinks(run_dir, job, attrs=None, resume_step=None, *, live=True):
     """Rank 0's sinks as one ``Reporters``: ``metrics.h5`` (cut back to ``resume_step`` if
-    given) and the others the job asks for (``reporters.extra_sinks``)."""
+    given), the other files the job asks for and, with ``live``, its live reporters."""
     sinks = [MetricsFile(run_dir / "metrics.h5", job.output.metrics_flush_steps, attrs,
                          resume_step=resume_step)]
     try:
-        sinks += extra_sinks(run_dir, job, resume_step)
+        sinks += extra_files(run_dir, job, resume_step)
+        if live:
+            sinks += live_sinks(run_dir, job)
     except BaseException:
         sinks[0].close()
         raise

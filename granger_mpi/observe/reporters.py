@@ -88,15 +88,22 @@ class _LineReporter(Reporter):
 
 
 class JsonLinesReporter(_LineReporter):
-    """``RUN_DIR/metrics.jsonl``; on a resume, the lines of steps to be run again are cut."""
+    """``RUN_DIR/metrics.jsonl``; on a resume, the lines of steps to be run again are cut.
+    A step (or timing window) it holds already is skipped, so a writer that takes over can
+    hand it every record it kept."""
 
     def __init__(self, path, flush_every=100, resume_step=None):
         super().__init__(flush_every)
         self.path = path
+        self.last = {"step": -1, "timings": -1}    # the last step of each kind held
         try:
             if resume_step is not None and path.exists():
                 kept = [line for line in path.read_text().splitlines()
                         if line.strip() and _before(line, resume_step)]
+                for line in kept:
+                    record = json.loads(line)
+                    if record["type"] in self.last:
+                        self.last[record["type"]] = max(self.last[record["type"]], record["step"])
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text("".join(line + "\n" for line in kept))
                 tmp.replace(path)
@@ -104,6 +111,13 @@ class JsonLinesReporter(_LineReporter):
                 path.write_text("")
         except OSError as exc:
             raise WriteError(f"cannot write {path}: {describe_io_error(exc)}") from None
+
+    def _add(self, kind, row):
+        if kind in self.last:
+            if row["step"] <= self.last[kind]:
+                return
+            self.last[kind] = row["step"]
+        super()._add(kind, row)
 
     def flush(self):
         if not self.lines:
@@ -221,13 +235,16 @@ def load_custom(spec, run_dir, job):
     return reporter
 
 
-def extra_sinks(run_dir, job, resume_step=None):
-    """The sinks the job asks for besides ``metrics.h5``."""
+def extra_files(run_dir, job, resume_step=None):
+    """The files the job asks for besides ``metrics.h5``."""
+    out = job.output
+    return [JsonLinesReporter(run_dir / "metrics.jsonl", out.metrics_flush_steps, resume_step)] if out.jsonl else []
+
+
+def live_sinks(run_dir, job):
+    """The live reporters the job asks for: HTTP, and a user's."""
     out = job.output
     sinks = []
-    if out.jsonl:
-        sinks.append(JsonLinesReporter(run_dir / "metrics.jsonl", out.metrics_flush_steps,
-                                       resume_step))
     if out.http_url:
         sinks.append(HttpReporter(out.http_url, out.metrics_flush_steps))
     sinks.extend(load_custom(spec, run_dir, job) for spec in out.reporters)

@@ -1,8 +1,19 @@
 """What a run records and prints: metrics sinks, the progress line, events, the final model
 and the completion record. Only the writer rank (rank 0 of the current communicator)
-writes; on the others every call is a no-op, so the loop has no rank branches."""
+writes; on the others every call keeps only what a new writer would need, so the loop has
+no rank branches.
+
+Every rank keeps the step records (each rank knows every step's loss and accuracy: they
+travel in the step's exchange) until it knows that the writer has flushed them: after a
+rank failure the new writer writes what the old one had not. The file sinks skip steps
+they hold already, so ``metrics.h5`` and ``metrics.jsonl`` hold every step exactly once.
+Records are tagged with the run id and generation (failures survived). Live reporters
+(HTTP, a user's) get a step only once no roll-back can undo it (a later step's exchange
+completed), in the files' order.
+"""
 
 import time
+import uuid
 from typing import Callable
 
 import numpy as np
@@ -10,26 +21,26 @@ from mpi4py import MPI
 
 from granger_mpi import rundir
 from granger_mpi.model import modelfile
-from granger_mpi.observe import metrics, status
-from granger_mpi.mpi.runtime import agree
+from granger_mpi.observe import metrics, reporters, status
+from granger_mpi.mpi.runtime import agree, bcast_text
 
 
-def _reopen_sinks(run, job, resume_step, log):
-    """The sinks after a failure, cut back to ``resume_step``; if the old rank 0 died while
-    writing ``metrics.h5`` and left it unreadable, it is kept aside and a new one started."""
+def _reopen_files(run, job, resume_step, log):
+    """The file sinks after a failure, cut back to ``resume_step``; if the old rank 0 died
+    while writing ``metrics.h5`` and left it unreadable, it is kept aside and a new one started."""
     try:
-        return metrics.open_sinks(run.path, job, None, resume_step)
+        return metrics.open_sinks(run.path, job, None, resume_step, live=False)
     except (OSError, RuntimeError, KeyError) as exc:
         aside = run.metrics.with_name(f"metrics.damaged-{int(time.time())}.h5")
         run.metrics.replace(aside)
         log(f"metrics file {run.metrics} unreadable after the failure ({exc}); kept as {aside}, "
             f"starting a new one at step {resume_step}")
-        return metrics.open_sinks(run.path, job, None, None)
+        return metrics.open_sinks(run.path, job, None, None, live=False)
 
 
 class Outputs:
-    """The writer rank's sinks (``metrics.h5``, JSON lines, HTTP, a user's reporters),
-    progress line and log; the same calls on every rank."""
+    """The writer rank's sinks (``metrics.h5``, JSON lines; HTTP and a user's reporters,
+    live), progress line and log; the same calls on every rank."""
 
     def __init__(self, comm: MPI.Comm, job, *, total_steps: int, log: Callable[[str], None]):
         self.job = job
@@ -37,8 +48,14 @@ class Outputs:
         self.total_steps = total_steps
         self._log = log
         self.writer = comm.Get_rank() == 0
-        self.sinks = None
+        self.files = self.live = None
         self.progress = None
+        self.run_id = ""
+        self.generation = 0            # failures survived: a tag of the live records
+        self.kept: list[dict] = []     # step records the writer may not have flushed yet
+        self._kept_from = 0            # the first step of the flush before last
+        self._since_flush = 0
+        self._live_queue: list[tuple] = []   # (kind, record) for the live reporters, in order
         self._pending_event = None     # a recovery waiting for its first completed step
 
     def log(self, message: str) -> None:
@@ -48,12 +65,22 @@ class Outputs:
     def open(self, comm: MPI.Comm, *, world_size: int, resume_step: int | None, start_step: int) -> None:
         """Collective: the job file as run and the sinks; a user's reporter that fails to open
         stops every rank."""
+        self.run_id = bcast_text(comm, uuid.uuid4().hex if comm.Get_rank() == 0 else "", 0)
+
         def open_sinks():
             if self.writer:
                 self.run.job.write_text(self.job.text)
-                return metrics.open_sinks(self.run.path, self.job,
-                                          {"job": self.job.to_json(), "world_size": world_size}, resume_step)
-        self.sinks = agree(comm, open_sinks)
+                files = metrics.open_sinks(self.run.path, self.job,
+                                           {"job": self.job.to_json(), "world_size": world_size},
+                                           resume_step, live=False)
+                try:
+                    return files, reporters.Reporters(reporters.live_sinks(self.run.path, self.job))
+                except BaseException:
+                    files.close()
+                    raise
+            return None, None
+        self.files, self.live = agree(comm, open_sinks)
+        self._kept_from = start_step
         if self.writer:
             self.progress = metrics.Progress(self.total_steps - start_step,
                                              self.job.output.progress_interval_s, self._log)
@@ -61,51 +88,99 @@ class Outputs:
     def step(self, record: dict, *, since_start: int, epoch: int, loss: float, accuracy: float | None,
              samples: int, detail: Callable[[], str]) -> None:
         """A completed step: its metrics record and, when due, the progress line."""
-        if not self.writer:
-            self._pending_event = None
-            return
-        self.sinks.step(record)
+        record = self._tagged(record)
+        self.kept.append(record)
         step_index = record["step"]
-        self.progress.update(since_start, epoch, self.job.train.epochs, loss, accuracy, samples,
-                             force=step_index + 1 == self.total_steps, detail=detail())
-        if self._pending_event is not None:
-            event, self._pending_event = self._pending_event, None
-            event["first_step_s"] = time.time() - event["time"]
-            self.sinks.event(event)
-            self._log(f"first step after the failure completed {event['first_step_s']:.3f} s "
-                      f"after it was detected")
+        if self.writer:
+            self.files.step(record)
+            self._deliver(before=step_index)   # this step's exchange confirms every earlier one
+            self._live_queue.append(("step", record))
+            self.progress.update(since_start, epoch, self.job.train.epochs, loss, accuracy, samples,
+                                 force=step_index + 1 == self.total_steps, detail=detail())
+            if self._pending_event is not None:
+                event, self._pending_event = self._pending_event, None
+                event["first_step_s"] = time.time() - event["time"]
+                self._event(event)
+                self._log(f"first step after the failure completed {event['first_step_s']:.3f} s "
+                          f"after it was detected")
+        else:
+            self._pending_event = None
+        self._since_flush += 1
+        if self._since_flush >= self.job.output.metrics_flush_steps:
+            self.flush()
+
+    def _tagged(self, record: dict) -> dict:
+        return {**record, "run_id": self.run_id, "generation": self.generation}
+
+    def _deliver(self, before: int) -> None:
+        """Hand the live reporters, in order, the queued records of steps before ``before``."""
+        while self._live_queue and self._live_queue[0][1]["step"] < before:
+            kind, record = self._live_queue.pop(0)
+            getattr(self.live, kind)(record)
+
+    def _event(self, event: dict) -> None:
+        event = self._tagged(event)
+        self.files.event(event)
+        self._live_queue.append(("event", event))
 
     def timings(self, step_index: int, window: dict | None) -> None:
         """The per-rank time split of a window ending at ``step_index`` (gathered on the
         writer; None elsewhere)."""
         if self.writer and window is not None:
-            self.sinks.timings({"step": step_index, **window})
+            row = self._tagged({"step": step_index, **window})
+            self.files.timings(row)
+            self._live_queue.append(("timings", row))
 
     def flush(self) -> None:
-        if self.sinks is not None:
-            self.sinks.flush()
+        """On the writer, every sink; on every rank, the records kept: this rank's last
+        flush came after the writer's (a step's exchange lies between), so what came before
+        the last one is written, whichever rank writes next."""
+        if self.writer and self.files is not None:
+            self.files.flush()
+            self.live.flush()
+        self.kept = [record for record in self.kept if record["step"] >= self._kept_from]
+        self._kept_from = self.kept[-1]["step"] + 1 if self.kept else self._kept_from
+        self._since_flush = 0
 
     def close(self) -> None:
-        if self.sinks is not None:
-            self.sinks.close()
-            self.sinks = None
+        """The end of the run: every kept record is final."""
+        if self.writer and self.files is not None:
+            try:
+                self._deliver(before=self.total_steps + 1)
+            finally:
+                sinks, self.files, self.live = (self.files, self.live), None, None
+                for group in sinks:
+                    group.close()
 
     def failure(self, comm: MPI.Comm, recovered, *, where: str, error: str, old_size: int,
-                lost_at: int, entered: float, training: bool) -> None:
-        """After a recovery: the new writer reports it, and while training goes on, its sinks
-        continue from the agreed step; the event is recorded with the first step after it."""
+                lost_at: int, entered: float) -> None:
+        """After a recovery: records past the agreed step dropped; the writer (the same or a
+        new one) reports the failure and reopens the files cut back to the agreed step, then
+        writes the kept records they lack. A new writer's live reporters get the confirmed
+        kept records again (at least once across a writer's death)."""
+        new_writer = comm.Get_rank() == 0 and not self.writer
         self.writer = comm.Get_rank() == 0
+        self.generation += 1
+        self.kept = [record for record in self.kept if record["step"] < recovered.step]
         size = comm.Get_size()
         if self.writer:
             status.mark_failed(self.run.path, recovered.gone, f"lost at step {lost_at} ({where})", lost_at)
             self._log(f"rank failure at step {lost_at} during {where} ({error}): "
                       f"{old_size - size} rank(s) lost (world ranks {recovered.gone}); {size} continue "
                       f"from step {recovered.step} (revoke+shrink+agree {recovered.seconds:.3f} s)")
-            if training:
-                self.close()
-                self.sinks = _reopen_sinks(self.run, self.job, recovered.step, self._log)
-                self.progress = self.progress or metrics.Progress(
-                    self.total_steps - recovered.step, self.job.output.progress_interval_s, self._log)
+            if self.files is not None:
+                self.files.close()
+            self.files = _reopen_files(self.run, self.job, recovered.step, self._log)
+            if new_writer:
+                self.live = reporters.Reporters(reporters.live_sinks(self.run.path, self.job))
+                self._live_queue = [("step", record) for record in self.kept]
+                self.progress = metrics.Progress(self.total_steps - recovered.step,
+                                                 self.job.output.progress_interval_s, self._log)
+            for record in self.kept:
+                self.files.step(record)    # those it holds are skipped
+            self._live_queue = [item for item in self._live_queue if item[1]["step"] < recovered.step]
+            self._deliver(before=recovered.step)
+            self.files.flush()
         self._pending_event = dict(time=recovered.detected, step=recovered.step,
                                    kind=f"rank failure ({where})", ranks_lost=len(recovered.gone),
                                    world_size=size, detect_s=recovered.detected - entered,

@@ -1,7 +1,7 @@
 """Rank failures (``ulfm.RankFailure``): what the survivors do.
 
-``UlfmRecovery`` revokes the communicator, shrinks it, agrees on the last step every
-survivor completed and rolls back to it; ``NoRecovery`` (restart mode) lets the failure end
+``UlfmRecovery`` revokes the communicator, shrinks it and agrees on the place every
+survivor goes on from (the earliest any of them is at); ``NoRecovery`` (restart mode) lets the failure end
 the run, for the supervisor or Slurm to restart it from a checkpoint. Both keep the
 membership (the world rank of each rank, who was lost), so the loop has no ``if ulfm``.
 """
@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi.training.evaluation import check_replicas_identical
-from granger_mpi.training.state import TrainState
 from granger_mpi.mpi.ulfm import is_rank_failure, RankFailure
 
 
@@ -24,10 +22,14 @@ class Recovered:
     """The outcome of one recovery, the same on every survivor."""
 
     comm: MPI.Comm          # the shrunk communicator
-    step: int               # steps completed, agreed
+    place: tuple            # (steps completed, phase): where every survivor goes on from
     gone: list              # world ranks lost in this failure
     detected: float         # time.time() when this rank saw the failure
     seconds: float          # revoke + shrink + agree
+
+    @property
+    def step(self) -> int:
+        return self.place[0]
 
 
 class NoRecovery:
@@ -44,30 +46,42 @@ class NoRecovery:
         """Raise the failure's MPI error unless this run survives it (then ``recover``)."""
         raise failure.error
 
+    def confirm(self, comm: MPI.Comm) -> None:
+        """Collective: nothing to confirm without ULFM (a failure ends the job anyway)."""
+
 
 class UlfmRecovery(NoRecovery):
-    """Revoke, shrink, agree on a step, roll back: the survivors go on on a new communicator."""
+    """Revoke, shrink, agree on a place: the survivors go on on a new communicator."""
 
     enabled = True
 
     def admit(self, failure: RankFailure) -> None:
         return None
 
-    def recover(self, failure: RankFailure, comm: MPI.Comm, state: TrainState) -> Recovered:
+    def recover(self, comm: MPI.Comm, place: tuple) -> Recovered:
+        """Collective over the survivors of ``comm``: the earliest ``place`` (steps
+        completed, phase) any of them is at; a failure during the recovery itself shrinks
+        again (docs/architecture.md, "Recovery")."""
         detected = time.time()
-        new, step, idents = _shrink_and_agree(comm, state, self.idents)
+        new, agreed, idents = _shrink_and_agree(comm, place, self.idents)
         gone = sorted(set(self.idents) - set(idents))
         self.idents = idents
         self.lost.extend(gone)
         self.generation += 1
-        return Recovered(new, step, gone, detected, time.time() - detected)
+        return Recovered(new, agreed, gone, detected, time.time() - detected)
+
+    def confirm(self, comm: MPI.Comm) -> None:
+        """Collective: ``MPI_Comm_agree``, whose failure, unlike any other collective's, is
+        raised on every survivor alike: the end of a run that all of them reach or none."""
+        comm.Agree(1)
 
 
-def _shrink_and_agree(comm, state, idents):
-    """Revoke, shrink, agree on the last step every survivor completed, roll back to it.
+def _shrink_and_agree(comm, place, idents):
+    """Revoke, shrink, and agree on the earliest place of any survivor.
 
-    Returns ``(new communicator, step to continue from, world ranks of the survivors)``; a
-    failure during the recovery itself shrinks again.
+    Returns ``(new communicator, agreed place, world ranks of the survivors)``. The minimum
+    is confirmed by ``MPI_Comm_agree``, which reports a failure on every survivor alike:
+    so either all of them go on from the same place, or all shrink again.
     """
     while True:
         try:
@@ -76,20 +90,27 @@ def _shrink_and_agree(comm, state, idents):
             pass   # already revoked by another survivor
         new = comm.Shrink()
         new.Set_errhandler(MPI.ERRORS_RETURN)
+        idents = [idents[r] for r in _translate(new, comm)]
+        agreed = np.array(place, np.int64)
+        ok = 1
         try:
-            me = np.array([idents[comm.Get_rank()]], np.int64)
-            survivors = np.empty(new.Get_size(), np.int64)
-            new.Allgather(me, survivors)
-            agreed = np.array([state.step], np.int64)
-            new.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MIN)
-            state.restore(int(agreed[0]))   # this rank may have applied a step the others did not finish
-            check_replicas_identical(new, state.params, "parameters after a rank failure and roll-back")
-            return new, int(agreed[0]), survivors.tolist()
+            new.Allreduce(MPI.IN_PLACE, agreed[:1], op=MPI.MIN)
+            at_step = np.array([place[1] if place[0] == agreed[0] else 1 << 30], np.int64)
+            new.Allreduce(MPI.IN_PLACE, at_step, op=MPI.MIN)
+            agreed[1] = at_step[0]
         except MPI.Exception as exc:
             if not is_rank_failure(exc, new):
                 raise
-            idents = [idents[r] for r in _translate(new, comm)]
-            comm = new     # another rank died while recovering: shrink again
+            ok = 0
+        try:
+            ok = new.Agree(ok)
+        except MPI.Exception as exc:
+            if not is_rank_failure(exc, new):
+                raise
+            ok = 0
+        if ok:
+            return new, (int(agreed[0]), int(agreed[1])), idents
+        comm = new     # another rank died while recovering: shrink again
 
 
 def _translate(new, old):

@@ -39,22 +39,22 @@ class RequestSource:
         self._old.clear()
 
     def take(self) -> tuple[bool, bool]:
-        """``(save, stop)`` asked for since the last call; cleared."""
+        """``(save, stop)`` asked for and not yet served. They stay set until a checkpoint
+        is written, so a step redone after a rank failure asks again."""
         if self.watcher:
             if self.policy.timed_save_due():
                 self.save = True
             if self.stop_file.exists():
                 self.save = self.stop = True
-        flags = (self.save, self.stop)
-        self.save = self.stop = False
-        return flags
+        return self.save, self.stop
 
     def served(self) -> None:
-        """A checkpoint is being written: a USR1 that reached this rank a step later than the
+        """A checkpoint was written: a USR1 that reached this rank a step later than the
         others is served by it too (left set, it would ask for a second one at once)."""
         self.save = False
 
     def stop_honoured(self) -> None:
         """The run stops now: a resumed run must not find the STOP file and stop again."""
+        self.stop = False
         if self.watcher and self.stop_file.exists():
             self.stop_file.unlink()

@@ -28,7 +28,12 @@ from granger_mpi.training.result import TrainResult
 from granger_mpi.training.saving import Saver
 from granger_mpi.training.state import TrainState
 from granger_mpi.training.step import BAD, N_STATS, SAVE, STOP, StepRunner
-from granger_mpi.mpi.ulfm import rank_failures, RankFailure
+from granger_mpi.mpi.ulfm import is_rank_failure, RankFailure
+
+# The phases of a rank's place in the run, in order, after ``state.step`` steps: the step's
+# update applied; its after-step work (checkpoint, stop, timing report) done; at the end,
+# the final checkpoint written; ``model.h5``, test score and the agreed end done.
+APPLIED, READY, SAVED, ENDED = range(4)
 
 
 def total_steps(job, info) -> int:
@@ -91,7 +96,13 @@ class Trainer:
         self.stream = self.batches = self.row_log = None
         self.step_index = self.start_step - 1     # the step being worked on
         self.loss, self.accuracy = float("nan"), None
-        self.stopped = self.training = False
+        # Where this rank is: (state.step, phase); a recovery agrees on the earliest.
+        self.phase = READY
+        self.requested = (False, False)   # the save and stop flags of the step last applied
+        self.where = "the start of training"   # what a rank failure interrupts, for messages
+        self.stopped, self.recovered = False, False
+        self.limit: str | None = None     # the [fault] limit passed, which ends the run
+        self.test_scores = (None, None)
 
     def _initial_state(self, resume, log):
         """``(params, optimizer state, step, checkpoint)``: new, or read from a checkpoint."""
@@ -147,100 +158,114 @@ class Trainer:
         """Train to the end, a requested stop or the [fault] limits; collective."""
         self.status.start()
         try:
-            started, limit = self._train()
-            self.saver.finish_background(self.comm)
-            if not (self.stopped or limit):
-                _, limit = self._attempt(self._finish, "the end of training")
-                if limit:
-                    self._stop_past_limits(limit)
-            return self._result(time.perf_counter() - started, limit)
+            self.outputs.open(self.comm, world_size=self.comm.Get_size(),
+                              resume_step=self.start_step if self.source else None,
+                              start_step=self.start_step)
+            self._log_start()
+            started = time.perf_counter()
+            self.policy.saved()
+            self._open_stream(self.start_step)
+            self.row_log = self.hooks.open_row_log(self.comm.Get_rank(), os.getpid())
+            try:
+                with self.requests:
+                    self._converge()
+            finally:
+                self.stream.close()
+                if self.row_log is not None:
+                    self.row_log.close()
+                self.outputs.close()
+            return self._result(time.perf_counter() - started)
         except BaseException as exc:
             self.status.close(status.FAILED, note=f"{type(exc).__name__}: {exc}"[:200])
             raise
 
-    def _train(self) -> tuple[float, str | None]:
-        """Open the outputs, run the loop, close them: ``(start time, limit passed or None)``."""
-        self.outputs.open(self.comm, world_size=self.comm.Get_size(),
-                          resume_step=self.start_step if self.source else None, start_step=self.start_step)
-        self._log_start()
-        started = time.perf_counter()
-        self.policy.saved()
-        self._open_stream(self.start_step)
-        self.row_log = self.hooks.open_row_log(self.comm.Get_rank(), os.getpid())
-        self.training = True
-        try:
-            with self.requests:
-                limit = self._loop()
-                if limit:
-                    self._stop_past_limits(limit)
-        finally:
-            self.training = False
-            self.stream.close()
-            if self.row_log is not None:
-                self.row_log.close()
-            self.outputs.close()
-        return started, limit
-
-    def _loop(self) -> str | None:
-        """Steps until the data ends or a stop is asked for; the [fault] limit passed, or None."""
-        timer, runner, state, injector = self.timer, self.runner, self.state, self.injector
-        timer.start()
+    def _converge(self) -> None:
+        """Run on from this rank's place; after a rank failure every survivor goes on from
+        the place agreed in the recovery, and nothing is re-run on some ranks only."""
         while True:
-            timer.lap(timing.OTHER)    # the previous step's bookkeeping
-            batch = next(self.batches, None)
-            if batch is None:
-                return None
-            epoch, step, batch_len, rows, X, y = batch
-            timer.lap(timing.DATA)
-            self.step_index = step_index = epoch * self.per_epoch + step
-            started = time.perf_counter()
-            self.status.set(status.TRAINING, step_index)
-            injector.at_compute(step_index)
-            self._log_rows(epoch, step, rows)
-            bad = runner.compute(state.params, rows, X, y, batch_len)
-            runner.request(*self.requests.take())
-            self.status.set(status.AGGREGATING)
-            injector.arm_allreduce(step_index, self.algorithm)
-            timer.lap(timing.COMPUTE)
             try:
-                with rank_failures(self.comm, f"the allreduce ({self.algorithm})"):
-                    applied = runner.exchange(self.comm, self.algorithm, state.params, step_index)
-            except RankFailure as failure:
-                if limit := self._survive(failure):
-                    return limit
-                continue
-            timer.lap(timing.COMM)
-            if runner.flag(BAD):
-                report_bad_row(self.comm, self.info, rows[bad] if bad >= 0 else None, epoch, step)
-            state.commit()
-            grad_norm, lr = applied or runner.apply(state.params, step_index)
-            state.step = done = step_index + 1
-            timer.lap(timing.COMPUTE)
-            timer.steps += 1
-            self._record(epoch, batch_len, grad_norm, lr, started)
-            stop = runner.flag(STOP)
-            if self.policy.due(done, runner.flag(SAVE) or stop):
-                self.outputs.flush()
-                timer.lap(timing.OTHER)    # this step's metrics and progress, as in any step
-                _, limit = self._attempt(lambda: self._save(self.injector.checkpoint_hook(done),
-                                                            background=not stop), "a checkpoint")
-                if limit:
-                    return limit
-            if stop and done < self.total_steps:
-                self.requests.stop_honoured()
-                self.stopped = True
-                return None
-            # Last in the step, so that the survivors of a failure here all go on to the
-            # same place: a Gather's root sees a dead rank that the others do not, and
-            # those fail in the next step's allreduce instead; both recover and continue.
-            if done % self.job.output.timing_every_steps == 0 or done == self.total_steps:
-                try:
-                    with rank_failures(self.comm, "a timing report"):
-                        injector.at_report(step_index)
-                        self.outputs.timings(step_index, timer.gather(self.comm, self.recovery.idents, self.world_size))
-                except RankFailure as failure:
-                    if limit := self._survive(failure):
-                        return limit
+                return self._go()
+            except MPI.Exception as exc:
+                if not is_rank_failure(exc, self.comm):
+                    raise
+                self._survive(RankFailure(self.where, exc))
+
+    def _go(self) -> None:
+        """From ``self.place`` to the end of the run (collective, on the current communicator)."""
+        if self.recovered:     # the first collectives after a recovery
+            self.recovered = False
+            self.algorithm = self._choose_algorithm()
+            check_replicas_identical(self.comm, self.state.params,
+                                     "parameters after a rank failure and roll-back")
+        if self.limit:
+            return self._stop_past_limits()
+        if self.phase == APPLIED:
+            self._after_step()
+        while self.phase == READY and self.state.step < self.total_steps and not self.stopped:
+            self._step()
+            self._after_step()
+        if self.stopped:
+            return None
+        if self.phase == READY:
+            self.where = "the end of training"
+            self.saver.finish_background(self.comm)
+            check_replicas_identical(self.comm, self.state.params, "parameters at the end of training")
+            done = self.state.step
+            if self.policy.due_at_end(done, self.start_step, self.saver.newest, checkpoint.file_name):
+                self._save(self.injector.checkpoint_hook(done))
+            self.phase = SAVED
+        if self.phase == SAVED:
+            self._write_results()
+            self.phase = ENDED
+
+    def _step(self) -> None:
+        """Compute, exchange and apply step ``state.step``; ``phase`` is then ``APPLIED``."""
+        timer, runner, state, injector = self.timer, self.runner, self.state, self.injector
+        timer.lap(timing.OTHER)    # the previous step's bookkeeping
+        epoch, step, batch_len, rows, X, y = next(self.batches)
+        timer.lap(timing.DATA)
+        self.step_index = step_index = epoch * self.per_epoch + step
+        started = time.perf_counter()
+        self.status.set(status.TRAINING, step_index)
+        injector.at_compute(step_index)
+        self._log_rows(epoch, step, rows)
+        bad = runner.compute(state.params, rows, X, y, batch_len)
+        runner.request(*self.requests.take())
+        self.status.set(status.AGGREGATING)
+        injector.arm_allreduce(step_index, self.algorithm)
+        timer.lap(timing.COMPUTE)
+        self.where = f"the allreduce ({self.algorithm})"
+        applied = runner.exchange(self.comm, self.algorithm, state.params, step_index)
+        timer.lap(timing.COMM)
+        if runner.flag(BAD):
+            report_bad_row(self.comm, self.info, rows[bad] if bad >= 0 else None, epoch, step)
+        self.requested = runner.flag(SAVE), runner.flag(STOP)
+        state.commit()
+        grad_norm, lr = applied or runner.apply(state.params, step_index)
+        state.step, self.phase = step_index + 1, APPLIED
+        timer.lap(timing.COMPUTE)
+        timer.steps += 1
+        self._record(epoch, batch_len, grad_norm, lr, started)
+
+    def _after_step(self) -> None:
+        """The checkpoint, stop and timing report due after step ``state.step``, decided from
+        that step's agreed flags (so a survivor that redoes this does the same); then ``READY``."""
+        done = self.state.step
+        save, stop = self.requested
+        if self.policy.due(done, save or stop):
+            self.outputs.flush()
+            self.timer.lap(timing.OTHER)    # this step's metrics and progress, as in any step
+            self.where = "a checkpoint"
+            self._save(self.injector.checkpoint_hook(done), background=not stop)
+        if stop and done < self.total_steps:
+            self.requests.stop_honoured()
+            self.stopped = True
+        elif done % self.job.output.timing_every_steps == 0 or done == self.total_steps:
+            self.where = "a timing report"
+            self.injector.at_report(done - 1)
+            self.outputs.timings(done - 1, self.timer.gather(self.comm, self.recovery.idents,
+                                                              self.world_size))
+        self.phase = READY
 
     def _log_rows(self, epoch: int, step: int, rows: np.ndarray) -> None:
         if self.row_log is not None:   # generation: how many failures this run has survived
@@ -264,78 +289,75 @@ class Trainer:
     def _save(self, on_written=None, background: bool = False) -> None:
         """Collective: a checkpoint of the state as it is (``on_written``: fault injection)."""
         self.status.set(status.CHECKPOINTING, note=f"checkpoint at step {self.state.step}")
-        self.requests.served()
         self.saver.save(self.comm, self.state, on_written=on_written, background=background)
+        self.requests.served()
         self.policy.saved()
         self.timer.lap(timing.CHECKPOINT)
 
-    def _attempt(self, fn: Callable, where: str):
-        """``(fn(), None)``; after a rank failure inside it the survivors recover and run
-        ``fn`` again, or return ``(None, the [fault] limit passed)``."""
-        while True:
-            try:
-                with rank_failures(self.comm, where):
-                    return fn(), None
-            except RankFailure as failure:
-                if limit := self._survive(failure):
-                    return None, limit
-
-    def _survive(self, failure: RankFailure) -> str | None:
-        """After a rank failure: a working communicator, rolled back to a common step, the
-        rest of the epoch re-split among the survivors (or, in restart mode, the failure
-        raised). Returns the [fault] limit the run passed, or None to carry on."""
+    def _survive(self, failure: RankFailure) -> None:
+        """After a rank failure: a working communicator, every survivor at the agreed place
+        (rolled back one step if this rank was ahead), the rest of the epoch re-split among
+        the survivors; in restart mode the failure is raised."""
         self.recovery.admit(failure)
         entered = self.status.since
         self.status.set(status.RECOVERING, note=f"rank failure during {failure.where}")
         old_size = self.comm.Get_size()
-        recovered = self.recovery.recover(failure, self.comm, self.state)
+        recovered = self.recovery.recover(self.comm, (self.state.step, self.phase))
         self.comm = recovered.comm
+        self.state.restore(recovered.step)
+        self.phase = recovered.place[1]
+        self.recovered = True
         size = self.comm.Get_size()
         self.status.ranks_alive, self.status.failures = size, len(self.recovery.lost)
-        self.algorithm = self._choose_algorithm()
+        self.requests.watcher = self.comm.Get_rank() == 0
         self.outputs.failure(self.comm, recovered, where=failure.where,
                              error=failure.error.Get_error_string().strip(), old_size=old_size,
-                             lost_at=self.step_index, entered=entered, training=self.training)
-        if self.training:
+                             lost_at=self.step_index, entered=entered)
+        if recovered.step < self.total_steps:
             self._open_stream(recovered.step)
-        return past_limits(self.job.fault, size, self.recovery.lost, self.hosts)
+        self.limit = self.limit or past_limits(self.job.fault, size, self.recovery.lost, self.hosts)
 
-    def _stop_past_limits(self, reason: str) -> None:
+    def _stop_past_limits(self) -> None:
         on_limit = self.job.fault.on_limit
-        self.outputs.log(f"stopping (exit code 5): {reason}; " + (
+        self.outputs.log(f"stopping (exit code 5): {self.limit}; " + (
             f"saving a checkpoint at step {self.state.step}; continue with --resume auto"
             if on_limit == "stop" else "continue with --resume auto"))
         if on_limit == "stop":
             self.outputs.flush()
+            self.where = "the checkpoint before stopping"
             self._save()
+        self.phase = ENDED
 
-    def _finish(self) -> None:
-        check_replicas_identical(self.comm, self.state.params, "parameters at the end of training")
-        done = self.state.step
-        if self.policy.due_at_end(done, self.start_step, self.saver.newest, checkpoint.file_name):
-            self._save(self.injector.checkpoint_hook(done))
+    def _write_results(self) -> None:
+        """``model.h5`` and the completion record (the writer's), the test score, and the
+        agreement that every survivor got here: a writer that died before the end is
+        replaced and all of this done again."""
+        self.saver.close()    # old checkpoints deleted before the completion record
+        self.outputs.final_model(self.model, self.state.params, steps=self.state.step,
+                                 world_size=self.comm.Get_size(), lost=self.recovery.lost)
+        if self.job.data.test_path is not None:
+            self.where = "the test evaluation"
+            test_info = dataset.open_info(self.job.data.test_path)
+            self.test_scores = evaluate(self.comm, self.model, self.state.params, test_info)
+        self.where = "the end of the run"
+        self.recovery.confirm(self.comm)
 
-    def _result(self, seconds: float, limit: str | None) -> TrainResult:
-        """The outcome; for a completed run, ``model.h5``, the completion record and the test score."""
-        self.saver.close()    # waits for old checkpoints to be deleted
+    def _result(self, seconds: float) -> TrainResult:
+        """The outcome of the run."""
+        self.saver.finish_background(self.comm)
+        self.saver.close()
         done, run = self.state.step, self.outputs.run
         result = TrainResult(done, self.loss, self.accuracy, run.model, run.metrics, seconds=seconds,
                              samples=rows_trained(self.info, self.job, self.start_step, done),
                              checkpoint=self.saver.newest,
                              world_size=self.comm.Get_size(), ranks_lost=len(self.recovery.lost))
-        if self.stopped or limit:
-            self.status.close(note=limit or "stopped on request")
+        if self.stopped or self.limit:
+            self.status.close(note=self.limit or "stopped on request")
             if self.stopped:
                 self.outputs.log(f"stopped on request after step {done}; resume with --resume auto")
-            result.stopped, result.limit_reason = True, limit
+            result.stopped, result.limit_reason = True, self.limit
             return result
-        self.outputs.final_model(self.model, self.state.params, steps=done,
-                                 world_size=self.comm.Get_size(), lost=self.recovery.lost)
-        if self.job.data.test_path is not None:
-            test_info = dataset.open_info(self.job.data.test_path)
-            scores, _ = self._attempt(lambda: evaluate(self.comm, self.model, self.state.params, test_info),
-                                      "the test evaluation")
-            result.test_loss, result.test_accuracy = scores or (None, None)
+        result.test_loss, result.test_accuracy = self.test_scores
         self.status.close()
         return result
 
