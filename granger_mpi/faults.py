@@ -13,7 +13,10 @@ when it reaches step ``S``:
   mid-collective; with ``native``, just before entering ``MPI_Allreduce``), ``checkpoint``
   (after writing its share of the checkpoint at step ``S``, before the file is closed) or
   ``report`` (after step ``S``, just before the per-rank timing report's ``Gather``, which
-  only rank 0 sees fail: the others meet the failure in the next allreduce).
+  only rank 0 sees fail: the others meet the failure in the next allreduce) or ``end``
+  (after the last step and its checkpoint, before ``model.h5`` is written; ``S`` is the
+  run's step count) or ``recovery`` (on entering the recovery from a failure at step
+  ``S``: a second failure while the survivors shrink and agree).
 
 Each injection fires once per process. The line it prints first (``inject: ...`` with a
 wall-clock time) lets benchmarks measure detection and recovery from the moment of failure.
@@ -29,7 +32,7 @@ from granger_mpi import collectives
 from granger_mpi.errors import UserError
 
 MODES = ("exit", "kill9", "hang", "slow")
-PLACES = ("compute", "allreduce", "checkpoint", "report")
+PLACES = ("compute", "allreduce", "checkpoint", "report", "end", "recovery")
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,20 @@ class Injector:
         """Called before the timing report after step ``step``."""
         if self.pending:
             injection = self._take(step, "report")
+            if injection:
+                fail(injection)
+
+    def at_end(self, step):
+        """Called after the final checkpoint, before ``model.h5``; ``step``: steps done."""
+        if self.pending:
+            injection = self._take(step, "end")
+            if injection:
+                fail(injection)
+
+    def at_recovery(self, step):
+        """Called when this rank starts recovering from a failure at step ``step``."""
+        if self.pending:
+            injection = self._take(step, "recovery")
             if injection:
                 fail(injection)
 

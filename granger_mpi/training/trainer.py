@@ -302,6 +302,7 @@ class Trainer:
         entered = self.status.since
         self.status.set(status.RECOVERING, note=f"rank failure during {failure.where}")
         old_size = self.comm.Get_size()
+        self.injector.at_recovery(self.step_index)
         recovered = self.recovery.recover(self.comm, (self.state.step, self.phase))
         self.comm = recovered.comm
         self.state.restore(recovered.step)
@@ -333,6 +334,7 @@ class Trainer:
         agreement that every survivor got here: a writer that died before the end is
         replaced and all of this done again."""
         self.saver.close()    # old checkpoints deleted before the completion record
+        self.injector.at_end(self.state.step)
         self.outputs.final_model(self.model, self.state.params, steps=self.state.step,
                                  world_size=self.comm.Get_size(), lost=self.recovery.lost)
         if self.job.data.test_path is not None:
