@@ -131,7 +131,8 @@ def test_outputs_off_the_writer_rank_write_nothing_until_it_takes_over(tmp_path,
     # rank 0 died having written nothing: this rank is rank 0 of the shrunk communicator,
     # rolls back to step 4 (step 4 was not completed everywhere) and writes what it kept
     (tmp_path / "run").mkdir()
-    recovered = SimpleNamespace(gone=[0], step=4, detected=0.0, seconds=0.1)
+    recovered = SimpleNamespace(gone=[0], step=4, detected=0.0, seconds=0.1,
+                                split=dict(revoke_s=0.0, shrink_s=0.1, agree_s=0.0))
     outputs.failure(Rank(0, 2), recovered, where="the allreduce (ring)", error="proc failed",
                     old_size=3, lost_at=4, entered=0.0)
     assert outputs.writer

@@ -19,7 +19,8 @@ FIELDS = {  # name: dtype
 EVENT_FIELDS = {
     "time": np.float64, "step": np.int64, "kind": h5py.string_dtype(), "ranks_lost": np.int64,
     "world_size": np.int64, "detect_s": np.float64, "recovery_s": np.float64,
-    "first_step_s": np.float64,
+    "first_step_s": np.float64, "revoke_s": np.float64, "shrink_s": np.float64,
+    "agree_s": np.float64,
 }
 
 
@@ -64,9 +65,11 @@ class MetricsFile(Reporter):
         """Record one event now (every field of ``EVENT_FIELDS``); kept across resumes."""
         try:
             group = self._file.require_group("events")
+            held = group["time"].shape[0] if "time" in group else 0
             for name, dtype in EVENT_FIELDS.items():
-                if name not in group:
-                    group.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(64,))
+                if name not in group:   # a field newer than the file: NaN for its old events
+                    group.create_dataset(name, (held,), dtype, maxshape=(None,), chunks=(64,),
+                                         fillvalue=np.nan if dtype == np.float64 else None)
                 dset = group[name]
                 dset.resize(dset.shape[0] + 1, axis=0)
                 dset[-1] = row[name]

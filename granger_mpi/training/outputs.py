@@ -184,7 +184,7 @@ class Outputs:
         self._pending_event = dict(time=recovered.detected, step=recovered.step,
                                    kind=f"rank failure ({where})", ranks_lost=len(recovered.gone),
                                    world_size=size, detect_s=recovered.detected - entered,
-                                   recovery_s=recovered.seconds)
+                                   recovery_s=recovered.seconds, **recovered.split)
 
     def final_model(self, model, params: np.ndarray, *, steps: int, world_size: int,
                     lost: list) -> None:

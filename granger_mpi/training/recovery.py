@@ -26,6 +26,7 @@ class Recovered:
     gone: list              # world ranks lost in this failure
     detected: float         # time.time() when this rank saw the failure
     seconds: float          # revoke + shrink + agree
+    split: dict             # seconds of each: revoke_s, shrink_s, agree_s (all attempts)
 
     @property
     def step(self) -> int:
@@ -63,12 +64,13 @@ class UlfmRecovery(NoRecovery):
         completed, phase) any of them is at; a failure during the recovery itself shrinks
         again (docs/architecture.md, "Recovery")."""
         detected = time.time()
-        new, agreed, idents = _shrink_and_agree(comm, place, self.idents)
+        split = dict(revoke_s=0.0, shrink_s=0.0, agree_s=0.0)
+        new, agreed, idents = _shrink_and_agree(comm, place, self.idents, split)
         gone = sorted(set(self.idents) - set(idents))
         self.idents = idents
         self.lost.extend(gone)
         self.generation += 1
-        return Recovered(new, agreed, gone, detected, time.time() - detected)
+        return Recovered(new, agreed, gone, detected, time.time() - detected, split)
 
     def confirm(self, comm: MPI.Comm) -> None:
         """Collective: ``MPI_Comm_agree``, whose failure, unlike any other collective's, is
@@ -76,20 +78,26 @@ class UlfmRecovery(NoRecovery):
         comm.Agree(1)
 
 
-def _shrink_and_agree(comm, place, idents):
+def _shrink_and_agree(comm, place, idents, split):
     """Revoke, shrink, and agree on the earliest place of any survivor.
 
     Returns ``(new communicator, agreed place, world ranks of the survivors)``. The minimum
     is confirmed by ``MPI_Comm_agree``, which reports a failure on every survivor alike:
-    so either all of them go on from the same place, or all shrink again.
+    so either all of them go on from the same place, or all shrink again. ``split``
+    accumulates the seconds of each part.
     """
     while True:
+        mark = time.perf_counter()
         try:
             comm.Revoke()
         except MPI.Exception:
             pass   # already revoked by another survivor
+        split["revoke_s"] += time.perf_counter() - mark
+        mark = time.perf_counter()
         new = comm.Shrink()
         new.Set_errhandler(MPI.ERRORS_RETURN)
+        split["shrink_s"] += time.perf_counter() - mark
+        mark = time.perf_counter()
         idents = [idents[r] for r in _translate(new, comm)]
         agreed = np.array(place, np.int64)
         ok = 1
@@ -108,6 +116,7 @@ def _shrink_and_agree(comm, place, idents):
             if not is_rank_failure(exc, new):
                 raise
             ok = 0
+        split["agree_s"] += time.perf_counter() - mark
         if ok:
             return new, (int(agreed[0]), int(agreed[1])), idents
         comm = new     # another rank died while recovering: shrink again

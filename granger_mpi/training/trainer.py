@@ -3,7 +3,7 @@
 Collective over its communicator. Parameters stay bitwise identical on every rank
 (checked at the end); the same job at the same world size gives bitwise identical
 results, also when it is stopped and resumed. After a rank failure (ULFM) every survivor
-returns to one place, the start of the step all of them completed.
+goes on from one agreed place (docs/architecture.md, "Recovery").
 """
 
 import os
