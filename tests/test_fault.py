@@ -32,13 +32,13 @@ def rank_pid(pids, rank):
     raise AssertionError(f"no rank {rank} among {pids}")
 
 
-def ulfm_train(n, job, *injections, tmp_path, timeout=120, extra=()):
+def ulfm_train(n, job, *injections, tmp_path, timeout=120, extra=(), env=None):
     """``mpirun`` with ULFM on ``n`` ranks, rows logged; returns (Run, row log folder)."""
     log_dir = tmp_path / f"rows-{job.stem}"
     log_dir.mkdir()
     args = [a for spec in injections for a in ("--inject-failure", spec)]
     run = mpirun(n, "train", job, *args, *extra, "--row-log", log_dir, mpirun_args=ULFM_FLAGS,
-                 timeout=timeout)
+                 timeout=timeout, env=env)
     return run, log_dir
 
 

@@ -40,6 +40,23 @@ QUICK = [("first", "allreduce before a checkpoint", "rd"), ("middle", "compute",
          ("middle", "allreduce before a checkpoint", "ring")]
 
 
+LIVE_REPORTER = """
+import json, os
+from granger_mpi.reporters import Reporter
+
+class Live(Reporter):
+    def __init__(self, path):
+        self.path = path
+    def step(self, row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": row["step"], "run_id": row["run_id"],
+                                "generation": row["generation"]}) + "\\n")
+
+def make(run_dir, job):
+    return Live(run_dir / f"live-{os.getpid()}.jsonl")
+"""
+
+
 class Published:
     """Hard links to every checkpoint file as it appears in ``ckpt/`` (one per inode: a
     step written again is a new file), made by a thread polling the directory."""
@@ -74,12 +91,13 @@ def run_case(small_dataset, tmp_path, victim, place, algorithm):
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir,
                    collectives={"algorithm": algorithm},
                    checkpoint={"every_steps": 20, "keep_last": 100},
-                   output={"timing_every_steps": 10, "jsonl": True},
+                   output={"timing_every_steps": 10, "jsonl": True, "reporters": ["livereporter:make"]},
                    fault={"step_timeout_s": 30.0})
+    (tmp_path / "livereporter.py").write_text(LIVE_REPORTER)
     published = Published(run_dir, tmp_path / "published")
     try:
         run, log_dir = ulfm_train(P, job, f"rank={victim},{PLACES[place]}", tmp_path=tmp_path,
-                                  timeout=120)
+                                  timeout=120, env={"PYTHONPATH": str(tmp_path)})
     finally:
         copies = published.stop()
     record = completion(run_dir, run)
@@ -93,6 +111,16 @@ def run_case(small_dataset, tmp_path, victim, place, algorithm):
         assert np.all(np.diff(windows) > 0), f"a timing window twice: {windows}"
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["type"] == "step"] == list(range(STEPS))
+    # A live reporter: each writer's got every step once, in order, never a rolled-back one
+    # twice; a writer that took over starts again from what it kept (at least once).
+    writers = sorted(run_dir.glob("live-*.jsonl"), key=lambda path: path.stat().st_mtime)
+    assert len(writers) == (2 if victim == 0 else 1), writers
+    seen = [[json.loads(line) for line in path.read_text().splitlines()] for path in writers]
+    for records in seen:
+        steps = [r["step"] for r in records]
+        assert steps == sorted(set(steps)), f"a step twice or out of order: {steps}"
+        assert len({r["run_id"] for r in records}) == 1
+    assert {r["step"] for records in seen for r in records} == set(range(STEPS))
     return job, run_dir, copies
 
 
@@ -107,7 +135,8 @@ def assert_published_checkpoints_resume_to_the_runs_result(job, run_dir, copies,
         if step < since:
             continue
         out = tmp_path / f"resumed-{copy.stem}"
-        resumed = mpirun(P - 1, "train", job, "--resume", copy, "--run-dir", out, timeout=120)
+        resumed = mpirun(P - 1, "train", job, "--resume", copy, "--run-dir", out, timeout=120,
+                         env={"PYTHONPATH": str(tmp_path)})    # the job names livereporter
         assert resumed.returncode == 0, resumed.output[-3000:]
         theirs = read_params(out / "model.h5").astype(np.float64)
         error = np.abs(theirs - ours).max() / np.abs(ours).max()
