@@ -168,6 +168,7 @@ class Trainer:
             self.row_log = self.hooks.open_row_log(self.comm.Get_rank(), os.getpid())
             try:
                 with self.requests:
+                    self.timer.start()
                     self._converge()
             finally:
                 self.stream.close()
