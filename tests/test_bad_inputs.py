@@ -1,5 +1,8 @@
 """Bad inputs under mpirun: one clear line, exit code 2, nothing written to the run dir."""
 
+import json
+import shutil
+
 import h5py
 import numpy as np
 import pytest
@@ -142,3 +145,26 @@ def test_n_classes_is_capped(tmp_path, job):
     data = labelled(tmp_path / "many.h5", np.arange(64, dtype=np.int64) % 3, 1 << 40)
     run = mpirun(2, "train", job(dataset=data), timeout=60)
     check_rejected(run, tmp_path / "run", "its n_classes is 1099511627776")
+
+
+def test_a_bad_test_set_leaves_no_completion_record(tmp_path, job, small_dataset):
+    """COMPLETE comes last, with the test score: a NaN row in the test set ends the run with
+    exit 2 and no completion record for the supervisor to trust."""
+    test_set = tmp_path / "test.h5"
+    shutil.copy(small_dataset, test_set)
+    with h5py.File(test_set, "a") as f:
+        f["X"][7, 0] = np.nan
+    run = mpirun(2, "train", job(data={"test_path": str(test_set)}, train={"max_steps": 10}),
+                 timeout=60)
+    assert run.returncode == 2, run.output
+    assert "row 7 has a NaN/Inf feature" in run.stderr, run.output
+    assert not (tmp_path / "run" / "COMPLETE").exists()
+
+
+def test_the_completion_record_holds_the_test_score(tmp_path, job, small_dataset):
+    test_set = small_dataset.with_name("small-test.h5")
+    run = mpirun(2, "train", job(data={"test_path": str(test_set)}, train={"max_steps": 10}),
+                 timeout=60)
+    assert run.returncode == 0, run.output
+    record = json.loads((tmp_path / "run" / "COMPLETE").read_text())
+    assert 0 < record["test_loss"] < 10 and 0 <= record["test_accuracy"] <= 1, record

@@ -126,7 +126,8 @@ def test_outputs_off_the_writer_rank_write_nothing_until_it_takes_over(tmp_path,
                      detail=lambda: pytest.fail("a non-writer built a progress line"))
     outputs.timings(0, None)
     outputs.flush()
-    outputs.final_model(None, None, steps=10, world_size=3, lost=[])
+    outputs.final_model(None, None, steps=10, world_size=3)
+    outputs.completion(steps=10, world_size=3, lost=[], test_scores=(None, None))
     assert lines == [] and not (tmp_path / "run").exists()
     # rank 0 died having written nothing: this rank is rank 0 of the shrunk communicator,
     # rolls back to step 4 (step 4 was not completed everywhere) and writes what it kept

@@ -186,12 +186,17 @@ class Outputs:
                                    world_size=size, detect_s=recovered.detected - entered,
                                    recovery_s=recovered.seconds, **recovered.split)
 
-    def final_model(self, model, params: np.ndarray, *, steps: int, world_size: int,
-                    lost: list) -> None:
-        """``model.h5``, then the completion record that the supervisor trusts."""
+    def final_model(self, model, params: np.ndarray, *, steps: int, world_size: int) -> None:
+        """``model.h5``."""
         if self.writer:
             modelfile.save(self.run.model, model, params,
                            attrs={"job": self.job.to_json(), "step": steps, "world_size": world_size})
+
+    def completion(self, *, steps: int, world_size: int, lost: list, test_scores: tuple) -> None:
+        """The completion record that the supervisor trusts: last of a run's outputs."""
+        if self.writer:
+            test_loss, test_accuracy = test_scores
             self.run.write_completion({"steps": steps, "world_size": world_size, "ranks_lost": len(lost),
                                        "lost_world_ranks": lost, "model": str(self.run.model),
+                                       "test_loss": test_loss, "test_accuracy": test_accuracy,
                                        "finished_at": time.time()})

@@ -331,17 +331,19 @@ class Trainer:
         self.phase = ENDED
 
     def _write_results(self) -> None:
-        """``model.h5`` and the completion record (the writer's), the test score, and the
-        agreement that every survivor got here: a writer that died before the end is
-        replaced and all of this done again."""
+        """``model.h5``, the test score, the completion record (the writer's; last, so a
+        test set that fails leaves none), and the agreement that every survivor got here:
+        a writer that died before the end is replaced and all of this done again."""
         self.saver.close()    # old checkpoints deleted before the completion record
         self.injector.at_end(self.state.step)
         self.outputs.final_model(self.model, self.state.params, steps=self.state.step,
-                                 world_size=self.comm.Get_size(), lost=self.recovery.lost)
+                                 world_size=self.comm.Get_size())
         if self.job.data.test_path is not None:
             self.where = "the test evaluation"
             test_info = dataset.open_info(self.job.data.test_path)
             self.test_scores = evaluate(self.comm, self.model, self.state.params, test_info)
+        self.outputs.completion(steps=self.state.step, world_size=self.comm.Get_size(),
+                                lost=self.recovery.lost, test_scores=self.test_scores)
         self.where = "the end of the run"
         self.recovery.confirm(self.comm)
 
