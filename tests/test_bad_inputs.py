@@ -168,3 +168,21 @@ def test_the_completion_record_holds_the_test_score(tmp_path, job, small_dataset
     assert run.returncode == 0, run.output
     record = json.loads((tmp_path / "run" / "COMPLETE").read_text())
     assert 0 < record["test_loss"] < 10 and 0 <= record["test_accuracy"] <= 1, record
+
+
+def test_overwrite_clears_checkpoints_through_a_symlinked_ckpt(tmp_path, job):
+    """Checkpoints on scratch (``ckpt`` a symlink): ``--overwrite`` deletes the old run's
+    checkpoints there and keeps the link, so ``--resume auto`` cannot pick one up."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt").symlink_to(scratch)
+    first = job(train={"max_steps": 40}, checkpoint={"every_steps": 20})
+    assert mpirun(2, "train", first, timeout=60).returncode == 0
+    assert (scratch / "step_00000040.h5").exists()
+    again = job(train={"max_steps": 10}, checkpoint={"every_steps": 20})
+    run = mpirun(2, "train", again, "--overwrite", timeout=60)
+    assert run.returncode == 0, run.output
+    assert (tmp_path / "run" / "ckpt").is_symlink()
+    assert sorted(p.name for p in scratch.iterdir()) == ["latest", "notes.txt", "step_00000010.h5"]

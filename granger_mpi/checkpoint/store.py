@@ -71,6 +71,22 @@ def store(run_dir) -> CheckpointStore:
     return _stores[key]
 
 
+def discard(run_dir):
+    """Delete a run's checkpoints and index (``--overwrite``). A ``ckpt`` that is a symlink
+    (checkpoints on scratch) is cleared through the link and kept; only names of the
+    checkpoint layout are deleted there, nothing else the target holds. ``OSError`` if
+    one cannot be deleted."""
+    directory = Path(checkpoint_dir(run_dir))
+    if not directory.exists():
+        return
+    for entry in directory.iterdir():
+        name = entry.name.removesuffix(".tmp")
+        if NAME.match(name) or name == "latest":
+            entry.unlink()
+    if not directory.is_symlink() and not any(directory.iterdir()):
+        directory.rmdir()
+
+
 def wait_for_pruning():
     """Wait until every store's old checkpoints are deleted."""
     for each in _stores.values():

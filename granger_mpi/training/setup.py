@@ -1,7 +1,6 @@
 """Before a run: checks on every rank, the checkpoint to resume from, the fault mode."""
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable
@@ -13,7 +12,7 @@ from granger_mpi import checkpoint, rundir
 from granger_mpi.data import dataset
 from granger_mpi.model import models
 from granger_mpi.mpi import ulfm
-from granger_mpi.errors import UserError
+from granger_mpi.errors import UserError, describe_io_error
 from granger_mpi.mpi.runtime import agree, bcast_text
 from granger_mpi.training.evaluation import first_bad_row
 
@@ -70,12 +69,18 @@ def prepare(comm: MPI.Comm, job, overwrite: bool = False, resume: str | Path | N
 def discard_previous_run(comm: MPI.Comm, job) -> None:
     """Remove an earlier run's checkpoints and STOP file (``--overwrite``), so that a later
     ``--resume auto`` can never pick up a checkpoint of the run this one replaced."""
-    if comm.Get_rank() == 0:
-        run = rundir.RunDir(job.output.run_dir)
-        shutil.rmtree(run.ckpt, ignore_errors=True)
-        run.stop.unlink(missing_ok=True)
-        run.complete.unlink(missing_ok=True)
-    comm.Barrier()
+    run = rundir.RunDir(job.output.run_dir)
+
+    def discard():
+        if comm.Get_rank() == 0:
+            try:
+                checkpoint.discard(run.path)
+                run.stop.unlink(missing_ok=True)
+                run.complete.unlink(missing_ok=True)
+            except OSError as exc:
+                raise UserError(f"--overwrite: cannot remove the previous run's files in {run.path} "
+                                f"({describe_io_error(exc)}); nothing was trained") from None
+    agree(comm, discard)
 
 
 def warm_kernels(comm: MPI.Comm, model, info, opt) -> None:
