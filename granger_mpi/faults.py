@@ -106,12 +106,15 @@ class Injector:
                 return injection
         return None
 
+    def _fire(self, step, at):
+        """Fail now if an injection is planned for ``step`` at ``at``."""
+        injection = self._take(step, at) if self.pending else None
+        if injection:
+            fail(injection)
+
     def at_compute(self, step):
         """Called before the step's gradient exchange."""
-        if self.pending:
-            injection = self._take(step, "compute")
-            if injection:
-                fail(injection)
+        self._fire(step, "compute")
 
     def arm_allreduce(self, step, algorithm):
         """Called before the step's allreduce: fail after its first point-to-point exchange
@@ -126,24 +129,15 @@ class Injector:
 
     def at_report(self, step):
         """Called before the timing report after step ``step``."""
-        if self.pending:
-            injection = self._take(step, "report")
-            if injection:
-                fail(injection)
+        self._fire(step, "report")
 
     def at_end(self, step):
         """Called after the final checkpoint, before ``model.h5``; ``step``: steps done."""
-        if self.pending:
-            injection = self._take(step, "end")
-            if injection:
-                fail(injection)
+        self._fire(step, "end")
 
     def at_recovery(self, step):
         """Called when this rank starts recovering from a failure at step ``step``."""
-        if self.pending:
-            injection = self._take(step, "recovery")
-            if injection:
-                fail(injection)
+        self._fire(step, "recovery")
 
     def checkpoint_hook(self, step):
         """A callable for ``checkpoint.save(on_written=...)`` at ``step``, or None."""

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import h5py
@@ -27,6 +26,7 @@ import h5py
 import bench_common
 from bench_common import ROOT
 from granger_mpi.mpi.ulfm import LAUNCH_FLAGS
+from granger_mpi.training.setup import row_uses
 
 ALGORITHMS = ("rd", "ring", "rhd", "native")
 EPOCHS, ROWS, BATCH = 24, 4000, 64
@@ -49,15 +49,7 @@ def rank_pids(job):
 
 
 def rows_once(log_dir):
-    steps = {}
-    for path in log_dir.glob("rows-*.txt"):
-        for line in path.read_text().splitlines():
-            epoch, step, generation, *rows = map(int, line.split())
-            steps.setdefault((epoch, step), []).append((generation, rows))
-    uses = Counter()
-    for (epoch, _), entries in steps.items():
-        newest = max(g for g, _ in entries)
-        uses.update((epoch, row) for g, rows in entries if g == newest for row in rows)
+    uses = row_uses(log_dir)
     return set(uses.values()) == {1} and len(uses) == EPOCHS * ROWS
 
 

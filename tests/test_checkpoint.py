@@ -6,12 +6,11 @@ import re
 import signal
 import subprocess
 import time
-from collections import Counter
-
 import h5py
 import numpy as np
 import pytest
 
+from granger_mpi.training.setup import row_uses as count_rows
 from conftest import (GRANGER, MPIRUN, PER_STEP_READS, PYTHON, _env, granger, mpirun, mpirun_script,
                       read_params, run_command, write_job)
 
@@ -64,23 +63,6 @@ def test_stop_and_resume_is_bitwise_identical(straight, small_dataset, tmp_path,
     assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(straight[ranks]))
     with h5py.File(run_dir / "metrics.h5", "r") as f:   # no step twice, none missing
         assert np.array_equal(f["step"][...], np.arange(96))
-
-
-def count_rows(log_dir):
-    """``Counter`` of (epoch, row) uses; a step redone after a roll-back counts only from
-    its latest generation (the survivors' redo), never twice."""
-    steps = {}
-    for path in log_dir.glob("rows-*.txt"):
-        for line in path.read_text().splitlines():
-            epoch, step, generation, *rows = map(int, line.split())
-            steps.setdefault((epoch, step), []).append((generation, rows))
-    uses = Counter()
-    for (epoch, _), entries in steps.items():
-        newest = max(generation for generation, _ in entries)
-        for generation, rows in entries:
-            if generation == newest:
-                uses.update((epoch, row) for row in rows)
-    return uses
 
 
 @pytest.mark.parametrize("before,after", [(4, 2), (2, 3)])

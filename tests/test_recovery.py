@@ -164,23 +164,17 @@ def test_the_whole_matrix(small_dataset, tmp_path, victim, place, algorithm):
     check(small_dataset, tmp_path, victim, place, algorithm)
 
 
-def test_two_ranks_killed_in_the_same_step(small_dataset, tmp_path):
+@pytest.mark.parametrize("algorithm, injections, lost", [
+    # two ranks killed in the same step
+    ("ring", ("rank=1,step=40,at=allreduce", "rank=2,step=40,at=allreduce"), [1, 2]),
+    # rank 3 dies as it starts recovering from rank 1's failure: the survivors' shrink or
+    # agreement fails, and they shrink again
+    ("rd", ("rank=1,step=40,at=compute", "rank=3,step=40,at=recovery"), [1, 3]),
+], ids=["two in one step", "one during the recovery"])
+def test_two_failures_close_together(small_dataset, tmp_path, algorithm, injections, lost):
     run_dir = tmp_path / "run"
-    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, collectives={"algorithm": "ring"})
-    run, log_dir = ulfm_train(P, job, "rank=1,step=40,at=allreduce", "rank=2,step=40,at=allreduce",
-                              tmp_path=tmp_path)
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, collectives={"algorithm": algorithm})
+    run, log_dir = ulfm_train(P, job, *injections, tmp_path=tmp_path)
     record = completion(run_dir, run)
-    assert record["world_size"] == 2 and sorted(record["lost_world_ranks"]) == [1, 2], record
-    assert_every_sample_once(log_dir, 3)
-
-
-def test_a_rank_dying_during_the_recovery(small_dataset, tmp_path):
-    """Rank 3 dies as it starts recovering from rank 1's failure: the survivors' shrink or
-    agreement fails, and they shrink again."""
-    run_dir = tmp_path / "run"
-    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, collectives={"algorithm": "rd"})
-    run, log_dir = ulfm_train(P, job, "rank=1,step=40,at=compute", "rank=3,step=40,at=recovery",
-                              tmp_path=tmp_path)
-    record = completion(run_dir, run)
-    assert record["world_size"] == 2 and sorted(record["lost_world_ranks"]) == [1, 3], record
+    assert record["world_size"] == 2 and sorted(record["lost_world_ranks"]) == lost, record
     assert_every_sample_once(log_dir, 3)

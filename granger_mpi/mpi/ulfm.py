@@ -76,12 +76,13 @@ def is_rank_failure(exc: MPI.Exception, comm: MPI.Comm) -> bool:
 
 
 @contextmanager
-def rank_failures(comm: MPI.Comm, where: str):
+def rank_failures(comm: MPI.Comm, where):
     """Turn an MPI error inside the block that means a dead peer into ``RankFailure``:
-    the one place where MPI errors are classified."""
+    the one place where MPI errors are classified. ``where`` names what failed: a string,
+    or a callable asked at the failure (a block that goes through several phases)."""
     try:
         yield
     except MPI.Exception as exc:
         if is_rank_failure(exc, comm):
-            raise RankFailure(where, exc) from exc
+            raise RankFailure(where() if callable(where) else where, exc) from exc
         raise

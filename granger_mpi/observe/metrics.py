@@ -29,9 +29,10 @@ class MetricsFile(Reporter):
 
     Rows are buffered and written every ``flush_every`` steps and on close, so the file
     costs nothing per step. A step (or timing window) the file holds already is skipped,
-    so a writer that takes over can hand it every record it kept. Only one process writes it (rank 0). Per-rank time windows go
-    to the group ``ranks``: ``step`` and ``steps`` (1-D), and one 2-D dataset per
-    ``timing.COLUMNS`` entry, a row per window and a column per world rank.
+    so a writer that takes over can hand it every record it kept. Only one process writes
+    it (rank 0). Per-rank time windows go to the group ``ranks``: ``step`` and ``steps``
+    (1-D), and one 2-D dataset per ``timing.COLUMNS`` entry, a row per window and a column
+    per world rank.
     """
 
     def __init__(self, path, flush_every=100, attrs=None, resume_step=None):

@@ -238,7 +238,9 @@ def load_custom(spec, run_dir, job):
 def extra_files(run_dir, job, resume_step=None):
     """The files the job asks for besides ``metrics.h5``."""
     out = job.output
-    return [JsonLinesReporter(run_dir / "metrics.jsonl", out.metrics_flush_steps, resume_step)] if out.jsonl else []
+    if not out.jsonl:
+        return []
+    return [JsonLinesReporter(run_dir / "metrics.jsonl", out.metrics_flush_steps, resume_step)]
 
 
 def live_sinks(run_dir, job):

@@ -1,8 +1,8 @@
 """Rank failures (``ulfm.RankFailure``): what the survivors do.
 
 ``UlfmRecovery`` revokes the communicator, shrinks it and agrees on the place every
-survivor goes on from (the earliest any of them is at); ``NoRecovery`` (restart mode) lets the failure end
-the run, for the supervisor or Slurm to restart it from a checkpoint. Both keep the
+survivor goes on from (the earliest any of them is at); ``NoRecovery`` (restart mode) lets
+the failure end the run, for the supervisor or Slurm to restart it from a checkpoint. Both keep the
 membership (the world rank of each rank, who was lost), so the loop has no ``if ulfm``.
 """
 

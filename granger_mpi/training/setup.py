@@ -1,6 +1,7 @@
 """Before a run: checks on every rank, the checkpoint to resume from, the fault mode."""
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable
@@ -21,8 +22,9 @@ from granger_mpi.training.evaluation import first_bad_row
 class Hooks:
     """What tests and demos plug into a run: planned failures (``faults.Injection``, fired
     where they belong), a checkpoint whose write fails as on a full disk, and a directory
-    where each rank logs the rows of every step it starts (``epoch step generation row row ...``; ``generation`` counts the failures
-    survived, so that a step redone after a roll-back is counted from its newest one)."""
+    where each rank logs the rows of every step it starts (``epoch step generation row
+    row ...``; ``generation`` counts the failures survived, so that a step redone after a
+    roll-back is counted from its newest one: ``row_uses``)."""
 
     injections: tuple = ()
     row_log_dir: Path | None = None
@@ -33,6 +35,21 @@ class Hooks:
             return None
         # Line-buffered: a rank that is killed must not lose the rows of steps it completed.
         return open(Path(self.row_log_dir) / f"rows-{pid}-rank{rank}.txt", "a", buffering=1)
+
+
+def row_uses(row_log_dir: Path) -> Counter:
+    """``Counter`` of (epoch, row) uses in a row log directory (``Hooks.row_log_dir``); a
+    step redone after a roll-back counts only from its newest generation, never twice."""
+    steps = {}
+    for path in Path(row_log_dir).glob("rows-*.txt"):
+        for line in path.read_text().splitlines():
+            epoch, step, generation, *rows = map(int, line.split())
+            steps.setdefault((epoch, step), []).append((generation, rows))
+    uses = Counter()
+    for (epoch, _), entries in steps.items():
+        newest = max(generation for generation, _ in entries)
+        uses.update((epoch, row) for generation, rows in entries if generation == newest for row in rows)
+    return uses
 
 
 def prepare(comm: MPI.Comm, job, overwrite: bool = False, resume: str | Path | None = None):

@@ -28,7 +28,7 @@ from granger_mpi.training.result import TrainResult
 from granger_mpi.training.saving import Saver
 from granger_mpi.training.state import TrainState
 from granger_mpi.training.step import BAD, N_STATS, SAVE, STOP, StepRunner
-from granger_mpi.mpi.ulfm import is_rank_failure, RankFailure
+from granger_mpi.mpi.ulfm import rank_failures, RankFailure
 
 # The phases of a rank's place in the run, in order, after ``state.step`` steps: the step's
 # update applied; its after-step work (checkpoint, stop, timing report) done; at the end,
@@ -185,11 +185,10 @@ class Trainer:
         the place agreed in the recovery, and nothing is re-run on some ranks only."""
         while True:
             try:
-                return self._go()
-            except MPI.Exception as exc:
-                if not is_rank_failure(exc, self.comm):
-                    raise
-                self._survive(RankFailure(self.where, exc))
+                with rank_failures(self.comm, lambda: self.where):
+                    return self._go()
+            except RankFailure as failure:
+                self._survive(failure)
 
     def _go(self) -> None:
         """From ``self.place`` to the end of the run (collective, on the current communicator)."""
