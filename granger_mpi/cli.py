@@ -194,6 +194,53 @@ def cmd_import_dataset(args):
     return 0
 
 
+def _progress_line(comm, what, every_s=5.0):
+    """A callback ``(done, total)`` that prints ``what``'s progress on rank 0 every few seconds."""
+    import time
+    started = last = time.monotonic()
+
+    def progress(done, total):
+        nonlocal last
+        now = time.monotonic()
+        if comm.Get_rank() == 0 and now - last >= every_s:
+            last = now
+            print(f"{what}: {done:,} of {total:,} blocks on rank 0 ({now - started:.0f} s)", flush=True)
+    return progress
+
+
+def cmd_dataset_checksum(args):
+    """Add per-block checksums to a dataset file (in parallel under mpirun)."""
+    import h5py
+    from granger_mpi.data import dataset, integrity
+    from granger_mpi.mpi.runtime import agree, say
+    comm = _world()
+    agree(comm, dataset.open_info, args.file)
+    with h5py.File(args.file, "r+", driver="mpio", comm=comm) as f:
+        integrity.add(f, comm, _progress_line(comm, "checksum"))
+        blocks, rows = f[integrity.GROUP]["X"].shape[0], int(f[integrity.GROUP].attrs["block_rows"])
+    say(comm, f"{args.file}: wrote checksums of {blocks:,} blocks of {rows:,} rows")
+    return 0
+
+
+def cmd_dataset_verify(args):
+    """Check every block of a dataset file against its checksums (parallel under mpirun)."""
+    from granger_mpi.data import dataset, integrity
+    from granger_mpi.errors import UserError
+    from granger_mpi.mpi.runtime import agree, say
+    comm = _world()
+    agree(comm, dataset.open_info, args.file)
+    found = integrity.verify(comm, args.file, _progress_line(comm, "verify"))
+    if found is None:
+        raise UserError(f"{args.file} has no checksums; add them with "
+                        f"granger-mpi dataset checksum {args.file}", agreed=True)
+    blocks, damaged = found
+    for message in damaged:
+        say(comm, message, file=sys.stderr)
+    say(comm, f"{args.file}: {blocks - len(damaged):,} of {blocks:,} blocks intact"
+              + (f", {len(damaged)} damaged" if damaged else ""))
+    return 1 if damaged else 0
+
+
 def cmd_inspect(args):
     """Describe, verify or compare checkpoints and model files (no MPI needed)."""
     from granger_mpi.tools import inspect
@@ -337,7 +384,8 @@ def build_parser():
                         "rank=R,step=S[,mode=exit|kill9|hang|slow][,at=compute|allreduce|checkpoint|report]"
                         "[,seconds=T]; R is the rank in MPI_COMM_WORLD, S the step index (for "
                         "at=checkpoint the checkpoint of S completed steps); default mode kill9, "
-                        "at compute; slow stalls T seconds (default 1) and goes on: a straggler")
+                        "at compute; slow stalls T seconds (default 1) and goes on: a straggler; "
+                        "rank=* is every rank, and step=* (slow only) every step: a throttle")
     _add_row_log(p)
     # a test seam: the checkpoint of this step fails as on a full disk (not in --help)
     p.add_argument("--fail-checkpoint-write", type=int, metavar="STEP", help=argparse.SUPPRESS)
@@ -396,6 +444,25 @@ def build_parser():
                    help="auto: classification when every target is a non-negative integer")
     p.add_argument("--x-key", default="X", help="features array in a .npz (default X)")
     p.add_argument("--y-key", default="y", help="targets array in a .npz (default y)")
+
+    data = sub.add_parser("dataset", help="checksums of a dataset file: add them, verify them",
+                          description="Per-block CRC32 checksums of a dataset's rows (over the "
+                                      "values, so any chunking or compression gives the same). "
+                                      "make-dataset and import-dataset write them; training checks "
+                                      "every block it reads. Both commands run in parallel under mpirun.",
+                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_sub = data.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser("checksum", help="add (or replace) the checksums of FILE",
+                            description="Add /integrity (one CRC32 per block of rows of /X and /y) "
+                                        "to a dataset file made elsewhere; replaces existing ones.")
+    p.set_defaults(func=cmd_dataset_checksum)
+    p.add_argument("file", type=Path, help="dataset file (.h5), written in place")
+    p = data_sub.add_parser("verify", help="check FILE against its checksums (exit 1 if damaged)",
+                            description="Read every block of /X and /y and compare it with its "
+                                        "checksum; one line names each damaged block's rows. Exit 0 "
+                                        "if all are intact, 1 if any is damaged, 2 if FILE has none.")
+    p.set_defaults(func=cmd_dataset_verify)
+    p.add_argument("file", type=Path, help="dataset file (.h5)")
 
     p = add("plot", cmd_plot, "PNG charts of a run: loss, accuracy, throughput, recoveries, time per rank (no MPI needed)",
             "Read RUN_DIR/metrics.h5 and write PNGs: loss and accuracy against step and against "

@@ -18,7 +18,11 @@ when it reaches step ``S``:
   run's step count) or ``recovery`` (on entering the recovery from a failure at step
   ``S``: a second failure while the survivors shrink and agree).
 
-Each injection fires once per process. The line it prints first (``inject: ...`` with a
+``rank=*`` plans the injection for every rank; ``step=*`` (with ``mode=slow`` only) for
+every step, silently: a throttle that keeps a small job running long enough for a signal,
+a kill or a timer to land in the middle of it (``rank=*,step=*,mode=slow,seconds=0.005``).
+
+Each other injection fires once per process. The line it prints first (``inject: ...`` with a
 wall-clock time) lets benchmarks measure detection and recovery from the moment of failure.
 """
 
@@ -32,6 +36,7 @@ from granger_mpi import collectives
 from granger_mpi.errors import UserError
 
 MODES = ("exit", "kill9", "hang", "slow")
+EVERY = -1     # rank=* or step=*
 PLACES = ("compute", "allreduce", "checkpoint", "report", "end", "recovery")
 
 
@@ -47,7 +52,8 @@ class Injection:
 
     def __str__(self):
         slow = f",seconds={self.seconds:g}" if self.mode == "slow" else ""
-        return f"rank={self.rank},step={self.step},mode={self.mode},at={self.at}{slow}"
+        rank, step = ("*" if n == EVERY else n for n in (self.rank, self.step))
+        return f"rank={rank},step={step},mode={self.mode},at={self.at}{slow}"
 
 
 def parse(text):
@@ -62,13 +68,15 @@ def parse(text):
     if "rank" not in fields or "step" not in fields:
         raise UserError(f"--inject-failure {text!r}: rank= and step= are required")
     try:
-        rank, step = int(fields["rank"]), int(fields["step"])
+        rank, step = (EVERY if fields[k] == "*" else int(fields[k]) for k in ("rank", "step"))
     except ValueError:
-        raise UserError(f"--inject-failure {text!r}: rank and step must be integers") from None
+        raise UserError(f"--inject-failure {text!r}: rank and step must be integers or *") from None
     mode, at = fields.get("mode", "kill9"), fields.get("at", "compute")
-    if mode not in MODES or at not in PLACES or rank < 0 or step < 0:
+    if mode not in MODES or at not in PLACES or min(rank, step) < EVERY:
         raise UserError(f"--inject-failure {text!r}: mode is one of {', '.join(MODES)}, at one of "
-                        f"{', '.join(PLACES)}; rank and step are >= 0")
+                        f"{', '.join(PLACES)}; rank and step are >= 0 or *")
+    if step == EVERY and mode != "slow":
+        raise UserError(f"--inject-failure {text!r}: step=* goes with mode=slow")
     try:
         seconds = float(fields.get("seconds", 1.0))
     except ValueError:
@@ -97,7 +105,7 @@ class Injector:
     """The injections planned for this process (``world_rank``), fired where they belong."""
 
     def __init__(self, injections, world_rank):
-        self.pending = [i for i in injections if i.rank == world_rank]
+        self.pending = [i for i in injections if i.rank in (world_rank, EVERY)]
 
     def _take(self, step, at):
         for injection in self.pending:
@@ -107,8 +115,14 @@ class Injector:
         return None
 
     def _fire(self, step, at):
-        """Fail now if an injection is planned for ``step`` at ``at``."""
-        injection = self._take(step, at) if self.pending else None
+        """Fail now if an injection is planned for ``step`` at ``at`` (after the throttle's
+        pause, if one is planned for every step there)."""
+        if not self.pending:
+            return
+        for injection in self.pending:
+            if injection.step == EVERY and injection.at == at:
+                time.sleep(injection.seconds)     # silently: a line per step is noise
+        injection = self._take(step, at)
         if injection:
             fail(injection)
 

@@ -46,7 +46,7 @@ def main():
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from granger_mpi.data import partition
+    from granger_mpi.data import dataset, partition
     from granger_mpi.model import models
 
     torch.set_num_threads(args.threads)
@@ -57,6 +57,7 @@ def main():
         X = torch.from_numpy(np.ascontiguousarray(f["X"][...], np.float32))
         y = torch.from_numpy(np.ascontiguousarray(f["y"][...], np.int64))
     n_rows, n_features = X.shape
+    window = dataset.open_info(args.dataset).window     # the same lanes and windows as ours
     n_classes = int(y.max()) + 1
     hidden = [int(h) for h in args.hidden.split(",")]
     spec = models.build("mlp", hidden, "relu", n_features, "classification", n_classes)
@@ -82,10 +83,11 @@ def main():
     started = time.perf_counter()
     steps = 0
     for epoch in range(args.epochs):
-        plan = partition.EpochPlan.make(n_rows, args.batch, args.seed, epoch)
+        plan = partition.EpochPlan.make(n_rows, args.batch, args.seed, epoch, window=window,
+                                        world_size=size, rank=rank)
         for step in range(plan.steps):
-            batch_len = min(args.batch, n_rows - step * args.batch)
-            rows = torch.from_numpy(plan.rows(step, size, rank))
+            batch_len = plan.batch_len(step)
+            rows = torch.from_numpy(plan.rows(step))
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(X[rows]), y[rows]) * (size / batch_len)
             loss.backward()

@@ -10,8 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
+from granger_mpi.data import partition
 from granger_mpi.training.setup import row_uses as count_rows
-from conftest import (GRANGER, MPIRUN, PER_STEP_READS, PYTHON, _env, granger, mpirun, mpirun_script,
+from conftest import (GRANGER, MPIRUN, THROTTLE, PYTHON, _env, granger, mpirun, mpirun_script,
                       read_params, run_command, write_job)
 
 
@@ -65,7 +66,26 @@ def test_stop_and_resume_is_bitwise_identical(straight, small_dataset, tmp_path,
         assert np.array_equal(f["step"][...], np.arange(96))
 
 
-@pytest.mark.parametrize("before,after", [(4, 2), (2, 3)])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4, 5])
+def test_each_rank_reads_only_its_region_and_every_row_is_used_once(small_dataset, tmp_path, ranks):
+    """Row logs of a real run: each rank's rows lie in its own lanes' region of the file,
+    and every row is used once per epoch, at every world size."""
+    log_dir = tmp_path / "rows"
+    log_dir.mkdir()
+    job = job_file(tmp_path / "a.toml", small_dataset, tmp_path / "run", train={"epochs": 2})
+    run = mpirun(ranks, "train", job, "--row-log", log_dir, timeout=120)
+    assert run.returncode == 0, run.output
+    assert f"data: rank {ranks - 1}: rows [" in run.stdout, run.stdout
+    for path in log_dir.glob("rows-*.txt"):
+        rank = int(path.stem.rsplit("rank", 1)[1])
+        lo, hi = partition.rank_region(2000, 64, ranks, rank)
+        rows = [int(r) for line in path.read_text().splitlines() for r in line.split()[3:]]
+        assert rows and lo <= min(rows) and max(rows) < hi, (rank, lo, hi)
+    uses = count_rows(log_dir)
+    assert set(uses.values()) == {1} and len(uses) == 2 * 2000
+
+
+@pytest.mark.parametrize("before,after", [(4, 3), (2, 5)])
 def test_resume_at_another_world_size_uses_every_sample_once(small_dataset, tmp_path, before, after):
     run_dir = tmp_path / "run"
     log_dir = tmp_path / "rows"
@@ -242,12 +262,11 @@ def output_after_acting(proc, text, act, timeout):
 @pytest.fixture
 def long_job(tmp_path, small_dataset):
     return job_file(tmp_path / "long.toml", small_dataset, tmp_path / "run",
-                    train={"epochs": 400}, output={"progress_interval_s": 0.2},
-                    data=PER_STEP_READS)
+                    train={"epochs": 400}, output={"progress_interval_s": 0.2})
 
 
 def test_sigusr1_to_mpirun_checkpoints_and_training_goes_on(long_job, tmp_path):
-    proc = start(2, "train", long_job)
+    proc = start(2, "train", long_job, *THROTTLE)
     try:
         wait_for_line(proc, "step ")
         proc.send_signal(signal.SIGUSR1)
@@ -280,7 +299,7 @@ def test_sigusr1_after_the_training_loop_is_ignored(small_dataset, tmp_path):
 
 
 def test_sigterm_to_the_ranks_checkpoints_and_stops_cleanly(long_job, tmp_path, small_dataset):
-    proc = start(2, "train", long_job)
+    proc = start(2, "train", long_job, *THROTTLE)
     try:
         wait_for_line(proc, "step ")
         ranks = subprocess.run(["pgrep", "-f", f"^{PYTHON} -P -m granger_mpi train {long_job}"],
@@ -553,9 +572,8 @@ def test_timed_checkpoints(small_dataset, tmp_path):
     those two saves are due however fast the machine (all 960 steps took 0.36 s on one)."""
     run_dir = tmp_path / "run"
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 30},
-                   checkpoint={"every_seconds": 0.2, "keep_last": 2, "at_end": False},
-                   data=PER_STEP_READS)
-    run = mpirun(2, "train", job, "--inject-failure", "rank=1,step=200,mode=slow,seconds=0.5",
+                   checkpoint={"every_seconds": 0.2, "keep_last": 2, "at_end": False})
+    run = mpirun(2, "train", job, *THROTTLE, "--inject-failure", "rank=1,step=200,mode=slow,seconds=0.5",
                  "--inject-failure", "rank=1,step=600,mode=slow,seconds=0.5", timeout=120)
     assert run.returncode == 0, run.output
     saved = [int(m.group(1)) for m in re.finditer(r"^checkpoint .* \(step (\d+)\)$", run.stdout, re.M)]
@@ -601,3 +619,20 @@ def test_supervise_passes_bad_input_on_without_restarting(tmp_path, small_datase
     run = run_command([*GRANGER, "supervise", job, "-n", "2", "--mpirun",
                        MPIRUN[0]], timeout=60)
     assert run.returncode == 2 and "restart" not in run.stdout, run.output
+
+
+def test_a_checkpoint_of_the_old_partition_rule_is_refused(small_dataset, tmp_path):
+    """Rule 1 (every rank shuffling the whole file) cannot say which rows its epoch has
+    left under lanes: the resume stops with exit 2 and says so, and writes nothing."""
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"max_steps": 10})
+    assert mpirun(2, "train", job, timeout=120).returncode == 0
+    ckpt = run_dir / "ckpt" / "step_00000010.h5"
+    with h5py.File(ckpt, "r") as f:
+        assert f.attrs["partition_rule"] == partition.RULE == 2
+    with h5py.File(ckpt, "r+") as f:
+        del f.attrs["partition_rule"]          # as every checkpoint before rule 2
+    again = mpirun(2, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir),
+                   "--resume", str(ckpt), timeout=120)
+    assert again.returncode == 2, again.output
+    assert "was made under partition rule 1" in again.stderr, again.output

@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import GRANGER, PER_STEP_READS, PYTHON, ROOT, _env, run_command
+from conftest import GRANGER, PYTHON, THROTTLE, ROOT, _env, run_command
 from test_checkpoint import job_file, wait_for_line
 from test_fault import assert_every_sample_once
 
@@ -104,10 +104,10 @@ def test_node_failure_under_ulfm_survivors_on_other_hosts_finish(cluster, small_
     run_dir, log_dir = tmp_path / "run", tmp_path / "rows"
     log_dir.mkdir()
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 30},
-                   output={"progress_interval_s": 0.0}, collectives={"algorithm": "ring"},
-                   data=PER_STEP_READS)
+                   output={"progress_interval_s": 0.0}, collectives={"algorithm": "ring"})
     # rank 4 (host 3) pauses at step 102, so the run cannot end before the kill, however fast
-    proc = start_training(cluster, job, log_dir, "--inject-failure", "rank=4,step=102,mode=slow,seconds=120")
+    proc = start_training(cluster, job, log_dir, *THROTTLE,
+                          "--inject-failure", "rank=4,step=102,mode=slow,seconds=120")
     lines = wait_for_line(proc, "step 100/", timeout=120)
     victims = namespace_pids(cluster, 3, "granger_mpi train")
     assert len(victims) == 2, victims
@@ -135,10 +135,10 @@ def test_whole_host_loss_ends_the_job_and_restart_resumes_on_the_others(cluster,
     run_dir, log_dir = tmp_path / "run", tmp_path / "rows"
     log_dir.mkdir()
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 30},
-                   output={"progress_interval_s": 0.0}, checkpoint={"every_steps": 50},
-                   data=PER_STEP_READS)
+                   output={"progress_interval_s": 0.0}, checkpoint={"every_steps": 50})
     # rank 4 (host 3) pauses at step 202, so the run cannot end before the kill, however fast
-    proc = start_training(cluster, job, log_dir, "--inject-failure", "rank=4,step=202,mode=slow,seconds=120")
+    proc = start_training(cluster, job, log_dir, *THROTTLE,
+                          "--inject-failure", "rank=4,step=202,mode=slow,seconds=120")
     wait_for_line(proc, "step_00000200.h5 (step 200)", timeout=120)   # saved and verified
     victims = namespace_pids(cluster, 3)
     assert len(victims) >= 3, victims          # prted and two ranks

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import granger, mpirun
-from granger_mpi.data import dataset, partition
+from granger_mpi.data import dataset, integrity, partition
 from granger_mpi.errors import UserError
 
 
@@ -120,35 +120,114 @@ def test_import_rejects_unknown_format_and_bad_csv(tmp_path):
     assert run.returncode == 2 and "line 2 is not 3 numeric fields" in run.stderr
 
 
-@pytest.mark.parametrize("in_memory", [True, False], ids=["whole-file-in-memory", "read-per-step"])
-def test_stream_gives_each_rank_its_partition_rows(small_dataset, in_memory):
-    """Simulate 3 ranks in one process: together they see every row once per epoch."""
-    info = dataset.open_info(small_dataset)
+@pytest.fixture
+def small_windows(monkeypatch):
+    """Windows (and checksum blocks) of a few rows, so small files stream in many windows."""
+    monkeypatch.setattr(partition, "WINDOW_BYTES", 4 * 52)   # rows of 52 bytes
+
+
+def checksummed_copy(source, path):
+    """A copy of ``source`` with checksums at the current window size."""
+    with h5py.File(source) as f, h5py.File(path, "w") as g:
+        for name in ("X", "y"):
+            g.create_dataset(name, data=f[name][...])
+        g.attrs.update(f.attrs)
+        integrity.add(g)
+    return path
+
+
+def stream_rows(info, world_size, budget, **kwargs):
+    """Every (epoch, step, rank, rows, X, y) the ranks of ``world_size`` read, as one process."""
+    out = []
+    for rank in range(world_size):
+        with dataset.BatchStream(info, 64, 4, world_size, rank, epochs=2,
+                                 memory_budget_bytes=budget, **kwargs) as stream:
+            assert stream.in_memory == (budget >= 1 << 20)
+            out += [(epoch, step, rank, rows, X, y) for epoch, step, _, rows, X, y in stream]
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_stream_in_memory_and_streamed_give_each_rank_the_same_rows(small_dataset, small_windows,
+                                                                    tmp_path, world_size):
+    """One order for both modes: the plan's rows, each row once per epoch, read from the
+    rank's own region only; windows of 4 rows here, so the share streams in many."""
+    info = dataset.open_info(checksummed_copy(small_dataset, tmp_path / "c.h5"))
+    assert info.window == 4 and info.checksummed
     X_all, y_all, _ = read_all(small_dataset)
-    seen = []
-    budget = (512 << 20) if in_memory else 200 * info.row_bytes
-    for rank in range(3):
-        with dataset.BatchStream(info, 64, 4, 3, rank, epochs=2, memory_budget_bytes=budget) as stream:
-            assert stream.in_memory == in_memory
-            for epoch, step, batch_len, rows, X, y in stream:
-                expected = partition.rank_rows(info.n_rows, 64, 4, epoch, step, 3, rank)
-                assert np.array_equal(rows, expected)
-                assert np.array_equal(X, X_all[rows]) and np.array_equal(y, y_all[rows])
-                seen.append((epoch, rows))
+    held = stream_rows(info, world_size, 512 << 20)
+    lanes = -(-64 // world_size)
+    streamed = stream_rows(info, world_size, (2 * lanes * info.window + 2 * lanes + 16) * info.row_bytes)
+    assert len(held) == len(streamed) == 2 * world_size * partition.steps_per_epoch(2000, 64)
+    for (e, s, r, rows, X, y), (*where, rows2, X2, y2) in zip(held, streamed):
+        assert (e, s, r) == tuple(where)
+        assert np.array_equal(rows, partition.rank_rows(2000, 64, 4, e, s, world_size, r, window=4))
+        lo, hi = partition.rank_region(2000, 64, world_size, r)
+        assert rows.min() >= lo and rows.max() < hi
+        assert np.array_equal(rows, rows2) and np.array_equal(X, X_all[rows]) and np.array_equal(X2, X)
+        assert np.array_equal(y, y_all[rows]) and np.array_equal(y2, y)
     for epoch in (0, 1):
-        rows = np.concatenate([r for e, r in seen if e == epoch])
+        rows = np.concatenate([item[3] for item in held if item[0] == epoch])
         assert np.array_equal(np.sort(rows), np.arange(info.n_rows))
+
+
+def test_stream_resumed_mid_epoch_gives_the_same_rows(small_dataset, small_windows, tmp_path):
+    info = dataset.open_info(checksummed_copy(small_dataset, tmp_path / "c.h5"))
+    whole = stream_rows(info, 2, 100 * info.window * info.row_bytes)
+    resumed = stream_rows(info, 2, 100 * info.window * info.row_bytes, start_step=37, max_steps=50)
+    expected = [w for w in whole if 37 <= w[0] * 32 + w[1] < 50]
+    assert [w[:3] for w in resumed] == [w[:3] for w in expected]
+    assert all(np.array_equal(a[4], b[4]) for a, b in zip(resumed, expected))
+
+
+@pytest.mark.parametrize("budget", [512 << 20, 336 * 52], ids=["in-memory", "streamed"])
+def test_stream_names_the_damaged_rows_for_the_step_that_reads_them(small_dataset, small_windows,
+                                                                   tmp_path, budget):
+    path = checksummed_copy(small_dataset, tmp_path / "c.h5")
+    with h5py.File(path, "r+") as f:
+        f["X"][1234, 5] += 1          # block 308 of 4 rows: rows [1232, 1236)
+    info = dataset.open_info(path)
+    with pytest.raises(integrity.DamagedData, match=r"/X rows \[1232, 1236\) do not match") as caught:
+        with dataset.BatchStream(info, 64, 4, 2, 1, epochs=1, memory_budget_bytes=budget) as stream:
+            for _ in stream:
+                pass
+    epoch, step, batch_len, rows = caught.value.step_item
+    if budget < 1 << 20:   # streamed: the step that enters the damaged window
+        assert any(1232 <= r < 1236 for r in rows)
+    else:                  # in memory: the whole share is read (and checked) for the first step
+        assert step == 0
+
+
+def test_stream_memory_budget_counts_the_stored_dtype(small_dataset, tmp_path):
+    info = dataset.open_info(small_dataset)
+    assert info.row_bytes == 4 * 12 + 4
+    wide = tmp_path / "f64.h5"
+    X, y, attrs = read_all(small_dataset)
+    with h5py.File(wide, "w") as f:
+        f["X"], f["y"] = X.astype(np.float64), y.astype(np.int64)
+        f.attrs.update(attrs)
+    info64 = dataset.open_info(wide)
+    assert info64.row_bytes == 8 * 12 + 8 and info64.window == info.window // 2
+    budget = 1000 * info.row_bytes + 4 * 64 * info64.row_bytes   # a float32 half fits, not a float64 one
+    with dataset.BatchStream(info, 64, 0, 2, 0, epochs=1, memory_budget_bytes=budget) as stream:
+        assert stream.in_memory
+        for (*_, X, y), _ in zip(stream, range(3)):
+            assert X.dtype == np.float32 and y.dtype == np.int32
+    with pytest.raises(UserError, match=r"share \(0.1 MiB\) does not fit"):
+        dataset.BatchStream(info64, 64, 0, 2, 0, epochs=1, memory_budget_bytes=budget)
 
 
 def test_stream_memory_budget_bounds_read_ahead(small_dataset):
     info = dataset.open_info(small_dataset)
     row = info.row_bytes
     with dataset.BatchStream(info, 100, 0, 1, 0, epochs=1, prefetch_steps=8,
-                             memory_budget_bytes=250 * row) as stream:
-        assert stream.depth == 2
+                             memory_budget_bytes=2250 * row) as stream:
+        assert stream.in_memory and stream.depth == 2     # the share, and two steps of 100 rows
         assert sum(1 for _ in stream) == 20
     with pytest.raises(UserError, match="over \\[data\\].memory_budget_mb"):
         dataset.BatchStream(info, 100, 0, 1, 0, epochs=1, memory_budget_bytes=50 * row)
+    with pytest.raises(UserError, match="streaming it takes two windows of 20 rows"):
+        dataset.BatchStream(info, 100, 0, 1, 0, epochs=1, memory_budget_bytes=1000 * row)
 
 
 def test_stream_stops_at_max_steps_and_can_be_abandoned(small_dataset):

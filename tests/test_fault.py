@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (GRANGER, MPIRUN, PER_STEP_READS, PYTHON, ULFM_FLAGS, _env, granger, mpirun,
+from conftest import (GRANGER, MPIRUN, THROTTLE, PYTHON, ULFM_FLAGS, _env, granger, mpirun,
                       read_params)
 from test_checkpoint import count_rows, job_file, wait_for_line
 
@@ -61,9 +61,10 @@ def test_p4_rank_killed_from_outside_finishes_on_3_and_matches_an_undisturbed_ru
     epochs = 100
     test_set = small_dataset.with_name("small-test.h5")
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": epochs},
-                   data={"test_path": str(test_set), **PER_STEP_READS},
+                   data={"test_path": str(test_set)},
                    collectives={"algorithm": "auto"})
-    cmd = [*MPIRUN, "-n", "4", *ULFM_FLAGS, *GRANGER, "train", str(job), "--row-log", str(log_dir)]
+    cmd = [*MPIRUN, "-n", "4", *ULFM_FLAGS, *GRANGER, "train", str(job), "--row-log", str(log_dir),
+           *THROTTLE]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(), start_new_session=True)
     try:
@@ -233,12 +234,13 @@ def test_a_silent_rank_is_declared_dead_by_the_heartbeat_detector(small_dataset,
     run_dir, log_dir = tmp_path / "run", tmp_path / "rows"
     log_dir.mkdir()
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 40},
-                   collectives={"algorithm": "ring"}, data=PER_STEP_READS)
+                   collectives={"algorithm": "ring"})
     # Rank 2 pauses at step 302 (its heartbeat thread still beats) so that the run cannot
     # end before the SIGSTOP, however fast the machine (on one, all 1,280 steps ended first).
     cmd = [*GRANGER, "run", str(job), "-n", "4", "--detector-timeout", "2",
            "--mpirun-arg=--bind-to", "--mpirun-arg=none",
-           "--inject-failure", "rank=2,step=302,mode=slow,seconds=120", "--row-log", str(log_dir)]
+           "--inject-failure", "rank=2,step=302,mode=slow,seconds=120", "--row-log", str(log_dir),
+           *THROTTLE]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(), start_new_session=True)
     stopped = None

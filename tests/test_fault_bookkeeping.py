@@ -35,9 +35,24 @@ def test_injection_specs():
     assert str(faults.parse("rank=1,step=5,mode=slow")) == "rank=1,step=5,mode=slow,at=compute,seconds=1"
     for bad in ("rank=2", "rank=x,step=1", "rank=1,step=1,mode=explode", "rank=1,step=1,where=x",
                 "rank=1,step=1,mode=kill9,seconds=2", "rank=1,step=1,mode=slow,seconds=-1",
-                "rank=1,step=1,mode=slow,seconds=x"):
+                "rank=1,step=1,mode=slow,seconds=x", "rank=1,step=*,mode=kill9", "rank=-2,step=1"):
         with pytest.raises(UserError, match="--inject-failure"):
             faults.parse(bad)
+
+
+def test_a_throttle_pauses_every_step_and_the_other_injections_still_fire(monkeypatch):
+    throttle = faults.parse("rank=*,step=*,mode=slow,seconds=0.01")
+    assert str(throttle) == "rank=*,step=*,mode=slow,at=compute,seconds=0.01"
+    pauses, fired = [], []
+    monkeypatch.setattr(faults.time, "sleep", pauses.append)
+    monkeypatch.setattr(faults, "fail", fired.append)
+    stall = faults.parse("rank=3,step=2,mode=slow,seconds=5")
+    injector = faults.Injector([throttle, stall], world_rank=3)
+    for step in range(4):
+        injector.at_compute(step)
+        injector.at_report(step)
+    assert pauses == [0.01] * 4 and fired == [stall]
+    assert faults.Injector([throttle, stall], world_rank=0).pending == [throttle]
 
 
 def test_a_restart_drops_the_earliest_injection_and_overwrite():

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import PER_STEP_READS, granger, mpirun, write_job
+from conftest import THROTTLE, granger, mpirun, write_job
 
 STEPS = 64    # small_dataset: 2,000 rows, global batch 64, 2 epochs
 
@@ -140,11 +140,11 @@ def test_an_unreachable_collector_is_reported_once_and_training_goes_on(small_da
 def test_a_restarted_run_records_no_step_or_window_twice(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
     job = write_job(tmp_path / "job.toml", dataset=small_dataset, run_dir=run_dir,
-                    data=PER_STEP_READS, checkpoint={"every_steps": 10},
+                    checkpoint={"every_steps": 10},
                     output={"timing_every_steps": 8, "jsonl": True, "metrics_flush_steps": 4},
                     fault={"mode": "restart"})
     run = granger("run", job, "-n", "2", "--max-restarts", "1", "--backoff", "0",
-                  "--inject-failure", "rank=1,step=25,mode=kill9", timeout=240)
+                  "--inject-failure", "rank=1,step=25,mode=kill9", *THROTTLE, timeout=240)
     assert run.returncode == 0, run.output
     assert "restart 1/1" in run.output
     steps = [r["step"] for r in jsonl_records(run_dir / "metrics.jsonl", "step")]

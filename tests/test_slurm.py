@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PER_STEP_READS, ROOT, _env, granger, mpirun, read_params, write_job
+from conftest import ROOT, THROTTLE, _env, granger, mpirun, read_params, write_job
 
 SBATCH_SCRIPT = ROOT / "jobs" / "train.sbatch"
 LOCAL_SLURM = ROOT / "scripts" / "local-slurm"
@@ -182,7 +182,7 @@ def rank_pids(run_dir):
 # still training, however fast the machine (all 6,400 steps took 1.8 s on one): the first
 # signal follows the first progress line (step 1); before freezing or cancelling the ranks a
 # test waits for the second stall's "inject:" line (STALLED).
-HOLDS = ("--inject-failure", "rank=1,step=3,mode=slow,seconds=5",
+HOLDS = (*THROTTLE, "--inject-failure", "rank=1,step=3,mode=slow,seconds=5",
          "--inject-failure", "rank=1,step=1000,mode=slow,seconds=10")
 STALLED = "inject: rank 1 slow at step 1000"
 
@@ -193,7 +193,7 @@ def job(small_dataset, tmp_path_factory):
     base = tmp_path_factory.mktemp("slurm-jobs")
     return write_job(base / "long.toml", dataset=small_dataset, run_dir=base / "direct",
                      train={"epochs": 200}, collectives={"algorithm": "ring"},
-                     output={"progress_interval_s": 0.2}, data=PER_STEP_READS)
+                     output={"progress_interval_s": 0.2})
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def direct(job):
     """The reference: the same job run directly with mpirun at P = 2, in the background
     while the Slurm jobs run; call ``direct()`` for its final parameters."""
     pool = ThreadPoolExecutor(1)
-    future = pool.submit(mpirun, 2, "train", job, timeout=300)
+    future = pool.submit(mpirun, 2, "train", job, *THROTTLE, timeout=300)
 
     def params():
         run = future.result()

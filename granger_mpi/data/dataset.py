@@ -3,9 +3,10 @@
 ``/y`` holds int32 class labels (classification) or float32 values, one column per target
 (regression). Root attributes describe the problem (``task``, ``n_classes``,
 ``n_features``, ``n_targets``, ``n_rows``, how it was made). ``/X`` is chunked by rows.
+``/integrity`` holds checksums of blocks of rows (``integrity``), checked on every read.
 
-Readers never load a whole file: each rank reads only the rows the partition gives it, a
-few steps ahead in a background thread, within a memory budget.
+Readers never load a whole file: each rank reads only its region of the file (the lanes
+the partition gives it), a few steps ahead in a background thread, within a memory budget.
 """
 
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from granger_mpi.data import partition
+from granger_mpi.data import integrity, partition
 from granger_mpi.errors import UserError
 from granger_mpi.storage.h5files import open_for_reading
 
@@ -38,6 +39,9 @@ class DatasetInfo:
     task: str          # "classification" or "regression"
     n_classes: int     # 0 for regression
     n_targets: int     # 1 for classification
+    x_itemsize: int = 4   # bytes of one stored value of /X and of /y
+    y_itemsize: int = 4
+    checksummed: bool = False   # has /integrity (checked on every read)
 
     @property
     def n_outputs(self):
@@ -46,8 +50,13 @@ class DatasetInfo:
 
     @property
     def row_bytes(self):
-        """Bytes of one row as read into memory (float32 features and target)."""
-        return 4 * (self.n_features + self.n_targets)
+        """Bytes of one row as stored (and held by a rank, which keeps the stored dtypes)."""
+        return self.x_itemsize * self.n_features + self.y_itemsize * self.n_targets
+
+    @property
+    def window(self):
+        """Rows per window of the partition rule (and per checksum block) for this file."""
+        return partition.window_rows(self.row_bytes)
 
 
 def chunk_rows(n_features, n_rows):
@@ -99,7 +108,8 @@ def open_info(path):
             n_classes, n_targets = 0, (1 if y.ndim == 1 else y.shape[1])
         else:
             raise UserError(f"{path}: attribute task={task!r} must be 'classification' or 'regression'")
-        return DatasetInfo(path, int(X.shape[0]), int(X.shape[1]), task, n_classes, n_targets)
+        return DatasetInfo(path, int(X.shape[0]), int(X.shape[1]), task, n_classes, n_targets,
+                           X.dtype.itemsize, y.dtype.itemsize, integrity.GROUP in f)
 
 
 _LABEL_CHUNK = 1 << 20
@@ -223,6 +233,8 @@ def write_synthetic(comm, path, problem, n_rows, stream=0, progress=None):
             y[start:stop] = yb
             if progress is not None:
                 progress(block - lo + 1, hi - lo)
+    with h5py.File(tmp, "r+", driver="mpio", comm=comm) as f:   # reopened: every rank's rows on disk
+        integrity.add(f, comm)
     comm.Barrier()
     if comm.Get_rank() == 0:
         tmp.replace(path)
@@ -283,6 +295,7 @@ def import_arrays(dst, chunks, n_features, task, source):
             f.attrs["n_rows"] = n_rows
             if task == "classification":
                 f.attrs["n_classes"] = max(2, max_label + 1)
+            integrity.add(f)
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -302,15 +315,19 @@ class BatchStream:
 
     Yields ``(epoch, step, global_rows, rows, X, y)`` where ``global_rows`` is the size of
     the step's global batch, ``rows`` this rank's row numbers and ``X``/``y`` their data
-    (possibly none). Starts at global step ``start_step`` (after a resume). Memory held is
-    at most ``depth`` steps of this rank's rows, plus one copy of the whole file when that
-    fits ``memory_budget_bytes`` together with them (``in_memory``): a step's rows are
-    scattered over the file, and h5py's point selection costs about 40 us per row, far more
-    than the kernels for small models (docs/performance.md, the DDP comparison).
+    (possibly none), from global step ``start_step`` (after a resume). The rank reads only
+    the rows of the lanes it owns (``partition.rank_region``): all of them at once when
+    they fit ``memory_budget_bytes`` (``in_memory``), else window by window as its steps
+    reach them, about one window per lane read ahead. The rows of a step are the same
+    either way. Reads are checked against the file's checksums, if it has them; a mismatch
+    is raised as ``integrity.DamagedData`` for the step that needed the rows.
     """
 
     def __init__(self, info, global_batch, seed, world_size, rank, *, epochs, max_steps=None,
                  start_step=0, prefetch_steps=2, memory_budget_bytes=512 << 20):
+        if world_size > global_batch:
+            raise UserError(f"{world_size} ranks cannot share a global batch of {global_batch} "
+                            f"rows: each rank owns at least one of its lanes")
         self.info = info
         self.global_batch = global_batch
         self.seed = seed
@@ -319,64 +336,87 @@ class BatchStream:
         self.epochs = epochs
         self.max_steps = max_steps
         self.start_step = start_step
-        step_bytes = -(-global_batch // world_size) * info.row_bytes
-        if step_bytes > memory_budget_bytes:
+        self.window = info.window
+        self.lanes = partition.rank_bounds(global_batch, world_size, rank)
+        self.region = partition.rank_region(info.n_rows, global_batch, world_size, rank)
+        n_lanes = self.lanes[1] - self.lanes[0]
+        step_bytes = n_lanes * info.row_bytes
+        budget = memory_budget_bytes
+        if step_bytes > budget:
             raise UserError(f"one step's rows on a rank take {step_bytes / 2**20:.1f} MiB, over "
-                            f"[data].memory_budget_mb = {memory_budget_bytes / 2**20:.1f}")
-        self.depth = int(max(1, min(prefetch_steps, memory_budget_bytes // step_bytes)))
-        self.in_memory = info.n_rows * info.row_bytes + self.depth * step_bytes <= memory_budget_bytes
+                            f"[data].memory_budget_mb = {budget / 2**20:.1f}")
+        share = (self.region[1] - self.region[0]) * info.row_bytes
+        # Held: the share, or each lane's current window and about one more read ahead;
+        # then as many steps prefetched as the rest of the budget holds (at most prefetch_steps).
+        window_rows = min(self.window, -(-info.n_rows // global_batch))   # a lane's at most
+        self.in_memory = share + step_bytes <= budget
+        self.read_ahead_bytes = 0 if self.in_memory else n_lanes * window_rows * info.row_bytes
+        held = share if self.in_memory else 2 * self.read_ahead_bytes
+        if held + step_bytes > budget:
+            raise UserError(
+                f"this rank's share ({share / 2**20:,.1f} MiB) does not fit [data].memory_budget_mb "
+                f"= {budget / 2**20:.1f}, and streaming it takes two windows of {window_rows} rows "
+                f"for each of its {n_lanes} lanes ({held / 2**20:.1f} MiB): raise the budget or "
+                f"run more ranks")
+        self.depth = int(max(1, min(prefetch_steps, (budget - held) // step_bytes)))
         self._queue = queue.Queue(maxsize=self.depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="granger-prefetch", daemon=True)
         self._thread.start()
 
-    def _steps(self):
-        """``(epoch, step, plan)`` from global step ``start_step`` (a resume) onwards."""
-        per_epoch = partition.steps_per_epoch(self.info.n_rows, self.global_batch)
-        done = self.start_step
-        for epoch in range(self.start_step // per_epoch, self.epochs):
-            plan = partition.EpochPlan.make(self.info.n_rows, self.global_batch, self.seed, epoch)
-            first = self.start_step - epoch * per_epoch if epoch == self.start_step // per_epoch else 0
-            for step in range(first, plan.steps):
-                if self.max_steps is not None and done >= self.max_steps:
-                    return
-                yield epoch, step, plan
-                done += 1
+    def describe(self):
+        """One line for the run's log: the rows this rank holds and how."""
+        lo, hi = self.region
+        how = ("in memory" if self.in_memory else
+               f"streamed in windows of {self.window} rows, "
+               f"{self.read_ahead_bytes / 2**20:.1f} MiB read ahead")
+        return f"rows [{lo:,}, {hi:,}) (lanes {self.lanes[0]}..{self.lanes[1] - 1}), {how}"
 
-    def _put(self, item):
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _epochs(self):
+        """``(epoch, first, stop, plan)``: the steps ``[first, stop)`` of each epoch to run."""
+        per_epoch = partition.steps_per_epoch(self.info.n_rows, self.global_batch)
+        end = self.epochs * per_epoch
+        if self.max_steps is not None:
+            end = min(end, self.max_steps)
+        for epoch in range(self.start_step // per_epoch, -(-end // per_epoch)):
+            first = max(self.start_step, epoch * per_epoch) - epoch * per_epoch
+            stop = min(end, (epoch + 1) * per_epoch) - epoch * per_epoch
+            if first < stop:
+                yield epoch, first, stop, partition.EpochPlan.make(
+                    self.info.n_rows, self.global_batch, self.seed, epoch, window=self.window,
+                    world_size=self.world_size, rank=self.rank)
 
     def _produce(self):
+        item = None
         try:
             with h5py.File(self.info.path, "r") as f:
-                X, y = f["X"], f["y"]
-                if self.in_memory:   # one sequential read; the steps then index numpy arrays
-                    X, y = X[...], y[...]
-                for epoch, step, plan in self._steps():
-                    batch_len = min(self.global_batch, plan.n_rows - step * self.global_batch)
-                    rows = plan.rows(step, self.world_size, self.rank)
-                    xb = np.ascontiguousarray(X[rows], np.float32) if rows.size else \
-                        np.empty((0, self.info.n_features), np.float32)
-                    yb = self._targets(y, rows)
-                    if not self._put((epoch, step, batch_len, rows, xb, yb)):
-                        return
-        except BaseException as exc:  # handed to the consumer, raised there
-            self._put(exc)
+                checker, source = integrity.Checker(f, self.info.path), None
+                for epoch, first, stop, plan in self._epochs():
+                    for step in range(first, stop):
+                        lanes = plan.lanes_at(step)
+                        rows = plan.order[lanes, step]
+                        item = (epoch, step, plan.batch_len(step), rows)
+                        if source is None:    # here, so that damage found loading has a step
+                            source = (_Region(checker, *self.region) if self.in_memory else
+                                      _Windows(checker, self._epochs(), self._stop,
+                                               self.lanes[1] - self.lanes[0]))
+                        X, y = source.rows(lanes + plan.lane_lo, rows)
+                        if not _put(self._queue, self._stop, item + (
+                                np.ascontiguousarray(X, np.float32), self._targets(y, rows.size))):
+                            return
+        except _Stopped:
             return
-        self._put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            if isinstance(exc, integrity.DamagedData):
+                exc.step_item = item
+            _put(self._queue, self._stop, exc)
+            return
+        _put(self._queue, self._stop, None)
 
-    def _targets(self, y, rows):
+    def _targets(self, y, n):
         if self.info.task == "classification":
-            return labels_as_int32(y[rows], self.info.n_classes) if rows.size else np.empty(0, np.int32)
-        if not rows.size:
-            return np.empty((0, self.info.n_targets), np.float32)
-        return np.ascontiguousarray(y[rows], np.float32).reshape(rows.size, self.info.n_targets)
+            return labels_as_int32(y, self.info.n_classes)
+        return np.ascontiguousarray(y, np.float32).reshape(n, self.info.n_targets)
 
     def __iter__(self):
         while True:
@@ -388,7 +428,7 @@ class BatchStream:
             yield item
 
     def close(self):
-        """Stop the reader thread (safe to call twice)."""
+        """Stop the reader threads (safe to call twice)."""
         self._stop.set()
         self._thread.join(timeout=10)
 
@@ -397,3 +437,115 @@ class BatchStream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _put(q, stop, item):
+    """Put ``item`` into ``q`` unless ``stop`` is set first; True if it went in."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+class _Stopped(Exception):
+    """The stream was closed while a reader waited."""
+
+
+def _get(q, stop):
+    """The next item of ``q``; ``_Stopped`` once ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    raise _Stopped
+
+
+class _Region:
+    """A rank's whole region in memory, read once in large checked pieces."""
+
+    PIECE_BYTES = 64 << 20
+
+    def __init__(self, checker, lo, hi):
+        self.lo = lo
+        X, y = checker.X, checker.y
+        self.X = np.empty((hi - lo,) + X.shape[1:], X.dtype)
+        self.y = np.empty((hi - lo,) + y.shape[1:], y.dtype)
+        piece = max(1, self.PIECE_BYTES // (X.dtype.itemsize * X.shape[1]))
+        for a in range(lo, hi, piece):
+            b = min(hi, a + piece)
+            self.X[a - lo:b - lo], self.y[a - lo:b - lo] = checker.read(a, b)
+
+    def rows(self, lanes, rows):
+        return self.X[rows - self.lo], self.y[rows - self.lo]
+
+
+class _Windows:
+    """A rank's region streamed: each lane's current window, and the next windows read
+    ahead by a thread in the order the steps enter them (a pure function of the plans, so
+    the reader knows it without asking). Windows are contiguous hyperslabs."""
+
+    def __init__(self, checker, epochs, stop, n_lanes):
+        self.checker, self.stop = checker, stop
+        self.current = {}          # lane -> (lo, hi, X, y): the window its steps are in
+        self.early = {}            # lane -> its next window, read before its turn
+        self.ready = queue.Queue(maxsize=n_lanes)
+        self.thread = threading.Thread(target=self._read, args=(epochs,), name="granger-windows",
+                                       daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def entered(plan, first, stop):
+        """``(step, lane, lo, hi)`` of each window the steps ``[first, stop)`` of ``plan``
+        enter, in that order: a window is a run of one block's rows in a lane's order."""
+        out = []
+        for i, order in enumerate(plan.order):
+            order = order[order >= 0]
+            blocks = order // plan.window
+            starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
+            ends = np.r_[starts[1:], order.size]
+            lane = plan.lane_lo + i
+            lane_lo = partition.lane_start(plan.n_rows, plan.global_batch, lane)
+            lane_hi = partition.lane_start(plan.n_rows, plan.global_batch, lane + 1)
+            for s, e in zip(starts, ends):
+                if e > first and s < stop:
+                    b = int(blocks[s])
+                    out.append((max(int(s), first), lane, max(lane_lo, b * plan.window),
+                                min(lane_hi, (b + 1) * plan.window)))
+        out.sort()
+        return out
+
+    def _read(self, epochs):
+        try:
+            for _, first, stop, plan in epochs:
+                for _, lane, lo, hi in self.entered(plan, first, stop):
+                    if not _put(self.ready, self.stop, (lane, lo, hi) + tuple(self.checker.read(lo, hi))):
+                        return
+        except BaseException as exc:
+            _put(self.ready, self.stop, exc)
+
+    def _window(self, lane, row):
+        held = self.current.get(lane)
+        while held is None or not held[0] <= row < held[1]:
+            held = self.early.pop(lane, None)
+            if held is None:
+                item = _get(self.ready, self.stop)
+                if isinstance(item, BaseException):
+                    raise item
+                if item[0] != lane:    # another lane's next window, needed at this step
+                    self.early[item[0]] = item[1:]
+                    continue
+                held = item[1:]
+            self.current[lane] = held
+        return held
+
+    def rows(self, lanes, rows):
+        X = np.empty((rows.size,) + self.checker.X.shape[1:], self.checker.X.dtype)
+        y = np.empty((rows.size,) + self.checker.y.shape[1:], self.checker.y.dtype)
+        for i, (lane, row) in enumerate(zip(lanes.tolist(), rows.tolist())):
+            lo, _, Xw, yw = self._window(lane, row)
+            X[i], y[i] = Xw[row - lo], yw[row - lo]
+        return X, y

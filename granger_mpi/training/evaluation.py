@@ -24,12 +24,17 @@ def bad_row_message(info: dataset.DatasetInfo, row: int) -> str:
 
 
 def report_bad_row(comm: MPI.Comm, info: dataset.DatasetInfo, local_row: int | None, epoch: int,
-                   step: int):
-    """Collective: agree on the first bad row any rank saw and raise the same error everywhere."""
-    row = np.array([np.iinfo(np.int64).max if local_row is None else local_row], np.int64)
-    comm.Allreduce(MPI.IN_PLACE, row, op=MPI.MIN)
-    raise UserError(f"{bad_row_message(info, int(row[0]))} (found at epoch {epoch}, step {step}); "
-                    f"nothing was saved", agreed=True)
+                   step: int, damage: Exception | None = None):
+    """Collective: agree on the first bad row (or damaged block: ``damage``) any rank saw and
+    raise the same error everywhere."""
+    if damage is not None:
+        local = (damage.lo, str(damage))
+    elif local_row is not None:
+        local = (int(local_row), bad_row_message(info, int(local_row)))
+    else:
+        local = (np.iinfo(np.int64).max, "")
+    _, message = comm.allreduce(local, op=MPI.MIN)
+    raise UserError(f"{message} (found at epoch {epoch}, step {step}); nothing was saved", agreed=True)
 
 
 def check_replicas_identical(comm: MPI.Comm, params: np.ndarray, what: str) -> None:

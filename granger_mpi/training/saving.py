@@ -7,6 +7,7 @@ from typing import Callable
 from mpi4py import MPI
 
 from granger_mpi import checkpoint
+from granger_mpi.data import partition
 from granger_mpi.training.state import TrainState
 
 
@@ -29,7 +30,8 @@ class Saver:
         self.background_allowed = ckpt.async_write and not (shard is not None or fault_tolerant)
         self.parallel_from_bytes = math.inf if fault_tolerant else ckpt.parallel_write_from_mib * 2**20
         self.save_args = dict(job_json=job.to_json(), seed=job.train.seed, keep_last=ckpt.keep_last,
-                              extra_attrs={"n_rows": info.n_rows},
+                              extra_attrs={"n_rows": info.n_rows, "partition_rule": partition.RULE,
+                                           "partition_window": info.window},
                               verify_after_write=ckpt.verify_after_write)
         self.log = log
         self.fail_write_at = fail_write_at  # fault injection: this step's save fails, disk full

@@ -10,7 +10,7 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import checkpoint, rundir
-from granger_mpi.data import dataset
+from granger_mpi.data import dataset, partition
 from granger_mpi.model import models
 from granger_mpi.mpi import ulfm
 from granger_mpi.errors import UserError, describe_io_error
@@ -169,3 +169,13 @@ def check_compatible(path: Path, attrs, job, info) -> None:
     if int(attrs.get("n_rows", info.n_rows)) != info.n_rows:
         raise UserError(f"checkpoint {path} was made on a dataset of {int(attrs['n_rows'])} rows, "
                         f"{info.path} has {info.n_rows}")
+    rule = int(attrs.get("partition_rule", 1))
+    if rule != partition.RULE:
+        raise UserError(f"checkpoint {path} was made under partition rule {rule} (every rank "
+                        f"shuffling the whole file), this version uses rule {partition.RULE} (each "
+                        f"rank owning lanes of the file): the rows its epoch has left cannot be "
+                        f"told; finish that run with the version that started it, or start afresh")
+    if int(attrs.get("partition_window", info.window)) != info.window:
+        raise UserError(f"checkpoint {path} was made with windows of {int(attrs['partition_window'])} "
+                        f"rows, {info.path} gives {info.window}: its rows are stored differently "
+                        f"(another dtype or width), so the epoch's order would change")

@@ -42,8 +42,7 @@ class StepRunner:
         row of the batch, or -1; a bad batch contributes nothing but its flag."""
         bad = first_bad_row(self.info, X, y) if rows.size else -1
         if bad >= 0:
-            self.exchange_buffer[:] = 0
-            self.stats[BAD] = 1
+            self.refuse()
             return bad
         scale = np.float32(1.0 / batch_len)
         if rows.size:
@@ -55,6 +54,12 @@ class StepRunner:
         self.stats[LOSS] = loss_sum / batch_len
         self.stats[CORRECT] = correct / batch_len
         self.stats[BAD] = 0
+        return -1
+
+    def refuse(self) -> int:
+        """This rank's rows could not be read intact: contribute nothing but the flag."""
+        self.exchange_buffer[:] = 0
+        self.stats[BAD] = 1
         return -1
 
     def request(self, save: bool, stop: bool) -> None:

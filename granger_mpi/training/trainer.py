@@ -14,7 +14,7 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import checkpoint, collectives, faults
-from granger_mpi.data import dataset, partition
+from granger_mpi.data import dataset, integrity, partition
 from granger_mpi.model import optimizer, zero
 from granger_mpi.observe import status, timing
 from granger_mpi.errors import UserError
@@ -154,6 +154,17 @@ class Trainer:
             memory_budget_bytes=int(job.data.memory_budget_mb * 2**20))
         self.batches = iter(self.stream)
 
+    def _log_data(self) -> None:
+        """Collective: which rows each rank holds, and how, into the run's log."""
+        lines = self.comm.gather(self.stream.describe(), root=0)
+        info = self.info
+        self.outputs.log(f"data: {info.n_rows:,} rows of {info.row_bytes} bytes in "
+                         f"{self.job.train.global_batch} lanes, windows of {info.window} rows, "
+                         + ("every read checked against the file's checksums" if info.checksummed
+                            else "no checksums (granger-mpi dataset checksum adds them)"))
+        for rank, line in enumerate(lines or ()):
+            self.outputs.log(f"data: rank {rank}: {line}")
+
     def run(self) -> TrainResult:
         """Train to the end, a requested stop or the [fault] limits; collective."""
         self.status.start()
@@ -165,6 +176,7 @@ class Trainer:
             started = time.perf_counter()
             self.policy.saved()
             self._open_stream(self.start_step)
+            self._log_data()
             self.row_log = self.hooks.open_row_log(self.comm.Get_rank(), os.getpid())
             try:
                 with self.requests:
@@ -197,6 +209,8 @@ class Trainer:
             self.algorithm = self._choose_algorithm()
             check_replicas_identical(self.comm, self.state.params,
                                      "parameters after a rank failure and roll-back")
+            if self.stream is not None:
+                self._log_data()
         if self.limit:
             return self._stop_past_limits()
         if self.phase == APPLIED:
@@ -222,14 +236,18 @@ class Trainer:
         """Compute, exchange and apply step ``state.step``; ``phase`` is then ``APPLIED``."""
         timer, runner, state, injector = self.timer, self.runner, self.state, self.injector
         timer.lap(timing.OTHER)    # the previous step's bookkeeping
-        epoch, step, batch_len, rows, X, y = next(self.batches)
+        try:
+            epoch, step, batch_len, rows, X, y = next(self.batches)
+            damage = None
+        except integrity.DamagedData as exc:   # agreed below, like a bad row
+            damage, (epoch, step, batch_len, rows), X, y = exc, exc.step_item, None, None
         timer.lap(timing.DATA)
         self.step_index = step_index = epoch * self.per_epoch + step
         started = time.perf_counter()
         self.status.set(status.TRAINING, step_index)
         injector.at_compute(step_index)
         self._log_rows(epoch, step, rows)
-        bad = runner.compute(state.params, rows, X, y, batch_len)
+        bad = runner.compute(state.params, rows, X, y, batch_len) if damage is None else runner.refuse()
         runner.request(*self.requests.take())
         self.status.set(status.AGGREGATING)
         injector.arm_allreduce(step_index, self.algorithm)
@@ -238,7 +256,7 @@ class Trainer:
         applied = runner.exchange(self.comm, self.algorithm, state.params, step_index)
         timer.lap(timing.COMM)
         if runner.flag(BAD):
-            report_bad_row(self.comm, self.info, rows[bad] if bad >= 0 else None, epoch, step)
+            report_bad_row(self.comm, self.info, rows[bad] if bad >= 0 else None, epoch, step, damage)
         self.requested = runner.flag(SAVE), runner.flag(STOP)
         state.commit()
         grad_norm, lr = applied or runner.apply(state.params, step_index)
