@@ -348,7 +348,7 @@ class BatchStream:
         share = (self.region[1] - self.region[0]) * info.row_bytes
         # Held: the share, or each lane's current window and about one more read ahead;
         # then as many steps prefetched as the rest of the budget holds (at most prefetch_steps).
-        window_rows = min(self.window, -(-info.n_rows // global_batch))   # a lane's at most
+        self.window_rows = window_rows = min(self.window, -(-info.n_rows // global_batch))
         self.in_memory = share + step_bytes <= budget
         self.read_ahead_bytes = 0 if self.in_memory else n_lanes * window_rows * info.row_bytes
         held = share if self.in_memory else 2 * self.read_ahead_bytes
@@ -389,18 +389,23 @@ class BatchStream:
     def _produce(self):
         item = None
         try:
-            with h5py.File(self.info.path, "r") as f:
+            # No chunk cache: windows are smaller than a chunk and come in no chunk order, so
+            # a cache would read a whole chunk for each (four times the bytes, measured).
+            with h5py.File(self.info.path, "r", rdcc_nbytes=0, rdcc_nslots=1) as f:
                 checker, source = integrity.Checker(f, self.info.path), None
                 for epoch, first, stop, plan in self._epochs():
+                    entering = None
                     for step in range(first, stop):
                         lanes = plan.lanes_at(step)
                         rows = plan.order[lanes, step]
                         item = (epoch, step, plan.batch_len(step), rows)
                         if source is None:    # here, so that damage found loading has a step
                             source = (_Region(checker, *self.region) if self.in_memory else
-                                      _Windows(checker, self._epochs(), self._stop,
-                                               self.lanes[1] - self.lanes[0]))
-                        X, y = source.rows(lanes + plan.lane_lo, rows)
+                                      _Windows(checker, self._epochs(), self._stop, self.lanes,
+                                               self.window_rows))
+                        if entering is None:
+                            entering = source.epoch(plan, first, stop)
+                        X, y = source.rows(entering.get(step, ()), lanes, rows)
                         if not _put(self._queue, self._stop, item + (
                                 np.ascontiguousarray(X, np.float32), self._targets(y, rows.size))):
                             return
@@ -467,7 +472,7 @@ def _get(q, stop):
 class _Region:
     """A rank's whole region in memory, read once in large checked pieces."""
 
-    PIECE_BYTES = 64 << 20
+    PIECE_BYTES = 8 << 20      # the transient copy a piece's read makes
 
     def __init__(self, checker, lo, hi):
         self.lo = lo
@@ -479,19 +484,28 @@ class _Region:
             b = min(hi, a + piece)
             self.X[a - lo:b - lo], self.y[a - lo:b - lo] = checker.read(a, b)
 
-    def rows(self, lanes, rows):
+    def epoch(self, plan, first, stop):
+        """Nothing to load at any step: the whole region is held."""
+        return {}
+
+    def rows(self, entering, lanes, rows):
         return self.X[rows - self.lo], self.y[rows - self.lo]
 
 
 class _Windows:
-    """A rank's region streamed: each lane's current window, and the next windows read
-    ahead by a thread in the order the steps enter them (a pure function of the plans, so
-    the reader knows it without asking). Windows are contiguous hyperslabs."""
+    """A rank's region streamed: each lane's current window in a slot of one array, and the
+    next windows read ahead by a thread in the order the steps enter them (a pure function
+    of the plans, so the reader knows it without asking). Windows are contiguous hyperslabs."""
 
-    def __init__(self, checker, epochs, stop, n_lanes):
-        self.checker, self.stop = checker, stop
-        self.current = {}          # lane -> (lo, hi, X, y): the window its steps are in
-        self.early = {}            # lane -> its next window, read before its turn
+    def __init__(self, checker, epochs, stop, lanes, window_rows):
+        self.checker, self.stop, self.lane_lo = checker, stop, lanes[0]
+        n_lanes = lanes[1] - lanes[0]
+        X, y = checker.X, checker.y
+        self.X = np.empty((n_lanes, window_rows) + X.shape[1:], X.dtype)
+        self.y = np.empty((n_lanes, window_rows) + y.shape[1:], y.dtype)
+        self.lo = np.zeros(n_lanes, np.int64)     # the rows [lo, hi) each slot holds
+        self.hi = np.zeros(n_lanes, np.int64)
+        self.early = {}            # slot -> its next window, read before its turn
         self.ready = queue.Queue(maxsize=n_lanes)
         self.thread = threading.Thread(target=self._read, args=(epochs,), name="granger-windows",
                                        daemon=True)
@@ -522,30 +536,38 @@ class _Windows:
         try:
             for _, first, stop, plan in epochs:
                 for _, lane, lo, hi in self.entered(plan, first, stop):
-                    if not _put(self.ready, self.stop, (lane, lo, hi) + tuple(self.checker.read(lo, hi))):
+                    item = (lane - self.lane_lo, lo, hi) + tuple(self.checker.read(lo, hi))
+                    if not _put(self.ready, self.stop, item):
                         return
         except BaseException as exc:
             _put(self.ready, self.stop, exc)
 
-    def _window(self, lane, row):
-        held = self.current.get(lane)
-        while held is None or not held[0] <= row < held[1]:
-            held = self.early.pop(lane, None)
-            if held is None:
-                item = _get(self.ready, self.stop)
-                if isinstance(item, BaseException):
-                    raise item
-                if item[0] != lane:    # another lane's next window, needed at this step
-                    self.early[item[0]] = item[1:]
-                    continue
-                held = item[1:]
-            self.current[lane] = held
-        return held
+    def _load(self, slot):
+        """Fill ``slot`` with its lane's next window (others read before it wait in ``early``)."""
+        item = self.early.pop(slot, None)
+        while item is None:
+            got = _get(self.ready, self.stop)
+            if isinstance(got, BaseException):
+                raise got
+            if got[0] == slot:
+                item = got
+            else:                  # another lane's next window, needed at this step too
+                self.early[got[0]] = got
+        _, lo, hi, X, y = item
+        self.lo[slot], self.hi[slot] = lo, hi
+        self.X[slot, :hi - lo], self.y[slot, :hi - lo] = X, y
 
-    def rows(self, lanes, rows):
-        X = np.empty((rows.size,) + self.checker.X.shape[1:], self.checker.X.dtype)
-        y = np.empty((rows.size,) + self.checker.y.shape[1:], self.checker.y.dtype)
-        for i, (lane, row) in enumerate(zip(lanes.tolist(), rows.tolist())):
-            lo, _, Xw, yw = self._window(lane, row)
-            X[i], y[i] = Xw[row - lo], yw[row - lo]
-        return X, y
+    def epoch(self, plan, first, stop):
+        """``{step: slots}``: the lanes (as slots) entering a new window at each step."""
+        entering = {}
+        for step, lane, _, _ in self.entered(plan, first, stop):
+            entering.setdefault(step, []).append(lane - self.lane_lo)
+        return entering
+
+    def rows(self, entering, lanes, rows):
+        """The rows of a step, after loading the windows the step enters (by the plan, not
+        by the rows: an epoch may start in the block the last one ended in)."""
+        for slot in entering:
+            self._load(slot)
+        offsets = rows - self.lo[lanes]
+        return self.X[lanes, offsets], self.y[lanes, offsets]
