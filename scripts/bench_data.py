@@ -232,7 +232,7 @@ def plot(path, values, size_mb):
             xs.append(i * 3 + j)
     right.set_xticks([0.5, 3.5], ["P = 2", "P = 4"])
     right.set_ylabel("samples/s (784-512-256-10 MLP)")
-    right.set_title("Training: data in memory vs streamed (budget 1/4 of share)")
+    right.set_title("Training, cold cache: in memory vs streamed")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

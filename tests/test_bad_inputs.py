@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import mpirun, write_job
+from granger_mpi.data import integrity
 
 
 def check_rejected(run, run_dir, message):
@@ -154,6 +155,7 @@ def test_a_bad_test_set_leaves_no_completion_record(tmp_path, job, small_dataset
     shutil.copy(small_dataset, test_set)
     with h5py.File(test_set, "a") as f:
         f["X"][7, 0] = np.nan
+        integrity.add(f)          # a NaN the file was written with, not a damaged byte
     run = mpirun(2, "train", job(data={"test_path": str(test_set)}, train={"max_steps": 10}),
                  timeout=60)
     assert run.returncode == 2, run.output

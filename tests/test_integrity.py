@@ -91,3 +91,12 @@ def test_training_on_a_damaged_file_stops_every_rank_and_saves_nothing(damaged, 
     assert len(lines) == 1 and f"{damaged}: /X rows [{lo}, {hi}) do not match" in lines[0], run.output
     assert not (tmp_path / "run" / "model.h5").exists()
     assert not list((tmp_path / "run").glob("ckpt/step_*.h5"))
+
+
+def test_evaluate_names_a_damaged_block_on_every_rank(damaged, reference_run):
+    lo, hi = block_of(damaged, 1500)
+    _, run_dir = reference_run(2)
+    run = mpirun(3, "evaluate", run_dir / "model.h5", damaged, timeout=90)
+    assert run.returncode == 2, run.output
+    lines = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]
+    assert len(lines) == 1 and f"/X rows [{lo}, {hi}) do not match" in lines[0], run.output

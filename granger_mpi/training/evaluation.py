@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi.data import dataset, partition
+from granger_mpi.data import dataset, integrity, partition
 from granger_mpi.storage.checksums import crc32
 from granger_mpi.errors import UserError
 from granger_mpi.kernels import checks
@@ -52,31 +52,38 @@ def evaluate(comm: MPI.Comm, model, params: np.ndarray, info: dataset.DatasetInf
              chunk_rows: int = 65536) -> tuple[float, float | None]:
     """Mean loss and accuracy (None for regression) of ``params`` on a whole dataset.
 
-    Collective over ``comm``: each rank reads a contiguous share of the rows in chunks.
-    A bad row anywhere raises ``UserError`` naming the first one, on every rank.
+    Collective over ``comm``: each rank reads a contiguous share of the rows in chunks,
+    checked against the file's checksums. A bad row or a damaged block anywhere raises
+    ``UserError`` naming the first one, on every rank.
     """
     lo, hi = partition.rank_bounds(info.n_rows, comm.Get_size(), comm.Get_rank())
     totals = np.zeros(2, np.float64)  # loss sum, correct
-    first_bad = np.array([info.n_rows], np.int64)
+    problem = (info.n_rows, "")       # (first bad row, what is wrong with it)
     grad = np.empty(model.layout.size, np.float32)
     with h5py.File(info.path, "r") as f:
+        checker = integrity.Checker(f, info.path)
         for start in range(lo, hi, chunk_rows):
             stop = min(hi, start + chunk_rows)
-            X = np.ascontiguousarray(f["X"][start:stop], np.float32)
+            try:
+                X, y = checker.read(start, stop)
+            except integrity.DamagedData as damage:
+                problem = (damage.lo, str(damage))
+                break
+            X = np.ascontiguousarray(X, np.float32)
             if info.task == "classification":
-                y = dataset.labels_as_int32(f["y"][start:stop], info.n_classes)
+                y = dataset.labels_as_int32(y, info.n_classes)
             else:
-                y = np.ascontiguousarray(f["y"][start:stop], np.float32).reshape(stop - start, -1)
+                y = np.ascontiguousarray(y, np.float32).reshape(stop - start, -1)
             bad = first_bad_row(info, X, y)
             if bad >= 0:
-                first_bad[0] = start + bad
+                problem = (start + bad, bad_row_message(info, start + bad))
                 break
             loss_sum, correct = model.loss_grad(params, X, y, np.float32(0), grad)
             totals[0] += loss_sum
             totals[1] += correct
     comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
-    comm.Allreduce(MPI.IN_PLACE, first_bad, op=MPI.MIN)
-    if first_bad[0] < info.n_rows:
-        raise UserError(f"{bad_row_message(info, int(first_bad[0]))}; cannot evaluate", agreed=True)
+    _, message = comm.allreduce(problem, op=MPI.MIN)
+    if message:
+        raise UserError(f"{message}; cannot evaluate", agreed=True)
     loss = totals[0] / info.n_rows
     return loss, (totals[1] / info.n_rows if info.task == "classification" else None)
