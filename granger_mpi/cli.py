@@ -294,7 +294,8 @@ def cmd_supervise(args):
     from granger_mpi.launch import supervise
     return supervise.supervise(args.job, args.ranks, mpirun=args.mpirun, mpirun_args=args.mpirun_arg,
                                train_args=(["--overwrite"] if args.overwrite else []) + _passed_on(args),
-                               max_restarts=args.max_restarts, backoff_s=args.backoff)
+                               max_restarts=args.max_restarts, backoff_s=args.backoff,
+                               max_backoff_s=args.max_backoff)
 
 
 def cmd_run(args):
@@ -305,7 +306,7 @@ def cmd_run(args):
     return launch.run(args.job, args.ranks, mpirun=args.mpirun, hostfile=args.hostfile,
                       detector_timeout_s=args.detector_timeout, mpirun_args=args.mpirun_arg,
                       train_args=train_args, max_restarts=args.max_restarts,
-                      backoff_s=args.backoff, dry_run=args.dry_run)
+                      backoff_s=args.backoff, max_backoff_s=args.max_backoff, dry_run=args.dry_run)
 
 
 def cmd_doctor(args):
@@ -517,6 +518,8 @@ def build_parser():
     p.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks")
     p.add_argument("--max-restarts", type=int, default=3)
     p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first restart")
+    p.add_argument("--max-backoff", type=float, default=300.0,
+                   help="the longest wait between restarts, however many (default 300 s)")
     p.add_argument("--mpirun", default="mpirun", help="launcher (default: mpirun on PATH)")
     p.add_argument("--mpirun-arg", action="append", default=[], help="extra launcher argument (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="first attempt replaces an earlier run")
@@ -541,6 +544,8 @@ def build_parser():
                    help="restart from the newest checkpoint after a failure, up to this many "
                         "times (default 0: run once, exit with mpirun's code)")
     p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first restart")
+    p.add_argument("--max-backoff", type=float, default=300.0,
+                   help="the longest wait between restarts, however many (default 300 s)")
     p.add_argument("--mpirun", default="mpirun", help="launcher (default: mpirun on PATH)")
     p.add_argument("--mpirun-arg", action="append", default=[], help="extra launcher argument (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in run_dir")

@@ -34,6 +34,7 @@ class DataConfig:
     test_path: Path | None = _spec(None, kind="path")
     prefetch_steps: int = _spec(2, kind=int, min=1, max=64)
     memory_budget_mb: float = _spec(512.0, kind=float, min=0, exclusive_min=True)
+    allow_external_storage: bool = _spec(False, kind=bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -349,6 +350,10 @@ def load(path, run_dir=None):
         raise UserError(f"job file {path} not found") from None
     except OSError as exc:
         raise UserError(f"job file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise UserError(f"job file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                        f"on line {line}); TOML files are UTF-8") from None
     job = parse(text, source=path)
     if run_dir is not None:
         if not str(run_dir):

@@ -188,3 +188,80 @@ def test_overwrite_clears_checkpoints_through_a_symlinked_ckpt(tmp_path, job):
     assert run.returncode == 0, run.output
     assert (tmp_path / "run" / "ckpt").is_symlink()
     assert sorted(p.name for p in scratch.iterdir()) == ["latest", "notes.txt", "step_00000010.h5"]
+
+
+def external(path, tmp_path):
+    """/X stored in a raw file beside the HDF5 file (HDF5 external storage)."""
+    raw = tmp_path / "secret.bin"
+    raw.write_bytes(np.arange(64 * 3, dtype=np.float32).tobytes())
+    with h5py.File(path, "w") as f:
+        f.create_dataset("X", (64, 3), np.float32, external=[(str(raw), 0, 64 * 3 * 4)])
+        f["y"] = np.arange(64, dtype=np.int32) % 2
+    return path
+
+
+def virtual(path, tmp_path):
+    """/X a virtual dataset mapping another file's dataset."""
+    source = tmp_path / "elsewhere.h5"
+    with h5py.File(source, "w") as f:
+        f["data"] = np.ones((64, 3), np.float32)
+    layout = h5py.VirtualLayout((64, 3), np.float32)
+    layout[...] = h5py.VirtualSource(str(source), "data", (64, 3))
+    with h5py.File(path, "w") as f:
+        f.create_virtual_dataset("X", layout)
+        f["y"] = np.arange(64, dtype=np.int32) % 2
+    return path
+
+
+def unwritten(path, tmp_path):
+    """A small file whose /X claims 2^40 rows it never stored (chunked, no chunk written)."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("X", (1 << 40, 3), np.float32, chunks=(1024, 3))
+        f.create_dataset("y", (1 << 40,), np.int32, chunks=(1024,))
+        f.attrs["n_classes"] = 2
+    return path
+
+
+@pytest.mark.parametrize("make,message", [
+    (external, "/X uses HDF5 external storage"),
+    (virtual, "/X is a virtual dataset"),
+    (unwritten, "/X claims 1,099,511,627,776 rows but stores"),
+], ids=["external", "virtual", "unwritten"])
+def test_a_dataset_whose_values_live_elsewhere_or_nowhere_is_refused(tmp_path, job, make, message):
+    """Training would read any file the job can read as features (external, virtual), or
+    allocate for rows that do not exist (#27 item 10)."""
+    data = make(tmp_path / "d.h5", tmp_path)
+    run = mpirun(2, "train", job(dataset=data, train={"global_batch": 16, "epochs": 1}), timeout=60)
+    check_rejected(run, tmp_path / "run", message)
+
+
+def test_external_storage_is_allowed_when_the_job_says_so(tmp_path, job):
+    data = external(tmp_path / "d.h5", tmp_path)
+    run = mpirun(2, "train", job(dataset=data, data={"allow_external_storage": True},
+                                 train={"global_batch": 16, "epochs": 1}), timeout=60)
+    assert run.returncode == 0, run.output
+
+
+@pytest.mark.parametrize("value", [2.5, "three"], ids=["float", "string"])
+def test_a_non_integer_n_classes_is_one_line(tmp_path, job, value):
+    data = labelled(tmp_path / "d.h5", np.arange(64, dtype=np.int64) % 3, value)
+    run = mpirun(2, "train", job(dataset=data), timeout=60)
+    check_rejected(run, tmp_path / "run", "attribute n_classes must be an integer")
+
+
+def test_a_job_file_that_is_not_utf8_is_one_line(tmp_path, job):
+    path = job()
+    path.write_bytes(path.read_bytes().replace(b"[model]", b"[model] # \xe9t\xe9"))
+    run = mpirun(2, "train", path, timeout=60)
+    check_rejected(run, tmp_path / "run", "is not UTF-8 text")
+
+
+def test_a_model_file_without_its_model_attribute_is_one_line(tmp_path, small_dataset):
+    model = tmp_path / "model.h5"
+    with h5py.File(model, "w") as f:
+        f["params/W1"] = np.zeros((12, 4), np.float32)
+        f.attrs["format"] = "granger-mpi model"
+    run = mpirun(2, "evaluate", model, small_dataset, timeout=60)
+    assert run.returncode == 2, run.output
+    lines = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]
+    assert len(lines) == 1 and str(model) in lines[0] and "Traceback" not in run.stderr, run.output

@@ -636,3 +636,110 @@ def test_a_checkpoint_of_the_old_partition_rule_is_refused(small_dataset, tmp_pa
                    "--resume", str(ckpt), timeout=120)
     assert again.returncode == 2, again.output
     assert "was made under partition rule 1" in again.stderr, again.output
+
+
+def test_resume_on_another_dataset_of_the_same_size_is_refused(small_dataset, tmp_path):
+    """The row count alone let any dataset of 2,000 rows continue a run (#27 item 4): the
+    checkpoint records the dataset's fingerprint (its block checksums), and a mismatch is
+    exit 2 naming both files' fingerprints."""
+    run_dir = tmp_path / "run"
+    assert mpirun(2, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
+                                       train={"max_steps": 10}), timeout=120).returncode == 0
+    other = tmp_path / "other.h5"
+    run = mpirun(2, "make-dataset", other, "--rows", "2000", "--features", "12", "--classes", "4",
+                 "--seed", "6")
+    assert run.returncode == 0, run.output
+    again = mpirun(2, "train", job_file(tmp_path / "b.toml", other, run_dir), "--resume", "auto",
+                   timeout=120)
+    assert again.returncode == 2, again.output
+    assert "was made on another dataset" in again.stderr and str(other) in again.stderr, again.output
+
+
+def test_resume_with_a_cosine_schedule_over_other_steps_is_refused(small_dataset, tmp_path):
+    """The cosine schedule spans the run's steps: more epochs on resume would change every
+    learning rate after the checkpoint, so it is refused; a constant schedule may go on."""
+    run_dir = tmp_path / "run"
+    cosine = {"learning_rate": 0.1, "schedule": "cosine"}
+    first = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"epochs": 2, "max_steps": 10},
+                     optimizer=cosine)
+    assert mpirun(2, "train", first, timeout=120).returncode == 0
+    longer = job_file(tmp_path / "b.toml", small_dataset, run_dir, train={"epochs": 3}, optimizer=cosine)
+    again = mpirun(2, "train", longer, "--resume", "auto", timeout=120)
+    assert again.returncode == 2, again.output
+    assert "cosine" in again.stderr and "over 10 steps" in again.stderr and "96" in again.stderr, again.output
+
+
+def test_resume_auto_follows_the_index_and_sets_an_abandoned_branch_aside(small_dataset, tmp_path):
+    """A user rolls back to step 80 after step 96 (diverged) and the rolled-back run saves
+    90: `--resume auto` must continue from 90, the branch the index names, not from the
+    abandoned 96; 96 is moved to ckpt/abandoned/ (never deleted) and `inspect` lists it
+    (#27 item 1)."""
+    run_dir = tmp_path / "run"
+    saves = {"every_steps": 8, "keep_last": 3}
+    assert mpirun(2, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir, checkpoint=saves),
+                  timeout=120).returncode == 0
+    ckpt = run_dir / "ckpt"
+    assert (ckpt / "step_00000096.h5").exists()
+    rolled = mpirun(2, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir, checkpoint=saves,
+                                         train={"max_steps": 90}),
+                    "--resume", ckpt / "step_00000080.h5", timeout=120)
+    assert rolled.returncode == 0, rolled.output
+    assert json.loads((ckpt / "latest").read_text())["step"] == 90
+    assert not (ckpt / "step_00000096.h5").exists()
+    assert (ckpt / "abandoned" / "step_00000096.h5").exists()
+    listed = granger("inspect", run_dir)
+    assert "abandoned" in listed.stdout and "step_00000096.h5" in listed.stdout, listed.output
+    again = mpirun(2, "train", job_file(tmp_path / "c.toml", small_dataset, run_dir, checkpoint=saves),
+                   "--resume", "auto", timeout=120)
+    assert again.returncode == 0, again.output
+    assert "step_00000090.h5: step 90" in again.stdout, again.output
+
+
+def test_resume_auto_without_an_index_scans_the_directory(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    assert mpirun(2, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
+                                       checkpoint={"every_steps": 8}, train={"max_steps": 40}),
+                  timeout=120).returncode == 0
+    (run_dir / "ckpt" / "latest").unlink()
+    again = mpirun(2, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir), "--resume", "auto",
+                   timeout=120)
+    assert again.returncode == 0 and "step_00000040.h5: step 40" in again.stdout, again.output
+
+
+def test_a_damaged_metrics_file_is_set_aside_on_resume(small_dataset, tmp_path):
+    """A node crash during a flush leaves metrics.h5 unreadable: the resume keeps it aside,
+    says where, starts a new one at the checkpoint's step and goes on (#27 item 3; it
+    was a traceback and exit 1, so supervise used up its restarts)."""
+    run_dir = tmp_path / "run"
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"max_steps": 40},
+                   checkpoint={"every_steps": 20}, output={"jsonl": True})
+    assert mpirun(2, "train", job, timeout=120).returncode == 0
+    metrics = run_dir / "metrics.h5"
+    metrics.write_bytes(metrics.read_bytes()[:1000])           # torn mid-write
+    again = mpirun(2, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir,
+                                        checkpoint={"every_steps": 20}, output={"jsonl": True}),
+                   "--resume", "auto", timeout=120)
+    assert again.returncode == 0, again.output
+    aside = list(run_dir.glob("metrics.damaged-*.h5"))
+    assert len(aside) == 1 and f"kept as {aside[0]}" in again.stdout, again.output
+    with h5py.File(metrics) as f:
+        assert f["step"][0] == 40 and f["step"][-1] == 95
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "step"]
+    assert steps == list(range(96))                             # the JSON lines lost nothing
+
+
+def test_an_old_checkpoint_that_cannot_be_deleted_is_a_warning_not_a_failure(small_dataset, tmp_path):
+    """#27 item 13: a failed prune failed the run before model.h5. Here the 'checkpoint' is
+    a directory, which unlink refuses; the run warns, leaves it and completes."""
+    run_dir = tmp_path / "run"
+    (run_dir / "ckpt" / "step_00000001.h5").mkdir(parents=True)
+    (run_dir / "ckpt" / "step_00000002.h5.tmp").write_bytes(b"torn")     # a crashed save's
+    job = job_file(tmp_path / "a.toml", small_dataset, run_dir, train={"max_steps": 24},
+                   checkpoint={"every_steps": 8, "keep_last": 1})
+    run = mpirun(2, "train", job, timeout=120)
+    assert run.returncode == 0, run.output
+    assert "could not delete old checkpoint" in run.stderr and "step_00000001.h5" in run.stderr
+    assert (run_dir / "model.h5").exists()
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", "step_00000001.h5",
+                                                                   "step_00000024.h5"]

@@ -92,3 +92,17 @@ def test_watchdog_limits(tmp_path):
     assert watch.limit_s() == 100
     watch.set(status.IDLE)
     assert watch.limit_s() is None
+
+
+def test_the_restart_backoff_doubles_up_to_its_cap(tmp_path, monkeypatch, small_dataset):
+    """#27 item 13: 2 ** restarts seconds had no cap (the 20th restart waited 6 days)."""
+    from conftest import write_job
+    from granger_mpi.launch import supervise
+    job = write_job(tmp_path / "job.toml", dataset=small_dataset, run_dir=tmp_path / "run")
+    waits = []
+    monkeypatch.setattr(supervise.subprocess, "call", lambda *a, **k: 1)     # every run fails
+    monkeypatch.setattr(supervise.time, "sleep", waits.append)
+    code = supervise.supervise(job, 2, max_restarts=12, backoff_s=1.0, max_backoff_s=300.0,
+                               out=lambda line: None)
+    assert code == supervise.EXIT_GAVE_UP
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]

@@ -8,10 +8,10 @@ protocol, ``AsyncSaver``), ``store`` (the directory: index, pruning, the newest 
 from granger_mpi.checkpoint.format import (FORMAT, NAME, CheckpointError, Snapshot, checkpoint_dir,
                                            file_name, read, verify)
 from granger_mpi.checkpoint.policy import CheckpointPolicy
-from granger_mpi.checkpoint.store import (CheckpointStore, candidates, discard, finish_run, newest_good,
+from granger_mpi.checkpoint.store import (CheckpointStore, abandoned, candidates, discard, finish_run, newest_good,
                                           store, wait_for_pruning)
 from granger_mpi.checkpoint.writer import PARALLEL_FROM_BYTES, AsyncSaver, save
 
 __all__ = ["FORMAT", "NAME", "PARALLEL_FROM_BYTES", "AsyncSaver", "CheckpointError", "CheckpointPolicy",
-           "CheckpointStore", "Snapshot", "candidates", "checkpoint_dir", "discard", "file_name", "finish_run",
+           "CheckpointStore", "Snapshot", "abandoned", "candidates", "checkpoint_dir", "discard", "file_name", "finish_run",
            "newest_good", "read", "save", "store", "verify", "wait_for_pruning"]

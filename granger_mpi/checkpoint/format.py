@@ -29,7 +29,7 @@ from granger_mpi.data import partition
 from granger_mpi.errors import UserError, WriteError
 from granger_mpi.model.modelfile import CHECKPOINT_FORMAT
 from granger_mpi.storage.checksums import CrcPipeline, chunks, combine, crc32
-from granger_mpi.storage.h5files import (datasets, int_attr, open_file, open_for_reading, read_rows,
+from granger_mpi.storage.h5files import (datasets, int_attr, json_attr, open_file, open_for_reading, read_rows,
                                          stored_layout, str_attr)
 
 FORMAT = CHECKPOINT_FORMAT
@@ -238,7 +238,7 @@ def read(path, model, optimizer_slots=("velocity",), optimizer_shard=None):
     with open_for_reading(path, "checkpoint") as f:
         if f.attrs.get("format") != FORMAT or f.attrs.get("complete") != 1:
             raise CheckpointError(f"checkpoint {path} is damaged: not a complete granger-mpi checkpoint")
-        saved = json.loads(f.attrs["model"])
+        saved = json_attr(f, "model", path)
         if saved != model.spec():
             differing = [k for k in model.spec() if saved.get(k) != model.spec()[k]]
             raise UserError(f"checkpoint {path} holds a different model ({differing[0]}: "

@@ -1,14 +1,18 @@
 """A run's checkpoint directory: the ``latest`` index, deleting checkpoints beyond
-``keep_last`` (in a helper thread a save need not wait for), and finding the newest good one."""
+``keep_last`` (in a helper thread a save need not wait for), setting aside those of an
+abandoned branch (``abandoned/``), and finding the newest good one of the indexed branch."""
 
 import errno
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from granger_mpi.checkpoint.format import NAME, checkpoint_dir, file_name, verify
 from granger_mpi.errors import UserError
+
+ABANDONED = "abandoned"     # checkpoints of a branch left by a resume from an earlier one
 
 class CheckpointStore:
     """The directory ``RUN_DIR/ckpt``: staging and publishing the index, and pruning in a
@@ -40,6 +44,7 @@ class CheckpointStore:
             os.replace(name + ".tmp", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             os.replace(self.STAGED, "latest", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             os.fsync(dir_fd)
+            _abandon_above(self.directory, dir_fd, step)
         finally:
             os.close(dir_fd)
         if doomed:
@@ -83,6 +88,10 @@ def discard(run_dir):
         name = entry.name.removesuffix(".tmp")
         if NAME.match(name) or name == "latest":
             entry.unlink()
+    for entry in abandoned(run_dir):
+        entry.unlink()
+    if (directory / ABANDONED).is_dir() and not any((directory / ABANDONED).iterdir()):
+        (directory / ABANDONED).rmdir()
     if not directory.is_symlink() and not any(directory.iterdir()):
         directory.rmdir()
 
@@ -100,21 +109,50 @@ def finish_run():
 
 
 def _delete(paths):
+    """Delete old checkpoints; one that cannot be is left, with a warning: the run's newer
+    checkpoints are good, so this is no reason to stop it."""
     for path in paths:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            print(f"granger-mpi: warning: could not delete old checkpoint {path} "
+                  f"({exc.strerror or exc}); left in place", file=sys.stderr, flush=True)
 
 
 def _stage_index(directory, step, keep_last, staged):
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        steps = sorted({step} | {int(m.group(1)) for entry in os.listdir(dir_fd)
-                                 if (m := NAME.match(entry))})
+        entries = os.listdir(dir_fd)
+        for entry in entries:    # a save in flight is this one: any other .tmp is a torn one
+            m = NAME.match(entry.removesuffix(".tmp"))
+            if entry.endswith(".tmp") and m and int(m.group(1)) != step:
+                _delete([directory / entry])
+        steps = sorted({step} | {int(m.group(1)) for entry in entries if (m := NAME.match(entry))})
         keep = [s for s in steps if s <= step][-keep_last:]
         index = {"latest": file_name(step), "step": step, "kept": [file_name(s) for s in keep]}
         _write_new(staged, (json.dumps(index, indent=1) + "\n").encode(), dir_fd)
     finally:
         os.close(dir_fd)
     return [directory / file_name(s) for s in steps if s not in keep and s < step]
+
+
+def _abandon_above(directory, dir_fd, step):
+    """Move the checkpoints above ``step`` into ``abandoned/``: they belong to a branch
+    that a resume from an earlier checkpoint left (the user rolled back), which the index
+    no longer names; kept for the user, never deleted."""
+    above = [entry for entry in os.listdir(dir_fd) if (m := NAME.match(entry)) and int(m.group(1)) > step]
+    if not above:
+        return
+    (directory / ABANDONED).mkdir(exist_ok=True)
+    for entry in above:
+        os.replace(entry, f"{ABANDONED}/{entry}", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
+
+
+def abandoned(run_dir):
+    """The checkpoints set aside in ``ckpt/abandoned/``, oldest first."""
+    directory = Path(checkpoint_dir(run_dir)) / ABANDONED
+    return sorted(p for p in directory.iterdir() if NAME.match(p.name)) if directory.is_dir() else []
 
 
 def _write_new(name, data, dir_fd):
@@ -128,12 +166,19 @@ def _write_new(name, data, dir_fd):
 
 
 def candidates(run_dir):
-    """Checkpoint files of a run, newest first."""
+    """Checkpoint files of a run, newest first. With an index (``latest``), only those of
+    the branch it names: its step and below (a file above it is a branch the user rolled
+    back from, or a save whose index never got published); without one, all."""
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := NAME.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
+    found = sorted(((int(m.group(1)), p) for p in directory.iterdir() if (m := NAME.match(p.name))),
+                   reverse=True)
+    try:
+        newest = int(json.loads((directory / "latest").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        newest = None
+    return [p for step, p in found if newest is None or step <= newest]
 
 
 def newest_good(run_dir, report=print):

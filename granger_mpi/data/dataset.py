@@ -10,6 +10,7 @@ the partition gives it), a few steps ahead in a background thread, within a memo
 """
 
 import json
+import math
 import queue
 import threading
 from dataclasses import dataclass
@@ -64,14 +65,17 @@ def chunk_rows(n_features, n_rows):
     return int(max(1, min(n_rows, CHUNK_BYTES // (4 * n_features))))
 
 
-def open_info(path):
-    """Check a dataset file and describe it; ``UserError`` names the file and the problem."""
+def open_info(path, allow_external=False):
+    """Check a dataset file and describe it; ``UserError`` names the file and the problem.
+    ``allow_external``: accept ``/X`` or ``/y`` whose values live in other files (HDF5
+    external storage, virtual datasets), which training would read whatever they are."""
     path = Path(path)
     with open_for_reading(path, "dataset file") as f:
         for name in ("X", "y"):
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise UserError(f"dataset file {path} has no /{name} dataset "
                                 f"(granger-mpi needs /X rows x features and /y targets)")
+            _check_storage(path, name, f[name], allow_external)
         X, y = f["X"], f["y"]
         if X.ndim != 2 or X.dtype.kind != "f":
             raise UserError(f"{path}: /X must be a 2-D float array (rows x features), "
@@ -90,7 +94,11 @@ def open_info(path):
                 raise UserError(f"{path}: /y of a classification dataset must be 1-D integer "
                                 f"labels, got {y.ndim}-D {y.dtype}")
             if "n_classes" in f.attrs:
-                n_classes = int(f.attrs["n_classes"])
+                n_classes = f.attrs["n_classes"]
+                if not isinstance(n_classes, (int, np.integer)) or isinstance(n_classes, bool):
+                    raise UserError(f"{path}: attribute n_classes must be an integer, got "
+                                    f"{n_classes!r}")
+                n_classes = int(n_classes)
             else:
                 _check_labels_below(path, y, MAX_CLASSES)
                 n_classes = _max_label(y) + 1
@@ -110,6 +118,29 @@ def open_info(path):
             raise UserError(f"{path}: attribute task={task!r} must be 'classification' or 'regression'")
         return DatasetInfo(path, int(X.shape[0]), int(X.shape[1]), task, n_classes, n_targets,
                            X.dtype.itemsize, y.dtype.itemsize, integrity.GROUP in f)
+
+
+def _check_storage(path, name, ds, allow_external):
+    """Refuse values stored outside the file (unless allowed) or never stored: a small file
+    claiming 2**40 rows would otherwise be believed, and allocated for."""
+    where = ("a virtual dataset (its values come from other files)" if ds.is_virtual else
+             f"HDF5 external storage (file {ds.external[0][0]})" if ds.external else None)
+    if where is not None:
+        if not allow_external:
+            verb = "is" if ds.is_virtual else "uses"
+            raise UserError(f"{path}: /{name} {verb} {where}; set [data].allow_external_storage "
+                            f"= true to train on it")
+        return
+    expected = ds.size * ds.dtype.itemsize
+    if ds.chunks is None:
+        complete = ds.id.get_storage_size() >= expected
+    else:
+        chunks = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks))
+        complete = ds.id.get_num_chunks() >= chunks
+    if not complete:
+        raise UserError(f"{path}: /{name} claims {ds.shape[0]:,} rows but stores "
+                        f"{ds.id.get_storage_size():,} of their {expected:,} bytes: its values "
+                        f"were never written")
 
 
 _LABEL_CHUNK = 1 << 20

@@ -43,7 +43,8 @@ def mpirun_flags(job, ranks, *, hostfile=None, detector_timeout_s=None, extra=()
 
 
 def run(job_path, ranks, *, mpirun="mpirun", hostfile=None, detector_timeout_s=None,
-        mpirun_args=(), train_args=(), max_restarts=0, backoff_s=1.0, dry_run=False, out=print):
+        mpirun_args=(), train_args=(), max_restarts=0, backoff_s=1.0, max_backoff_s=300.0, dry_run=False,
+        out=print):
     """Launch the job; returns the exit code (``mpirun``'s, or ``supervise``'s with restarts)."""
     job = config.load(job_path)
     flags = mpirun_flags(job, ranks, hostfile=hostfile, detector_timeout_s=detector_timeout_s,
@@ -58,6 +59,6 @@ def run(job_path, ranks, *, mpirun="mpirun", hostfile=None, detector_timeout_s=N
     if max_restarts:
         return supervise.supervise(job_path, ranks, mpirun=mpirun, mpirun_args=flags,
                                    train_args=train_args, max_restarts=max_restarts,
-                                   backoff_s=backoff_s, out=out)
+                                   backoff_s=backoff_s, max_backoff_s=max_backoff_s, out=out)
     supervise.clear_stale_session_dir()
     os.execv(command[0], command)

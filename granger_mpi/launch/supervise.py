@@ -47,11 +47,12 @@ def clear_stale_session_dir():
 
 
 def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=(), max_restarts=3,
-              backoff_s=1.0, out=print):
+              backoff_s=1.0, max_backoff_s=300.0, out=print):
     """Run ``mpirun -n ranks granger-mpi train JOB`` until the run completes; the exit code.
 
     After a failure the job is started again with ``--resume auto`` (newest checkpoint that
-    verifies), at most ``max_restarts`` times, waiting ``backoff_s`` doubled each time.
+    verifies), at most ``max_restarts`` times, waiting ``backoff_s`` doubled each time, up
+    to ``max_backoff_s``.
     Bad input (2) and a requested stop (3) are passed on at once; giving up exits 4.
     """
     job = config.load(job_path)
@@ -77,7 +78,7 @@ def supervise(job_path, ranks, *, mpirun="mpirun", mpirun_args=(), train_args=()
             out(f"supervise: giving up: the run failed {restarts + 1} time(s) (last exit code {code}), "
                 f"--max-restarts {max_restarts}")
             return EXIT_GAVE_UP
-        wait = backoff_s * 2 ** restarts
+        wait = min(max_backoff_s, backoff_s * 2 ** min(restarts, 64))
         restarts += 1
         out(f"supervise: the run failed (exit code {code}); restart {restarts}/{max_restarts} from the "
             f"newest good checkpoint in {wait:.1f} s")

@@ -17,7 +17,7 @@ import numpy as np
 from granger_mpi.errors import UserError
 from granger_mpi.model.models import Model
 from granger_mpi.storage.checksums import crc32
-from granger_mpi.storage.h5files import open_for_reading
+from granger_mpi.storage.h5files import json_attr, open_for_reading
 from granger_mpi.storage.versions import versions_json
 
 FORMAT = "granger-mpi model"
@@ -55,8 +55,12 @@ def load(path):
                             f"(no format={FORMAT!r} or {CHECKPOINT_FORMAT!r} attribute)")
         if fmt == CHECKPOINT_FORMAT and f.attrs.get("complete") != 1:
             raise UserError(f"checkpoint {path} is incomplete (the save did not finish)")
-        spec = json.loads(f.attrs["model"])
-        model = Model(spec["kind"], tuple(spec["sizes"]), spec["activation"], spec["task"])
+        spec = json_attr(f, "model", path)
+        try:
+            model = Model(spec["kind"], tuple(spec["sizes"]), spec["activation"], spec["task"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path}: its attribute 'model' does not describe a model "
+                            f"({type(exc).__name__}: {exc})") from None
         params = np.empty(model.layout.size, np.float32)
         views = model.layout.views(params)
         for name, view in views.items():

@@ -35,32 +35,52 @@ class MetricsFile(Reporter):
     per world rank.
     """
 
-    def __init__(self, path, flush_every=100, attrs=None, resume_step=None):
-        """A new file, or with ``resume_step`` the existing one cut back to earlier steps."""
+    def __init__(self, path, flush_every=100, attrs=None, resume_step=None, log=print):
+        """A new file, or with ``resume_step`` the existing one cut back to earlier steps.
+        An existing file that cannot be read (a node crashed during a flush) is kept aside
+        under another name, said in ``log``, and a new one started."""
         self.path = path
         self.flush_every = flush_every
         self._rows = {name: [] for name in FIELDS}
         self.last_step = self.last_window = -1     # the last step and timing window held
+        self._file = None
         if resume_step is not None and path.exists():
-            self._file = h5py.File(path, "a")
-            steps = self._file["step"][...]
-            keep = int(np.searchsorted(steps, resume_step))
-            for name in FIELDS:   # steps after the checkpoint will be run (and logged) again
-                self._file[name].resize(keep, axis=0)
-            self.last_step = int(steps[keep - 1]) if keep else -1
-            if "ranks" in self._file:
-                group = self._file["ranks"]
-                windows = group["step"][...]
-                keep = int(np.searchsorted(windows, resume_step))
-                for dset in group.values():
-                    dset.resize(keep, axis=0)
-                self.last_window = int(windows[keep - 1]) if keep else -1
+            try:
+                self._cut_back(resume_step)
+            except (OSError, RuntimeError, KeyError, ValueError) as exc:
+                if self._file is not None:
+                    self._file.close()
+                self.last_step = self.last_window = -1
+                aside = path.with_name(f"metrics.damaged-{int(time.time())}.h5")
+                path.replace(aside)
+                log(f"metrics file {path} unreadable ({exc}); kept as {aside}, starting a new "
+                    f"one at step {resume_step}")
+                self._create()
         else:
-            self._file = h5py.File(path, "w")
-            for name, dtype in FIELDS.items():
-                self._file.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
+            self._create()
         for key, value in (attrs or {}).items():
             self._file.attrs[key] = value
+
+    def _create(self):
+        self._file = h5py.File(self.path, "w")
+        for name, dtype in FIELDS.items():
+            self._file.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
+
+    def _cut_back(self, resume_step):
+        """Open the existing file and drop the steps from ``resume_step`` on."""
+        self._file = h5py.File(self.path, "a")
+        steps = self._file["step"][...]
+        keep = int(np.searchsorted(steps, resume_step))
+        for name in FIELDS:   # steps after the checkpoint will be run (and logged) again
+            self._file[name].resize(keep, axis=0)
+        self.last_step = int(steps[keep - 1]) if keep else -1
+        if "ranks" in self._file:
+            group = self._file["ranks"]
+            windows = group["step"][...]
+            keep = int(np.searchsorted(windows, resume_step))
+            for dset in group.values():
+                dset.resize(keep, axis=0)
+            self.last_window = int(windows[keep - 1]) if keep else -1
 
     def event(self, row):
         """Record one event now (every field of ``EVENT_FIELDS``); kept across resumes."""
@@ -141,11 +161,12 @@ class MetricsFile(Reporter):
                     pass   # the flush above has already raised the error worth reporting
 
 
-def open_sinks(run_dir, job, attrs=None, resume_step=None, *, live=True):
+def open_sinks(run_dir, job, attrs=None, resume_step=None, *, live=True, log=print):
     """Rank 0's sinks as one ``Reporters``: ``metrics.h5`` (cut back to ``resume_step`` if
-    given), the other files the job asks for and, with ``live``, its live reporters."""
+    given; set aside, said in ``log``, if unreadable), the other files the job asks for
+    and, with ``live``, its live reporters."""
     sinks = [MetricsFile(run_dir / "metrics.h5", job.output.metrics_flush_steps, attrs,
-                         resume_step=resume_step)]
+                         resume_step=resume_step, log=log)]
     try:
         sinks += extra_files(run_dir, job, resume_step)
         if live:

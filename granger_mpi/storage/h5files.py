@@ -8,6 +8,7 @@ h5py ends in, and store what h5py would (``h5dump`` shows no difference).
 """
 
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -42,6 +43,18 @@ _SCALAR = h5s.create(h5s.SCALAR)
 def _types(dtype):
     """(file type, memory type) of a numpy dtype, as h5py stores it."""
     return h5t.py_create(dtype, logical=True), h5t.py_create(dtype)
+
+
+def json_attr(f, name, path):
+    """The JSON attribute ``name`` of the open file ``f``, decoded; ``UserError`` naming
+    ``path`` if it is missing or not JSON (a file written by something else, or damaged)."""
+    value = f.attrs.get(name)
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        state = "missing" if value is None else "not JSON"
+        raise UserError(f"{path}: its attribute {name!r} is {state}: not a file granger-mpi "
+                        f"wrote, or damaged") from None
 
 
 def open_for_reading(path, what):

@@ -77,6 +77,9 @@ def diff(a, b):
 def main(args, out=sys.stdout):
     """Run the command; returns the exit code."""
     path = resolve(args.path)
+    if Path(args.path).is_dir() and not args.json:
+        for each in checkpoint.abandoned(args.path):
+            print(f"abandoned      {each} (a branch a resume from an earlier step left)", file=out)
     if args.diff:
         if args.other is None:
             raise UserError("--diff needs two files: inspect --diff A B")

@@ -78,7 +78,7 @@ def train(comm, job, info, model, *, log=print):
                               "model": str(run.model), "finished_at": time.time()})
     out = TrainResult(updates, loss, accuracy, run.model, run.metrics, seconds=seconds, world_size=size)
     if job.data.test_path is not None:
-        out.test_loss, out.test_accuracy = evaluate(comm, model, params, dataset.open_info(job.data.test_path))
+        out.test_loss, out.test_accuracy = evaluate(comm, model, params, dataset.open_info(job.data.test_path, job.data.allow_external_storage))
     comm.Barrier()
     return out
 

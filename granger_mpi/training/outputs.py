@@ -25,19 +25,6 @@ from granger_mpi.observe import metrics, reporters, status
 from granger_mpi.mpi.runtime import agree, bcast_text
 
 
-def _reopen_files(run, job, resume_step, log):
-    """The file sinks after a failure, cut back to ``resume_step``; if the old rank 0 died
-    while writing ``metrics.h5`` and left it unreadable, it is kept aside and a new one started."""
-    try:
-        return metrics.open_sinks(run.path, job, None, resume_step, live=False)
-    except (OSError, RuntimeError, KeyError) as exc:
-        aside = run.metrics.with_name(f"metrics.damaged-{int(time.time())}.h5")
-        run.metrics.replace(aside)
-        log(f"metrics file {run.metrics} unreadable after the failure ({exc}); kept as {aside}, "
-            f"starting a new one at step {resume_step}")
-        return metrics.open_sinks(run.path, job, None, None, live=False)
-
-
 class Outputs:
     """The writer rank's sinks (``metrics.h5``, JSON lines; HTTP and a user's reporters,
     live), progress line and log; the same calls on every rank."""
@@ -72,7 +59,7 @@ class Outputs:
                 self.run.job.write_text(self.job.text)
                 files = metrics.open_sinks(self.run.path, self.job,
                                            {"job": self.job.to_json(), "world_size": world_size},
-                                           resume_step, live=False)
+                                           resume_step, live=False, log=self._log)
                 try:
                     return files, reporters.Reporters(reporters.live_sinks(self.run.path, self.job))
                 except BaseException:
@@ -170,7 +157,8 @@ class Outputs:
                       f"from step {recovered.step} (revoke+shrink+agree {recovered.seconds:.3f} s)")
             if self.files is not None:
                 self.files.close()
-            self.files = _reopen_files(self.run, self.job, recovered.step, self._log)
+            self.files = metrics.open_sinks(self.run.path, self.job, None, recovered.step,
+                                            live=False, log=self._log)
             if new_writer:
                 self.live = reporters.Reporters(reporters.live_sinks(self.run.path, self.job))
                 self._live_queue = [("step", record) for record in self.kept]

@@ -1,5 +1,6 @@
 """The run's checkpoints: written in step order, in the foreground or by a background thread."""
 
+import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -7,7 +8,7 @@ from typing import Callable
 from mpi4py import MPI
 
 from granger_mpi import checkpoint
-from granger_mpi.data import partition
+from granger_mpi.data import integrity, partition
 from granger_mpi.training.state import TrainState
 
 
@@ -22,7 +23,8 @@ class Saver:
     """
 
     def __init__(self, job, model, info, steps_per_epoch: int, slots: tuple, shard: tuple | None,
-                 *, fault_tolerant: bool, log: Callable[[str], None], fail_write_at: int | None = None):
+                 *, schedule_steps: int, fault_tolerant: bool, log: Callable[[str], None],
+                 fail_write_at: int | None = None):
         ckpt = job.checkpoint
         self.run_dir = job.output.run_dir
         self.model = model
@@ -31,7 +33,9 @@ class Saver:
         self.parallel_from_bytes = math.inf if fault_tolerant else ckpt.parallel_write_from_mib * 2**20
         self.save_args = dict(job_json=job.to_json(), seed=job.train.seed, keep_last=ckpt.keep_last,
                               extra_attrs={"n_rows": info.n_rows, "partition_rule": partition.RULE,
-                                           "partition_window": info.window},
+                                           "partition_window": info.window,
+                                           "schedule_steps": schedule_steps,
+                                           "dataset": json.dumps(integrity.fingerprint(info.path))},
                               verify_after_write=ckpt.verify_after_write)
         self.log = log
         self.fail_write_at = fail_write_at  # fault injection: this step's save fails, disk full

@@ -10,7 +10,7 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import checkpoint, rundir
-from granger_mpi.data import dataset, partition
+from granger_mpi.data import dataset, integrity, partition
 from granger_mpi.model import models
 from granger_mpi.mpi import ulfm
 from granger_mpi.errors import UserError, describe_io_error
@@ -59,9 +59,9 @@ def prepare(comm: MPI.Comm, job, overwrite: bool = False, resume: str | Path | N
     dataset's ``DatasetInfo`` and the model.
     """
     def check():
-        info = dataset.open_info(job.data.path)
+        info = dataset.open_info(job.data.path, job.data.allow_external_storage)
         if job.data.test_path is not None:
-            test = dataset.open_info(job.data.test_path)
+            test = dataset.open_info(job.data.test_path, job.data.allow_external_storage)
             if (test.n_features, test.task, test.n_outputs) != (info.n_features, info.task, info.n_outputs):
                 raise UserError(f"[data].test_path {test.path} does not match the training set "
                                 f"({test.n_features} features, {test.task}) vs "
@@ -156,8 +156,10 @@ def fault_mode(comm: MPI.Comm, job, log: Callable[[str], None]) -> bool:
     return on
 
 
-def check_compatible(path: Path, attrs, job, info) -> None:
-    """Refuse a checkpoint made for another training problem, naming what differs."""
+def check_compatible(path: Path, attrs, job, info, schedule_steps: int) -> None:
+    """Refuse a checkpoint made for another training problem, naming what differs: the
+    job's keys that shape the updates, the dataset (its fingerprint), the partition rule,
+    and the steps a cosine schedule spans."""
     saved = json.loads(attrs["job"])
     now = json.loads(job.to_json())
     # Every [optimizer] key shapes the updates (a key the saved job lacks had its default).
@@ -175,6 +177,18 @@ def check_compatible(path: Path, attrs, job, info) -> None:
                         f"shuffling the whole file), this version uses rule {partition.RULE} (each "
                         f"rank owning lanes of the file): the rows its epoch has left cannot be "
                         f"told; finish that run with the version that started it, or start afresh")
+    if "dataset" in attrs:
+        saved, now = json.loads(attrs["dataset"]), integrity.fingerprint(info.path)
+        differs = [k for k in ("sample", "blocks") if k in saved and k in now and saved[k] != now[k]]
+        if differs:
+            k = differs[0]
+            raise UserError(f"checkpoint {path} was made on another dataset than {info.path}: "
+                            f"its {k} was {saved[k]!r}, the file's is {now[k]!r}")
+    saved_steps = int(attrs.get("schedule_steps", schedule_steps))
+    if job.optimizer.schedule == "cosine" and saved_steps != schedule_steps:
+        raise UserError(f"checkpoint {path} was made with a cosine schedule over {saved_steps} "
+                        f"steps, the job's spans {schedule_steps} ([train].epochs, max_steps): "
+                        f"every learning rate after step {int(attrs['step'])} would change")
     if int(attrs.get("partition_window", info.window)) != info.window:
         raise UserError(f"checkpoint {path} was made with windows of {int(attrs['partition_window'])} "
                         f"rows, {info.path} gives {info.window}: its rows are stored differently "

@@ -90,7 +90,7 @@ class Trainer:
         self.policy = checkpoint.CheckpointPolicy(job.checkpoint, self.total_steps)
         self.requests = RequestSource(self.policy, self.outputs.run.stop, watcher=comm.Get_rank() == 0)
         self.saver = Saver(job, model, info, self.per_epoch, self.opt.slots, self.shard,
-                           fault_tolerant=fault_tolerant, log=self.outputs.log,
+                           schedule_steps=self.total_steps, fault_tolerant=fault_tolerant, log=self.outputs.log,
                            fail_write_at=hooks.checkpoint_write_fails_at)
         self.timer = timing.PhaseTimer()
         self.stream = self.batches = self.row_log = None
@@ -114,7 +114,7 @@ class Trainer:
 
         def load():
             loaded, attrs = checkpoint.read(source, self.model, self.opt.slots, self.shard)
-            setup.check_compatible(source, attrs, job, self.info)
+            setup.check_compatible(source, attrs, job, self.info, self.total_steps)
             return loaded, attrs
         loaded, attrs = agree(comm, load)
         if comm.Get_rank() == 0:
@@ -357,7 +357,7 @@ class Trainer:
                                  world_size=self.comm.Get_size())
         if self.job.data.test_path is not None:
             self.where = "the test evaluation"
-            test_info = dataset.open_info(self.job.data.test_path)
+            test_info = dataset.open_info(self.job.data.test_path, self.job.data.allow_external_storage)
             self.test_scores = evaluate(self.comm, self.model, self.state.params, test_info)
         self.outputs.completion(steps=self.state.step, world_size=self.comm.Get_size(),
                                 lost=self.recovery.lost, test_scores=self.test_scores)
