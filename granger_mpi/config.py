@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from granger_mpi import collectives
+from granger_mpi import secrets
 from granger_mpi.errors import UserError
 
 
@@ -208,6 +209,8 @@ class JobConfig:
             return value
         sections = {f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
                     for f in dataclasses.fields(self) if f.name not in ("source", "text")}
+        if sections["output"]["http_url"] is not None:     # stored everywhere: no credentials
+            sections["output"]["http_url"] = secrets.redact_url(sections["output"]["http_url"])
         return json.dumps(sections, sort_keys=True)
 
 
@@ -291,7 +294,8 @@ def parse(text, source=None):
     base_dir = Path(source).resolve().parent if source is not None else Path.cwd()
     sections = {name: _section(cls, doc[name], name, base_dir)
                 for name, cls in SECTIONS.items() if name in doc}
-    job = JobConfig(**sections, source=Path(source) if source is not None else None, text=text)
+    job = JobConfig(**sections, source=Path(source) if source is not None else None,
+                    text=secrets.redact_text(text))
     _check_job(job)
     return job
 
@@ -303,8 +307,10 @@ def _check_job(job):
     if job.model.kind != "mlp" and job.model.hidden:
         raise UserError(f"[model].hidden is only for kind = 'mlp', not {job.model.kind!r}")
     out = job.output
-    if out.http_url is not None and not out.http_url.startswith(("http://", "https://")):
-        raise UserError(f"[output].http_url must start with http:// or https://, got {out.http_url!r}")
+    if out.http_url is not None and not (out.http_url.startswith(("http://", "https://"))
+                                         or secrets.is_reference(out.http_url)):
+        raise UserError(f"[output].http_url must start with http:// or https://, or be "
+                        f"env:VARIABLE, got {secrets.redact_url(out.http_url)!r}")
     for spec in out.reporters:
         if spec.count(":") != 1 or not all(spec.split(":")):
             raise UserError(f"[output].reporters entry {spec!r} must be 'package.module:factory'")

@@ -1,6 +1,7 @@
 """Pure bookkeeping of fault tolerance: limits, injection specs, the status table."""
 
 import json
+import os
 import time
 from types import SimpleNamespace
 
@@ -106,3 +107,22 @@ def test_the_restart_backoff_doubles_up_to_its_cap(tmp_path, monkeypatch, small_
                                out=lambda line: None)
     assert code == supervise.EXIT_GAVE_UP
     assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
+
+
+def test_the_watchdog_aborts_even_when_the_status_file_system_hangs(tmp_path):
+    """#27 item 6: the watchdog wrote its status file before checking its limit, and read and
+    printed before aborting, so a hung file system under run_dir (NFS, Lustre) blinded it.
+    A FIFO with no reader stands in for the hung file: opening it for writing never returns."""
+    (tmp_path / "status").mkdir()
+    os.mkfifo(tmp_path / "status" / "rank-00000.json.tmp")
+    aborted = []
+    with open(tmp_path / "stderr.txt", "w") as err:
+        watched = status.RankStatus(tmp_path, 0, 1, "restart", interval_s=0.05, step_timeout_s=0.3,
+                                    abort=aborted.append, out=err)
+        watched.start()
+        watched.set(status.TRAINING, 7)
+        deadline = time.monotonic() + 30
+        while not aborted and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert aborted == [6]
+    assert "watchdog: step 7 has not finished" in (tmp_path / "stderr.txt").read_text()

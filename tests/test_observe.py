@@ -49,10 +49,12 @@ class Collector(BaseHTTPRequestHandler):
     """Keeps every POSTed body (a JSON-lines batch)."""
 
     bodies = []
+    authorizations = []
 
     def do_POST(self):
         length = int(self.headers["Content-Length"])
         Collector.bodies.append((self.headers["Content-Type"], self.rfile.read(length).decode()))
+        Collector.authorizations.append(self.headers["Authorization"])
         self.send_response(204)
         self.end_headers()
 
@@ -62,7 +64,7 @@ class Collector(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def collector():
-    Collector.bodies = []
+    Collector.bodies, Collector.authorizations = [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -100,7 +102,8 @@ def test_jsonl_http_and_a_users_reporter_get_what_metrics_h5_gets(small_dataset,
     job = write_job(tmp_path / "job.toml", dataset=small_dataset, run_dir=run_dir,
                     output={"timing_every_steps": 16, "metrics_flush_steps": 20, "jsonl": True,
                             "http_url": url, "reporters": ["userreporter:make"]})
-    run = mpirun(2, "train", job, timeout=120, env={"PYTHONPATH": str(tmp_path)})
+    # The throttle gives the reporter's thread time to post each flush on its own.
+    run = mpirun(2, "train", job, *THROTTLE, timeout=120, env={"PYTHONPATH": str(tmp_path)})
     assert run.returncode == 0, run.output
     text = (run_dir / "metrics.jsonl").read_text()
     steps = jsonl_records(run_dir / "metrics.jsonl", "step")
@@ -134,7 +137,9 @@ def test_an_unreachable_collector_is_reported_once_and_training_goes_on(small_da
                     output={"http_url": f"http://127.0.0.1:{port}/", "metrics_flush_steps": 8})
     run = mpirun(2, "train", job, timeout=120)
     assert run.returncode == 0, run.output
-    assert run.stderr.count(f"reporter http://127.0.0.1:{port}/") == 1, run.output
+    assert run.stderr.count(f"reporter http://127.0.0.1:{port}/: ") == 2, run.output
+    assert run.stderr.count("trying again") == 1, run.output           # once per outage
+    assert "not delivered" in run.stderr and "at the end of the run: dropped" in run.stderr
 
 
 def test_a_restarted_run_records_no_step_or_window_twice(small_dataset, tmp_path):
@@ -154,3 +159,94 @@ def test_a_restarted_run_records_no_step_or_window_twice(small_dataset, tmp_path
         assert f["ranks/step"][...].tolist() == [7, 15, 23, 31, 39, 47, 55, 63]
     windows = [r["step"] for r in jsonl_records(run_dir / "metrics.jsonl", "timings")]
     assert windows == [7, 15, 23, 31, 39, 47, 55, 63]
+
+
+@pytest.fixture
+def trickling_collector():
+    """A collector that takes each POST and answers one byte every 2 s, forever: urllib's
+    per-read timeout never fires on it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    stop = threading.Event()
+
+    def answer(conn):
+        with conn:
+            conn.settimeout(1.0)
+            try:
+                conn.recv(1 << 20)
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000:
+                    if stop.wait(2.0):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/slow"
+    stop.set()
+    server.close()
+
+
+def test_a_slow_collector_never_stalls_training(small_dataset, tmp_path, trickling_collector):
+    """#27 item 8: rank 0 posted in the training loop, and a collector answering a byte every
+    2 s held it there for good. The POSTs go from a thread now, each with a deadline; at
+    the end the queue drains for at most 10 s and what is left is dropped, and said."""
+    job = write_job(tmp_path / "job.toml", dataset=small_dataset, run_dir=tmp_path / "run",
+                    output={"http_url": trickling_collector, "metrics_flush_steps": 8})
+    run = mpirun(2, "train", job, timeout=90)
+    assert run.returncode == 0, run.output
+    assert (tmp_path / "run" / "COMPLETE").exists()
+    lines = [line for line in run.stderr.splitlines() if trickling_collector in line]
+    assert any("dropped" in line and "not delivered" in line for line in lines), run.output
+
+
+def every_stored_text(run_dir):
+    """Every attribute of every HDF5 file of a run, and its text files, as one string."""
+    texts = []
+    for path in run_dir.rglob("*"):
+        if path.suffix == ".h5":
+            with h5py.File(path, "r") as f:
+                texts += [str(v) for v in f.attrs.values()]
+                f.visititems(lambda _, obj: texts.extend(str(v) for v in obj.attrs.values()))
+        elif path.is_file():
+            texts.append(path.read_text(errors="replace"))
+    return "\n".join(texts)
+
+
+def test_credentials_in_the_collector_url_are_sent_but_never_stored_or_shown(small_dataset, tmp_path,
+                                                                             collector):
+    """#27 item 9: the job (with its http_url) went into every checkpoint, model.h5,
+    metrics.h5 and job.toml, and into error messages."""
+    url, bodies = collector
+    secret_url = url.replace("http://", "http://ingest:s3cr3t-token@")
+    run_dir = tmp_path / "run"
+    job = write_job(tmp_path / "job.toml", dataset=small_dataset, run_dir=run_dir,
+                    output={"http_url": secret_url, "metrics_flush_steps": 20},
+                    checkpoint={"every_steps": 20})
+    run = mpirun(2, "train", job, timeout=120)
+    assert run.returncode == 0, run.output
+    assert bodies and set(Collector.authorizations) == {"Basic aW5nZXN0OnMzY3IzdC10b2tlbg=="}
+    assert "s3cr3t-token" not in run.output
+    stored = every_stored_text(run_dir)
+    assert "s3cr3t-token" not in stored and "***@127.0.0.1" in stored
+
+
+def test_the_collector_url_can_come_from_the_environment(small_dataset, tmp_path, collector):
+    url, bodies = collector
+    run_dir = tmp_path / "run"
+    job = write_job(tmp_path / "job.toml", dataset=small_dataset, run_dir=run_dir,
+                    output={"http_url": "env:GRANGER_TEST_COLLECTOR", "metrics_flush_steps": 20})
+    run = mpirun(2, "train", job, timeout=120, env={"GRANGER_TEST_COLLECTOR": url})
+    assert run.returncode == 0, run.output
+    assert bodies and url not in every_stored_text(run_dir)
+    unset = mpirun(2, "train", job, "--overwrite", timeout=120)
+    assert unset.returncode == 2, unset.output
+    assert "GRANGER_TEST_COLLECTOR is not set" in unset.stderr, unset.output

@@ -12,13 +12,19 @@ per-rank seconds, ``timing.COLUMNS``, one value per world rank) or ``event`` (a 
 failure and its recovery, ``metrics.EVENT_FIELDS``).
 """
 
+import base64
 import importlib
 import json
 import math
+import socket
+import ssl
 import sys
-import urllib.error
-import urllib.request
+import threading
+import time
+import urllib.parse
+from collections import deque
 
+from granger_mpi import secrets
 from granger_mpi.errors import UserError, WriteError, describe_io_error
 
 
@@ -140,46 +146,134 @@ def _before(line, step):
 
 
 class HttpReporter(_LineReporter):
-    """POSTs each batch of JSON lines to ``url`` (``Content-Type: application/x-ndjson``).
+    """POSTs batches of JSON lines to ``url`` (``Content-Type: application/x-ndjson``) from
+    a thread of its own: a slow or dead collector never holds up training.
 
-    A monitoring outage must not stop training: a failed POST keeps the lines for the next
-    try (the oldest are dropped beyond ``max_buffered``, and counted), and is reported on
-    stderr once per outage, with the count of lines sent when it ends.
+    ``flush`` hands the lines to the thread and returns. Each POST has a deadline of
+    ``timeout_s`` for all of it (connect, send, the status line), reads no more than the
+    status line (4 KiB at most) and follows no redirect (a 3xx is a failure). A failed POST
+    keeps its lines for the next try, a second later (the oldest beyond ``max_buffered``
+    are dropped, and counted), and is reported on stderr once per outage, with the count
+    of lines sent when it ends. ``close`` waits at most ``drain_s`` for the rest to be sent
+    and says what it drops. Credentials in the URL are sent (HTTP basic authentication),
+    never shown.
     """
 
-    def __init__(self, url, flush_every=100, timeout_s=5.0, max_buffered=100_000, log=None):
+    RETRY_S = 1.0
+
+    def __init__(self, url, flush_every=100, timeout_s=5.0, max_buffered=100_000, drain_s=10.0,
+                 log=None):
         super().__init__(flush_every)
-        self.url = url
-        self.timeout_s = timeout_s
-        self.max_buffered = max_buffered
+        self.url, self.shown = url, secrets.redact_url(url)
+        self.timeout_s, self.max_buffered, self.drain_s = timeout_s, max_buffered, drain_s
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self.failing = False
         self.dropped = 0
+        self._pending = deque()          # lines not sent yet, oldest first
+        self._wake = threading.Condition()
+        self._closing = False
+        self._in_flight = 0              # lines of the POST under way
+        self._thread = threading.Thread(target=self._send_all, name="granger-http-reporter",
+                                        daemon=True)
+        self._thread.start()
 
     def flush(self):
         if not self.lines:
             return
-        body = "".join(line + "\n" for line in self.lines).encode()
-        request = urllib.request.Request(self.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/x-ndjson"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                response.read()
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            if not self.failing:
-                self.log(f"reporter {self.url}: {getattr(exc, 'reason', exc)}; keeping "
-                         f"the records and trying again at the next flush")
-            self.failing = True
-            excess = len(self.lines) - self.max_buffered
-            if excess > 0:
-                del self.lines[:excess]
-                self.dropped += excess
-            return
-        if self.failing:
-            self.log(f"reporter {self.url}: reachable again; sent {len(self.lines)} record(s)"
-                     + (f", {self.dropped} dropped while it was not" if self.dropped else ""))
-        self.failing = False
+        with self._wake:
+            self._pending.extend(self.lines)
+            self._trim()
+            self._wake.notify()
         self.lines.clear()
+
+    def _trim(self):
+        excess = len(self._pending) - self.max_buffered
+        for _ in range(excess):
+            self._pending.popleft()
+        self.dropped += max(0, excess)
+
+    def _send_all(self):
+        while True:
+            with self._wake:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if not self._pending:
+                    return
+                batch = list(self._pending)
+                self._pending.clear()
+                self._in_flight = len(batch)
+            problem = self._post(batch)
+            with self._wake:
+                self._in_flight = 0
+                if problem is None:
+                    if self.failing:
+                        self.log(f"reporter {self.shown}: reachable again; sent {len(batch)} record(s)"
+                                 + (f", {self.dropped} dropped while it was not" if self.dropped else ""))
+                    self.failing = False
+                    continue
+                if not self.failing:
+                    self.log(f"reporter {self.shown}: {problem}; keeping the records and trying "
+                             f"again")
+                self.failing = True
+                self._pending.extendleft(reversed(batch))
+                self._trim()
+                if self._closing:      # in an outage at the end: no more tries
+                    return
+                self._wake.wait(self.RETRY_S)
+
+    def _post(self, lines):
+        """POST ``lines``; None when the collector took them, else what went wrong."""
+        parts = urllib.parse.urlsplit(self.url)
+        body = "".join(line + "\n" for line in lines).encode()
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        auth = ""
+        if parts.username is not None:
+            token = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:"
+                                     f"{urllib.parse.unquote(parts.password or '')}".encode())
+            auth = f"Authorization: Basic {token.decode()}\r\n"
+        head = (f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-ndjson\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n{auth}\r\n").encode()
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            with socket.create_connection((parts.hostname, port), timeout=self.timeout_s) as sock:
+                if parts.scheme == "https":
+                    sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.sendall(head + body)
+                answer = b""
+                while b"\r\n" not in answer and len(answer) < 4096:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"no answer within {self.timeout_s:g} s")
+                    sock.settimeout(remaining)
+                    got = sock.recv(4096 - len(answer))
+                    if not got:
+                        break
+                    answer += got
+        except (OSError, ValueError) as exc:    # ssl.SSLError and TimeoutError are OSErrors
+            return str(exc) or type(exc).__name__
+        status = answer.split(b"\r\n", 1)[0].split()
+        code = int(status[1]) if len(status) >= 2 and status[1].isdigit() else 0
+        if 200 <= code < 300:
+            return None
+        if 300 <= code < 400:
+            return f"the collector answered {code} (a redirect, not followed)"
+        return f"the collector answered {code}" if code else "the collector gave no HTTP answer"
+
+    def close(self):
+        self.flush()
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(self.drain_s)
+        with self._wake:
+            left = len(self._pending) + self._in_flight
+            if left:
+                self.log(f"reporter {self.shown}: {left} record(s) not delivered within "
+                         f"{self.drain_s:g} s at the end of the run: dropped")
+            self._pending.clear()
 
 
 class Reporters(Reporter):
@@ -248,6 +342,10 @@ def live_sinks(run_dir, job):
     out = job.output
     sinks = []
     if out.http_url:
-        sinks.append(HttpReporter(out.http_url, out.metrics_flush_steps))
+        url = secrets.resolve(out.http_url, "[output].http_url")
+        if not url.startswith(("http://", "https://")):
+            raise UserError(f"[output].http_url = {out.http_url!r} gives {secrets.redact_url(url)!r}, "
+                            f"which does not start with http:// or https://")
+        sinks.append(HttpReporter(url, out.metrics_flush_steps))
     sinks.extend(load_custom(spec, run_dir, job) for spec in out.reporters)
     return sinks

@@ -32,6 +32,10 @@ SLOW_STATES = (CHECKPOINTING, RECOVERING)
 AUTO_MULTIPLE = 50
 AUTO_FLOOR_S = 60.0
 AUTO_MIN_STEPS = 10
+# A status write, and the watchdog's report before it aborts, may take this long at most:
+# on a hung file system both would otherwise never return.
+WRITE_DEADLINE_S = 2.0
+REPORT_DEADLINE_S = 10.0
 
 
 def status_dir(run_dir):
@@ -67,21 +71,23 @@ class RankStatus:
         self.failures = 0
         self.note = ""
         self.step_times = deque(maxlen=100)
-        self._step_started = None
+        self._step_started = None             # time.monotonic() of the current step's start
+        self._entered = time.monotonic()      # ... and of entering the current state
         self._stop = threading.Event()
         self._thread = None
+        self._writer = None                   # the thread of the last status write
 
     # -- called by the training loop: attribute assignments only --------------------------
 
     def set(self, state, step=None, note=""):
-        now = time.time()
+        now = time.monotonic()
         if state == TRAINING:
             if self._step_started is not None and self.state in STEP_STATES:
                 self.step_times.append(now - self._step_started)
             self._step_started = now
         elif state not in STEP_STATES:
             self._step_started = None
-        self.state, self.since, self.note = state, now, note
+        self.state, self.since, self._entered, self.note = state, time.time(), now, note
         if step is not None:
             self.step = step
         if state in (FAILED, RECOVERING, IDLE):
@@ -109,8 +115,15 @@ class RankStatus:
                 "failures": self.failures, "note": self.note, "interval_s": self.interval_s}
 
     def publish(self):
-        """Write the status file now."""
-        _write_record(self.path, self.record())
+        """Write the status file now, waiting at most ``WRITE_DEADLINE_S``: a hung file
+        system (NFS, Lustre) must not hang the caller, the watchdog least of all. While an
+        earlier write still hangs, this one is skipped (status is advisory)."""
+        if self._writer is not None and self._writer.is_alive():
+            return
+        self._writer = threading.Thread(target=_write_record, args=(self.path, self.record()),
+                                        name="granger-status-write", daemon=True)
+        self._writer.start()
+        self._writer.join(WRITE_DEADLINE_S)
 
     def limit_s(self):
         """How long the current state may last."""
@@ -126,14 +139,24 @@ class RankStatus:
 
     def _run(self):
         while not self._stop.wait(self.interval_s):
-            self.publish()
-            limit = self.limit_s()
-            started = self._step_started if self.state in STEP_STATES else self.since
-            if limit is not None and started is not None and time.time() - started > limit:
-                self._hang(limit, time.time() - started)
+            limit = self.limit_s()     # first: nothing below may keep the limit from being seen
+            started = self._step_started if self.state in STEP_STATES else self._entered
+            if limit is not None and started is not None and time.monotonic() - started > limit:
+                self._hang(limit, time.monotonic() - started)
                 return
+            self.publish()
 
     def _hang(self, limit, waited):
+        """Report the hang (other ranks' status, this rank's stacks), for at most
+        ``REPORT_DEADLINE_S``, and abort the job whatever the reporting did."""
+        report = threading.Thread(target=self._report, args=(limit, waited), daemon=True,
+                                  name="granger-watchdog-report")
+        report.start()
+        report.join(REPORT_DEADLINE_S)
+        if self.abort is not None:
+            self.abort(6)
+
+    def _report(self, limit, waited):
         what = f"step {self.step}" if self.state in STEP_STATES else self.state.lower()
         lines = [f"watchdog: {what} has not finished after {waited:.1f} s (limit {limit:.1f} s, "
                  f"[fault].step_timeout_s / checkpoint_timeout_s); rank {self.world_rank} is "
@@ -154,8 +177,6 @@ class RankStatus:
         time.sleep(1.0)     # let the other ranks' watchdogs print their stacks too
         self.state, self.note = FAILED, f"hang detected by the watchdog ({what})"
         self.publish()
-        if self.abort is not None:
-            self.abort(6)
 
 
 def _write_record(path, record):
