@@ -147,16 +147,10 @@ def _output_and_delta(params, sizes, activation, X):
 
 
 @njit(cache=True, nogil=True)
-def cross_entropy_loss_grad(params, sizes, activation, X, labels, scale, grad):
-    """Softmax cross-entropy over the rows of ``X``.
-
-    Writes ``scale * sum_i d loss_i / d params`` into ``grad`` and returns
-    ``(sum_i loss_i, number of rows whose argmax equals the label)``. ``scale`` is
-    ``1 / global batch`` so that summing the ranks' gradients gives the batch mean.
-    """
-    n = X.shape[0]
-    acts, pre, delta, out, dZ = _output_and_delta(params, sizes, activation, X)
-    n_out = out.shape[1]
+def _softmax_cross_entropy(out, labels, scale, dZ, want_grad):
+    """``(sum_i loss_i, correct rows)`` of softmax cross-entropy on the logits ``out``; with
+    ``want_grad``, ``dZ = scale * d loss / d out``."""
+    n, n_out = out.shape
     loss = 0.0
     correct = 0
     for i in range(n):
@@ -169,15 +163,67 @@ def cross_entropy_loss_grad(params, sizes, activation, X, labels, scale, grad):
         total = 0.0
         for j in range(n_out):
             e = np.exp(out[i, j] - peak)
-            dZ[i, j] = e
+            if want_grad:
+                dZ[i, j] = e
             total += e
         label = labels[i]
         loss += np.log(total) - (out[i, label] - peak)
         if best == label:
             correct += 1
+        if want_grad:
+            for j in range(n_out):
+                dZ[i, j] = dZ[i, j] / total * scale
+            dZ[i, label] -= scale
+    return loss, correct
+
+
+@njit(cache=True, nogil=True)
+def _half_squared_error(out, targets, scale, dZ, want_grad):
+    """``(sum_i 0.5 ||out_i - t_i||^2, 0)``; with ``want_grad``, ``dZ = scale * (out - t)``."""
+    n, n_out = out.shape
+    loss = 0.0
+    for i in range(n):
         for j in range(n_out):
-            dZ[i, j] = dZ[i, j] / total * scale
-        dZ[i, label] -= scale
+            diff = out[i, j] - targets[i, j]
+            loss += 0.5 * diff * diff
+            if want_grad:
+                dZ[i, j] = diff * scale
+    return loss, 0
+
+
+@njit(cache=True, nogil=True)
+def _logistic(out, labels, scale, dZ, want_grad):
+    """``(sum_i log(1 + e^z) - y z, rows where (z > 0) equals the label)`` on one logit
+    ``z`` per row; with ``want_grad``, ``dZ = scale * (sigmoid(z) - y)``."""
+    loss = 0.0
+    correct = 0
+    for i in range(out.shape[0]):
+        z = out[i, 0]
+        y = labels[i]
+        # Stable for large |z|: log(1 + e^z) = max(z, 0) + log1p(e^-|z|).
+        loss += max(z, 0.0) - z * y + np.log1p(np.exp(-abs(z)))
+        if (z > 0.0) == (y == 1):
+            correct += 1
+        if want_grad:
+            if z >= 0.0:
+                p = 1.0 / (1.0 + np.exp(-z))
+            else:
+                e = np.exp(z)
+                p = e / (1.0 + e)
+            dZ[i, 0] = (p - y) * scale
+    return loss, correct
+
+
+@njit(cache=True, nogil=True)
+def cross_entropy_loss_grad(params, sizes, activation, X, labels, scale, grad):
+    """Softmax cross-entropy over the rows of ``X``.
+
+    Writes ``scale * sum_i d loss_i / d params`` into ``grad`` and returns
+    ``(sum_i loss_i, number of rows whose argmax equals the label)``. ``scale`` is
+    ``1 / global batch`` so that summing the ranks' gradients gives the batch mean.
+    """
+    acts, pre, delta, out, dZ = _output_and_delta(params, sizes, activation, X)
+    loss, correct = _softmax_cross_entropy(out, labels, scale, dZ, True)
     _backward(params, sizes, activation, X, acts, pre, delta, grad)
     return loss, correct
 
@@ -188,17 +234,10 @@ def squared_error_loss_grad(params, sizes, activation, X, targets, scale, grad):
 
     Writes ``scale * sum_i d loss_i / d params`` into ``grad``; returns ``(sum_i loss_i, 0)``.
     """
-    n = X.shape[0]
     acts, pre, delta, out, dZ = _output_and_delta(params, sizes, activation, X)
-    n_out = out.shape[1]
-    loss = 0.0
-    for i in range(n):
-        for j in range(n_out):
-            diff = out[i, j] - targets[i, j]
-            loss += 0.5 * diff * diff
-            dZ[i, j] = diff * scale
+    loss, correct = _half_squared_error(out, targets, scale, dZ, True)
     _backward(params, sizes, activation, X, acts, pre, delta, grad)
-    return loss, 0
+    return loss, correct
 
 
 @njit(cache=True, nogil=True)
@@ -209,25 +248,31 @@ def binary_cross_entropy_loss_grad(params, sizes, activation, X, labels, scale, 
     regression. Writes ``scale * sum_i d loss_i / d params`` into ``grad``; returns
     ``(sum_i loss_i, rows where (z > 0) equals the label)``.
     """
-    n = X.shape[0]
     acts, pre, delta, out, dZ = _output_and_delta(params, sizes, activation, X)
-    loss = 0.0
-    correct = 0
-    for i in range(n):
-        z = out[i, 0]
-        y = labels[i]
-        # Stable for large |z|: log(1 + e^z) = max(z, 0) + log1p(e^-|z|).
-        loss += max(z, 0.0) - z * y + np.log1p(np.exp(-abs(z)))
-        if z >= 0.0:
-            p = 1.0 / (1.0 + np.exp(-z))
-        else:
-            e = np.exp(z)
-            p = e / (1.0 + e)
-        if (z > 0.0) == (y == 1):
-            correct += 1
-        dZ[i, 0] = (p - y) * scale
+    loss, correct = _logistic(out, labels, scale, dZ, True)
     _backward(params, sizes, activation, X, acts, pre, delta, grad)
     return loss, correct
+
+
+@njit(cache=True, nogil=True)
+def cross_entropy_loss(params, sizes, activation, X, labels):
+    """``cross_entropy_loss_grad``'s ``(loss sum, correct)`` from the forward pass alone."""
+    out = predict(params, sizes, activation, X)
+    return _softmax_cross_entropy(out, labels, 0.0, out, False)
+
+
+@njit(cache=True, nogil=True)
+def squared_error_loss(params, sizes, activation, X, targets):
+    """``squared_error_loss_grad``'s ``(loss sum, 0)`` from the forward pass alone."""
+    out = predict(params, sizes, activation, X)
+    return _half_squared_error(out, targets, 0.0, out, False)
+
+
+@njit(cache=True, nogil=True)
+def binary_cross_entropy_loss(params, sizes, activation, X, labels):
+    """``binary_cross_entropy_loss_grad``'s ``(loss sum, correct)`` from the forward pass alone."""
+    out = predict(params, sizes, activation, X)
+    return _logistic(out, labels, 0.0, out, False)
 
 
 @njit(cache=True, nogil=True)

@@ -79,6 +79,23 @@ def test_float32_kernel_matches_numpy_reference(sizes, activation, task):
         assert correct == int(((out[:, 0] > 0) == (y == 1)).sum())
 
 
+LOSS_ONLY = {"classification": mlp.cross_entropy_loss, "binary": mlp.binary_cross_entropy_loss,
+             "regression": mlp.squared_error_loss}
+
+
+@pytest.mark.parametrize("sizes,activation,task", CASES)
+def test_the_loss_only_pass_gives_the_loss_and_count_of_the_gradient_pass(sizes, activation, task):
+    """evaluate and predict need no gradient: the forward-only kernels return the same
+    (loss sum, correct) as the gradient kernels, bitwise, and the numpy reference's loss."""
+    params, X, y = problem(sizes, task, 64, np.float32, seed=2)
+    loss, correct, _ = kernel(sizes, activation, task, params, X, y, 1 / 64)
+    only = LOSS_ONLY[task](params, np.array(sizes, np.int64), ACTIVATIONS[activation], X, y)
+    assert only == (loss, correct)
+    ref = reference.loss(params.astype(np.float64), sizes, activation, X.astype(np.float64),
+                         y if task != "regression" else y.astype(np.float64), task)
+    assert only[0] == pytest.approx(ref, rel=1e-5)
+
+
 def test_l2_penalty_gradient_matches_central_differences_in_float64():
     rng = np.random.default_rng(4)
     params = rng.normal(size=40)

@@ -109,6 +109,16 @@ class Model:
             return mlp.cross_entropy_loss_grad(params, sizes, act, X, y, scale, grad)
         return mlp.squared_error_loss_grad(params, sizes, act, X, y, scale, grad)
 
+    def loss(self, params, X, y):
+        """``loss_grad``'s ``(loss sum, correct)`` from the forward pass alone (no gradient)."""
+        sizes = np.asarray(self.sizes, np.int64)
+        act = ACTIVATIONS[self.activation]
+        if self.binary:
+            return mlp.binary_cross_entropy_loss(params, sizes, act, X, y)
+        if self.task == "classification":
+            return mlp.cross_entropy_loss(params, sizes, act, X, y)
+        return mlp.squared_error_loss(params, sizes, act, X, y)
+
     def predict(self, params, X):
         """Raw outputs (logits or regression values) for the rows of ``X``."""
         return mlp.predict(params, np.asarray(self.sizes, np.int64), ACTIVATIONS[self.activation], X)

@@ -59,7 +59,6 @@ def evaluate(comm: MPI.Comm, model, params: np.ndarray, info: dataset.DatasetInf
     lo, hi = partition.rank_bounds(info.n_rows, comm.Get_size(), comm.Get_rank())
     totals = np.zeros(2, np.float64)  # loss sum, correct
     problem = (info.n_rows, "")       # (first bad row, what is wrong with it)
-    grad = np.empty(model.layout.size, np.float32)
     with h5py.File(info.path, "r") as f:
         checker = integrity.Checker(f, info.path)
         for start in range(lo, hi, chunk_rows):
@@ -78,7 +77,7 @@ def evaluate(comm: MPI.Comm, model, params: np.ndarray, info: dataset.DatasetInf
             if bad >= 0:
                 problem = (start + bad, bad_row_message(info, start + bad))
                 break
-            loss_sum, correct = model.loss_grad(params, X, y, np.float32(0), grad)
+            loss_sum, correct = model.loss(params, X, y)
             totals[0] += loss_sum
             totals[1] += correct
     comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
