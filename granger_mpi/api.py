@@ -23,6 +23,7 @@ from granger_mpi import config, rundir
 from granger_mpi.data import dataset
 from granger_mpi.model import modelfile, predict as predictions
 from granger_mpi.mpi import threads
+from granger_mpi.observe import status
 from granger_mpi.errors import EXIT_OK, EXIT_RANKS_LOST, EXIT_STOPPED, UserError
 from granger_mpi.mpi.runtime import agree
 from granger_mpi.training import async_sgd, setup
@@ -77,19 +78,32 @@ def train(comm: MPI.Comm, job: config.JobConfig, *, resume: str | Path | None = 
     if not MPI.Is_initialized():
         MPI.Init_thread()
     comm = comm.Dup()
-    info, model = setup.prepare(comm, job, overwrite=overwrite, resume=resume)
-    if overwrite and resume is None:
-        setup.discard_previous_run(comm, job)
-    n_threads = threads.configure(comm, job.train.threads_per_rank)
-    if job.train.strategy == "async":
-        if resume is not None:
-            raise UserError("--resume: [train].strategy = 'async' writes no checkpoints", agreed=True)
-        result, final = async_sgd.train(comm, job, info, model, log=log), comm
-        result.samples = rows_trained(info, job, 0, total_steps(job, info))   # every step, all workers
-    else:
-        trainer = Trainer(comm, job, info, model, resume=resume, n_threads=n_threads, log=log,
-                          hooks=hooks, abort=abort or MPI.COMM_WORLD.Abort)
-        result, final = trainer.run(), trainer.comm
+    fault = job.fault
+    watch = status.RankStatus(job.output.run_dir, comm.Get_rank(), comm.Get_size(), "starting",
+                              interval_s=fault.status_interval_s, step_timeout_s=fault.step_timeout_s,
+                              slow_timeout_s=fault.checkpoint_timeout_s,
+                              startup_timeout_s=fault.startup_timeout_s,
+                              abort=abort or MPI.COMM_WORLD.Abort)
+    watch.set(status.STARTING, note="checking the job's inputs")
+    watch.watch()
+    try:
+        info, model = setup.prepare(comm, job, overwrite=overwrite, resume=resume)
+        if overwrite and resume is None:
+            setup.discard_previous_run(comm, job)
+        n_threads = threads.configure(comm, job.train.threads_per_rank)
+        if job.train.strategy == "async":
+            if resume is not None:
+                raise UserError("--resume: [train].strategy = 'async' writes no checkpoints", agreed=True)
+            watch.close(note="asynchronous training: not watched")
+            result, final = async_sgd.train(comm, job, info, model, log=log), comm
+            result.samples = rows_trained(info, job, 0, total_steps(job, info))   # every step, all workers
+        else:
+            trainer = Trainer(comm, job, info, model, resume=resume, n_threads=n_threads, log=log,
+                              hooks=hooks, watch=watch)
+            result, final = trainer.run(), trainer.comm
+    finally:
+        if watch.state == status.STARTING:    # the start-up failed: end the watch
+            watch.close(status.FAILED, note=f"start-up failed while {watch.note}")
     summary = _summary(result, job, time.perf_counter() - started)
     if final.Get_rank() == 0:
         rundir.write_json_atomically(rundir.RunDir(job.output.run_dir).summary, summary.to_json())

@@ -392,7 +392,7 @@ def build_parser():
     p.add_argument("--fail-checkpoint-write", type=int, metavar="STEP", help=argparse.SUPPRESS)
 
     p = add("status", cmd_status, "per-rank state of a run, live or after it ended (no MPI needed)",
-            "Print who is alive, each rank's state (IDLE, TRAINING, AGGREGATING, CHECKPOINTING, "
+            "Print who is alive, each rank's state (IDLE, STARTING, TRAINING, AGGREGATING, CHECKPOINTING, "
             "FAILED, RECOVERING), step, time in that state and last heartbeat, from the files "
             "RUN_DIR/status/rank-N.json that every rank refreshes each [fault].status_interval_s. "
             "A rank without a heartbeat for 3 intervals shows as LOST?. Exit code 0 while the run "

@@ -170,7 +170,8 @@ class FaultConfig:
     run stops with exit code 5: ``on_limit = "stop"`` saves a checkpoint first, ``"abort"``
     leaves at once (the newest periodic checkpoint stays). The watchdog aborts the job (exit
     code 6) when a step lasts longer than ``step_timeout_s`` (0: automatic, 50x the median
-    step and at least 60 s) or a checkpoint or recovery longer than ``checkpoint_timeout_s``.
+    step and at least 60 s) or a checkpoint or recovery longer than ``checkpoint_timeout_s``,
+    or the start-up (checks, kernels, resume, sinks, the first rows) than ``startup_timeout_s``.
     Every rank writes ``RUN_DIR/status/rank-N.json`` every ``status_interval_s``.
     """
 
@@ -181,6 +182,7 @@ class FaultConfig:
     on_limit: str = _spec("stop", kind=str, choices=("stop", "abort"))
     step_timeout_s: float = _spec(0.0, kind=float, min=0)
     checkpoint_timeout_s: float = _spec(600.0, kind=float, min=0, exclusive_min=True)
+    startup_timeout_s: float = _spec(600.0, kind=float, min=0, exclusive_min=True)
     status_interval_s: float = _spec(1.0, kind=float, min=0.05)
 
 

@@ -250,3 +250,28 @@ def test_the_collector_url_can_come_from_the_environment(small_dataset, tmp_path
     unset = mpirun(2, "train", job, "--overwrite", timeout=120)
     assert unset.returncode == 2, unset.output
     assert "GRANGER_TEST_COLLECTOR is not set" in unset.stderr, unset.output
+
+
+BLOCKING_REPORTER = '''
+import time
+
+def make(run_dir, job):
+    time.sleep(3600)      # a plugin waiting on a database that never answers
+'''
+
+
+def test_a_start_up_that_blocks_is_ended_by_the_watchdog(small_dataset, tmp_path):
+    """#27 item 7: nothing bounded the start-up (here a user's reporter factory that
+    blocks); the job hung forever and `status` said it was not running. The start-up is
+    watched now: [fault].startup_timeout_s passes, the job ends with exit 6 naming the
+    phase, and the status files said STARTING meanwhile."""
+    (tmp_path / "blocking.py").write_text(BLOCKING_REPORTER)
+    run_dir = tmp_path / "run"
+    job = write_job(tmp_path / "job.toml", dataset=small_dataset, run_dir=run_dir,
+                    output={"reporters": ["blocking:make"]}, fault={"startup_timeout_s": 3})
+    run = mpirun(2, "train", job, timeout=90, env={"PYTHONPATH": str(tmp_path)})
+    assert run.returncode == 6, run.output
+    assert "watchdog: the start-up (opening the metrics files and reporters) has not finished" \
+        in run.stderr, run.output
+    records = [json.loads(p.read_text()) for p in (run_dir / "status").glob("rank-*.json")]
+    assert records and all(r["state"] in ("STARTING", "FAILED") for r in records), records

@@ -1,10 +1,11 @@
 """Per-rank status files, the hang watchdog, and the ``granger-mpi status`` table.
 
-Every rank keeps its state (``IDLE``, ``TRAINING``, ``AGGREGATING``, ``CHECKPOINTING``,
-``FAILED``, ``RECOVERING``), step and timestamps in memory; the training loop only assigns
-attributes. A background thread writes them every ``interval_s`` to
-``RUN_DIR/status/rank-NNNNN.json`` (atomically, by rename) and watches for a hang: a step,
-checkpoint or recovery that has lasted longer than its limit makes it report which ranks
+Every rank keeps its state (``IDLE``, ``STARTING``, ``TRAINING``, ``AGGREGATING``,
+``CHECKPOINTING``, ``FAILED``, ``RECOVERING``), step and timestamps in memory; the training
+loop only assigns attributes. A background thread writes them every ``interval_s`` to
+``RUN_DIR/status/rank-NNNNN.json`` (atomically, by rename; from the moment the run
+directory is accepted) and watches for a hang: a start-up, step, checkpoint or recovery
+that has lasted longer than its limit makes it report which ranks
 did not arrive and what each was doing (from their status files and this rank's Python
 stacks), then abort the whole job with exit code 6 so that a supervisor can restart it.
 Nothing waits forever.
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from granger_mpi import rundir
 
-IDLE, TRAINING, AGGREGATING, CHECKPOINTING, FAILED, RECOVERING = (
-    "IDLE", "TRAINING", "AGGREGATING", "CHECKPOINTING", "FAILED", "RECOVERING")
+IDLE, STARTING, TRAINING, AGGREGATING, CHECKPOINTING, FAILED, RECOVERING = (
+    "IDLE", "STARTING", "TRAINING", "AGGREGATING", "CHECKPOINTING", "FAILED", "RECOVERING")
 STEP_STATES = (TRAINING, AGGREGATING)
 SLOW_STATES = (CHECKPOINTING, RECOVERING)
 # Automatic step limit: this many times the median step, at least FLOOR_S; before enough
@@ -55,7 +56,8 @@ class RankStatus:
     """
 
     def __init__(self, run_dir, world_rank, world_size, mode, *, interval_s=1.0,
-                 step_timeout_s=0.0, slow_timeout_s=600.0, abort=None, out=sys.stderr):
+                 step_timeout_s=0.0, slow_timeout_s=600.0, startup_timeout_s=600.0, abort=None,
+                 out=sys.stderr):
         self.run_dir = Path(run_dir)
         self.path = status_path(run_dir, world_rank)
         self.world_rank = world_rank
@@ -64,6 +66,7 @@ class RankStatus:
         self.interval_s = interval_s
         self.step_timeout_s = step_timeout_s
         self.slow_timeout_s = slow_timeout_s
+        self.startup_timeout_s = startup_timeout_s
         self.abort = abort
         self.out = out
         self.state, self.step, self.since = IDLE, 0, time.time()
@@ -76,6 +79,7 @@ class RankStatus:
         self._stop = threading.Event()
         self._thread = None
         self._writer = None                   # the thread of the last status write
+        self._publishing = False              # from start(): the run directory is accepted
 
     # -- called by the training loop: attribute assignments only --------------------------
 
@@ -95,12 +99,20 @@ class RankStatus:
 
     # -- the thread ----------------------------------------------------------------------
 
-    def start(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.publish()
-        self._thread = threading.Thread(target=self._run, name="granger-status", daemon=True)
-        self._thread.start()
+    def watch(self):
+        """Start the watchdog thread, writing nothing yet (the run directory may still be
+        refused: a rejected job creates none)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="granger-status", daemon=True)
+            self._thread.start()
         return self
+
+    def start(self):
+        """Watch, and publish the status file from now on."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._publishing = True
+        self.publish()
+        return self.watch()
 
     def close(self, state=IDLE, note="finished"):
         self._stop.set()
@@ -118,7 +130,7 @@ class RankStatus:
         """Write the status file now, waiting at most ``WRITE_DEADLINE_S``: a hung file
         system (NFS, Lustre) must not hang the caller, the watchdog least of all. While an
         earlier write still hangs, this one is skipped (status is advisory)."""
-        if self._writer is not None and self._writer.is_alive():
+        if not self._publishing or (self._writer is not None and self._writer.is_alive()):
             return
         self._writer = threading.Thread(target=_write_record, args=(self.path, self.record()),
                                         name="granger-status-write", daemon=True)
@@ -127,6 +139,8 @@ class RankStatus:
 
     def limit_s(self):
         """How long the current state may last."""
+        if self.state == STARTING:
+            return self.startup_timeout_s
         if self.state in SLOW_STATES:
             return self.slow_timeout_s
         if self.state not in STEP_STATES:
@@ -157,9 +171,11 @@ class RankStatus:
             self.abort(6)
 
     def _report(self, limit, waited):
-        what = f"step {self.step}" if self.state in STEP_STATES else self.state.lower()
+        what = (f"step {self.step}" if self.state in STEP_STATES else
+                f"the start-up ({self.note})" if self.state == STARTING else self.state.lower())
         lines = [f"watchdog: {what} has not finished after {waited:.1f} s (limit {limit:.1f} s, "
-                 f"[fault].step_timeout_s / checkpoint_timeout_s); rank {self.world_rank} is "
+                 f"[fault].startup_timeout_s / step_timeout_s / checkpoint_timeout_s); rank "
+                 f"{self.world_rank} is "
                  f"{self.state}{' (' + self.note + ')' if self.note else ''}"]
         records = read_all(self.run_dir)
         late = [r for r in records if r["rank"] != self.world_rank and _did_not_arrive(r, self.step)]

@@ -54,7 +54,7 @@ class Trainer:
 
     def __init__(self, comm: MPI.Comm, job, info, model, *, resume=None, n_threads: int = 1,
                  log: Callable[[str], None] = print, hooks: setup.Hooks = setup.Hooks(),
-                 abort: Callable[[int], None] | None = None):
+                 watch: status.RankStatus | None = None, abort: Callable[[int], None] | None = None):
         self.comm, self.job, self.info, self.model = comm, job, info, model
         self.n_threads, self.hooks = n_threads, hooks
         self.per_epoch = partition.steps_per_epoch(info.n_rows, job.train.global_batch)
@@ -65,9 +65,21 @@ class Trainer:
         self.shard = zero.shard_bounds(n, n + N_STATS, comm.Get_rank(), comm.Get_size()) if sharded else None
         self.opt = optimizer.Optimizer(job.optimizer, n, total_steps=self.total_steps,
                                        global_batch=job.train.global_batch, shard=self.shard)
+        fault = job.fault
+        self.status = watch or status.RankStatus(
+            self.run_dir, comm.Get_rank(), comm.Get_size(), "starting",
+            interval_s=fault.status_interval_s, step_timeout_s=fault.step_timeout_s,
+            slow_timeout_s=fault.checkpoint_timeout_s, startup_timeout_s=fault.startup_timeout_s,
+            abort=abort or comm.Abort)
+        self.status.watch()
+        self._starting("compiling the kernels")
         setup.warm_kernels(comm, model, info, self.opt)
+        self._starting("finding and reading the checkpoint to resume from")
         params, opt_state, self.start_step, self.source = self._initial_state(resume, log)
+        self._starting("probing ULFM")
         fault_tolerant = self._fault_mode(log)
+        self.status.mode = "ulfm" if fault_tolerant else "restart"
+        self._starting("setting up the exchange")
         self.state = TrainState(params, opt_state, self.start_step, rollback=fault_tolerant)
         self.recovery = (UlfmRecovery if fault_tolerant else NoRecovery)(comm)
         self.runner = StepRunner(comm, model, info, self.opt, micro_batches=job.train.accumulation_steps,
@@ -80,11 +92,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             status.clear(self.run_dir, comm.Get_size())
         comm.Barrier()
-        fault = job.fault
-        self.status = status.RankStatus(
-            self.run_dir, comm.Get_rank(), comm.Get_size(), "ulfm" if fault_tolerant else "restart",
-            interval_s=fault.status_interval_s, step_timeout_s=fault.step_timeout_s,
-            slow_timeout_s=fault.checkpoint_timeout_s, abort=abort or comm.Abort)
         self.injector = faults.Injector(hooks.injections, comm.Get_rank())
         self.outputs = Outputs(comm, job, total_steps=self.total_steps, log=log)
         self.policy = checkpoint.CheckpointPolicy(job.checkpoint, self.total_steps)
@@ -103,6 +110,10 @@ class Trainer:
         self.stopped, self.recovered = False, False
         self.limit: str | None = None     # the [fault] limit passed, which ends the run
         self.test_scores = (None, None)
+
+    def _starting(self, phase: str) -> None:
+        """The start-up phase under way: watched (``[fault].startup_timeout_s``), and shown."""
+        self.status.set(status.STARTING, note=phase)
 
     def _initial_state(self, resume, log):
         """``(params, optimizer state, step, checkpoint)``: new, or read from a checkpoint."""
@@ -169,12 +180,14 @@ class Trainer:
         """Train to the end, a requested stop or the [fault] limits; collective."""
         self.status.start()
         try:
+            self._starting("opening the metrics files and reporters")
             self.outputs.open(self.comm, world_size=self.comm.Get_size(),
                               resume_step=self.start_step if self.source else None,
                               start_step=self.start_step)
             self._log_start()
             started = time.perf_counter()
             self.policy.saved()
+            self._starting("opening the data")
             self._open_stream(self.start_step)
             self._log_data()
             self.row_log = self.hooks.open_row_log(self.comm.Get_rank(), os.getpid())
