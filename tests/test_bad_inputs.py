@@ -265,3 +265,19 @@ def test_a_model_file_without_its_model_attribute_is_one_line(tmp_path, small_da
     assert run.returncode == 2, run.output
     lines = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]
     assert len(lines) == 1 and str(model) in lines[0] and "Traceback" not in run.stderr, run.output
+
+
+@pytest.mark.parametrize("content", ['{"tables": {"P2-node": {"bytes": [4], "median_us": {"ring": "x"}}}}',
+                                     '{"tables": [1, 2]}', "not json {"],
+                         ids=["bad-times", "tables-not-a-table", "not-json"])
+def test_a_malformed_calibration_table_is_one_line(tmp_path, job, content):
+    """#27 item 11: a hand-edited or truncated calibration file was a traceback (or, not
+    JSON at all, silently ignored)."""
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(content)
+    run = mpirun(2, "train", job(collectives={"algorithm": "auto"}), timeout=60,
+                 env={"GRANGER_CALIBRATION": str(calibration)})
+    assert run.returncode == 2, run.output
+    lines = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]
+    assert len(lines) == 1 and f"calibration file {calibration}" in lines[0], run.output
+    assert "Traceback" not in run.stderr

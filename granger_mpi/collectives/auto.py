@@ -24,6 +24,7 @@ from pathlib import Path
 from granger_mpi.collectives import shm
 from granger_mpi.collectives.buffers import cache
 from granger_mpi.collectives.costmodel import seconds as model_seconds
+from granger_mpi.errors import UserError
 from granger_mpi.mpi.runtime import bcast_text
 
 log = logging.getLogger("granger_mpi.collectives")
@@ -55,18 +56,55 @@ def table_key(size, one_node):
     return f"P{size}-{'node' if one_node else 'net'}"
 
 
+def _malformed(path):
+    """What is wrong with the calibration file at ``path`` (None if it is absent or sound)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return f"unreadable ({exc})"
+    if not isinstance(doc, dict) or not isinstance(doc.get("tables", {}), dict):
+        return "its 'tables' is not a table of tables"
+    for key, table in doc.get("tables", {}).items():
+        try:
+            sizes = [float(b) for b in table["bytes"]]
+            if not sizes or min(sizes) <= 0 or any(
+                    len(times) != len(sizes) or not all(isinstance(t, (int, float)) for t in times)
+                    for times in table["median_us"].values()):
+                raise ValueError
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return (f"table {key!r} is not 'bytes' (positive sizes) and 'median_us' (a list of "
+                    f"times per size for each algorithm)")
+    model = doc.get("model", DEFAULT_MODEL)
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), (int, float))
+                                              for k in DEFAULT_MODEL):
+        return f"its 'model' is not numbers for {', '.join(DEFAULT_MODEL)}"
+    return None
+
+
 def _document(comm):
-    """The calibration document, read on rank 0 and broadcast (cached on ``comm``)."""
+    """The calibration document, read on rank 0 and broadcast (cached on ``comm``); a
+    malformed user calibration is a ``UserError`` on every rank."""
     store = cache(comm)
     if "auto-doc" not in store:
         text = ""
         if comm.Get_rank() == 0:
-            mine = read_calibration(calibration_path())
-            shipped = read_calibration(SHIPPED)
-            tables = {**shipped.get("tables", {}), **mine.get("tables", {})}
-            text = json.dumps({"model": mine.get("model", shipped.get("model", DEFAULT_MODEL)),
-                               "tables": tables})
-        store["auto-doc"] = json.loads(bcast_text(comm, text, 0))
+            problem = _malformed(calibration_path())
+            if problem:
+                text = json.dumps({"error": f"calibration file {calibration_path()} is malformed: "
+                                            f"{problem}; run 'granger-mpi bench calibrate' under "
+                                            f"mpirun again, or delete it"})
+            else:
+                mine = read_calibration(calibration_path())
+                shipped = read_calibration(SHIPPED)
+                tables = {**shipped.get("tables", {}), **mine.get("tables", {})}
+                text = json.dumps({"model": mine.get("model", shipped.get("model", DEFAULT_MODEL)),
+                                   "tables": tables})
+        doc = json.loads(bcast_text(comm, text, 0))
+        if "error" in doc:
+            raise UserError(doc["error"], agreed=True)
+        store["auto-doc"] = doc
     return store["auto-doc"]
 
 
