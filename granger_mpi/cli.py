@@ -233,11 +233,11 @@ def cmd_dataset_verify(args):
     if found is None:
         raise UserError(f"{args.file} has no checksums; add them with "
                         f"granger-mpi dataset checksum {args.file}", agreed=True)
-    blocks, damaged = found
-    for message in damaged:
+    blocks, damaged, messages = found
+    for message in messages:
         say(comm, message, file=sys.stderr)
-    say(comm, f"{args.file}: {blocks - len(damaged):,} of {blocks:,} blocks intact"
-              + (f", {len(damaged)} damaged" if damaged else ""))
+    say(comm, f"{args.file}: {blocks - damaged:,} of {blocks:,} blocks intact"
+              + (f", {damaged} damaged" if damaged else ""))
     return 1 if damaged else 0
 
 

@@ -9,6 +9,7 @@ Readers never load a whole file: each rank reads only its region of the file (th
 the partition gives it), a few steps ahead in a background thread, within a memory budget.
 """
 
+import functools
 import json
 import math
 import queue
@@ -53,6 +54,12 @@ class DatasetInfo:
     def row_bytes(self):
         """Bytes of one row as stored (and held by a rank, which keeps the stored dtypes)."""
         return self.x_itemsize * self.n_features + self.y_itemsize * self.n_targets
+
+    @functools.cached_property
+    def fingerprint(self):
+        """``integrity.fingerprint`` of the file, read once per ``DatasetInfo`` (a resume
+        compares it with the checkpoint's, and every save records it)."""
+        return integrity.fingerprint(self.path)
 
     @property
     def window(self):

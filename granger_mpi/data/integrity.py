@@ -10,8 +10,10 @@ streaming its share reads and checks whole blocks.
 
 import h5py
 import numpy as np
+from mpi4py import MPI
 
 from granger_mpi.data import partition
+from granger_mpi.mpi.runtime import gather_text
 from granger_mpi.storage.checksums import crc32
 
 GROUP = "integrity"
@@ -121,7 +123,8 @@ class Checker:
 
 def verify(comm, path, progress=None):
     """Collective: check every block of ``path`` (each rank a contiguous share). Returns
-    ``(checked blocks, damage messages)`` on every rank; None if the file has no checksums."""
+    ``(checked blocks, damaged blocks, their messages)``, the messages on rank 0 only (an
+    empty list elsewhere); None if the file has no checksums."""
     with h5py.File(path, "r") as f:
         checker = Checker(f, path)
         if not checker.enabled:
@@ -136,5 +139,7 @@ def verify(comm, path, progress=None):
                 found.append(str(damage))
             if progress is not None:
                 progress(b + 1 - lo, hi - lo)
-    messages = [m for part in comm.allgather(found) for m in part]
-    return n_blocks, messages
+    damaged = np.array([len(found)], np.int64)
+    comm.Allreduce(MPI.IN_PLACE, damaged, op=MPI.SUM)
+    messages = [m for part in gather_text(comm, "\n".join(found)) for m in part.splitlines()]
+    return n_blocks, int(damaged[0]), messages

@@ -22,6 +22,33 @@ def bcast_text(comm, text, root):
     return buf.tobytes().decode()
 
 
+def first_text(comm, key, text):
+    """Collective: ``(lowest key, the text of the rank that holds it)`` on every rank (the
+    lowest such rank on a tie), with buffer calls (no pickle)."""
+    keys = np.array([key], np.int64)
+    comm.Allreduce(MPI.IN_PLACE, keys, op=MPI.MIN)
+    holder = np.array([comm.Get_rank() if key == keys[0] else comm.Get_size()], np.int64)
+    comm.Allreduce(MPI.IN_PLACE, holder, op=MPI.MIN)
+    root = int(holder[0])
+    return int(keys[0]), bcast_text(comm, text if comm.Get_rank() == root else "", root)
+
+
+def gather_text(comm, text, root=0):
+    """Collective: every rank's ``text`` in rank order on ``root`` (an empty list on the
+    others), with buffer calls (no pickle)."""
+    data = np.frombuffer(text.encode(), np.uint8)
+    mine = comm.Get_rank() == root
+    lengths = np.empty(comm.Get_size(), np.int64) if mine else None
+    comm.Gather(np.array([data.size], np.int64), lengths, root=root)
+    if not mine:
+        comm.Gatherv(data, None, root=root)
+        return []
+    buf = np.empty(int(lengths.sum()), np.uint8)
+    comm.Gatherv(data, (buf, lengths.tolist()), root=root)
+    ends = np.cumsum(lengths)
+    return [buf[end - n:end].tobytes().decode() for n, end in zip(lengths, ends)]
+
+
 def agree(comm, fn, *args, **kwargs):
     """Call ``fn`` on every rank; if it raises ``UserError`` on any, raise it on all.
 

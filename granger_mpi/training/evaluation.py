@@ -8,6 +8,7 @@ from granger_mpi.data import dataset, integrity, partition
 from granger_mpi.storage.checksums import crc32
 from granger_mpi.errors import UserError
 from granger_mpi.kernels import checks
+from granger_mpi.mpi.runtime import first_text
 
 
 def first_bad_row(info: dataset.DatasetInfo, X: np.ndarray, y: np.ndarray) -> int:
@@ -33,7 +34,7 @@ def report_bad_row(comm: MPI.Comm, info: dataset.DatasetInfo, local_row: int | N
         local = (int(local_row), bad_row_message(info, int(local_row)))
     else:
         local = (np.iinfo(np.int64).max, "")
-    _, message = comm.allreduce(local, op=MPI.MIN)
+    _, message = first_text(comm, *local)
     raise UserError(f"{message} (found at epoch {epoch}, step {step}); nothing was saved", agreed=True)
 
 
@@ -81,7 +82,7 @@ def evaluate(comm: MPI.Comm, model, params: np.ndarray, info: dataset.DatasetInf
             totals[0] += loss_sum
             totals[1] += correct
     comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
-    _, message = comm.allreduce(problem, op=MPI.MIN)
+    _, message = first_text(comm, *problem)
     if message:
         raise UserError(f"{message}; cannot evaluate", agreed=True)
     loss = totals[0] / info.n_rows

@@ -8,7 +8,7 @@ from typing import Callable
 from mpi4py import MPI
 
 from granger_mpi import checkpoint
-from granger_mpi.data import integrity, partition
+from granger_mpi.data import partition
 from granger_mpi.training.state import TrainState
 
 
@@ -35,7 +35,7 @@ class Saver:
                               extra_attrs={"n_rows": info.n_rows, "partition_rule": partition.RULE,
                                            "partition_window": info.window,
                                            "schedule_steps": schedule_steps,
-                                           "dataset": json.dumps(integrity.fingerprint(info.path))},
+                                           "dataset": json.dumps(info.fingerprint)},
                               verify_after_write=ckpt.verify_after_write)
         self.log = log
         self.fail_write_at = fail_write_at  # fault injection: this step's save fails, disk full

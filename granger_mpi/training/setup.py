@@ -10,7 +10,7 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import checkpoint, rundir
-from granger_mpi.data import dataset, integrity, partition
+from granger_mpi.data import dataset, partition
 from granger_mpi.model import models
 from granger_mpi.mpi import ulfm
 from granger_mpi.errors import UserError, describe_io_error
@@ -178,7 +178,7 @@ def check_compatible(path: Path, attrs, job, info, schedule_steps: int) -> None:
                         f"rank owning lanes of the file): the rows its epoch has left cannot be "
                         f"told; finish that run with the version that started it, or start afresh")
     if "dataset" in attrs:
-        saved, now = json.loads(attrs["dataset"]), integrity.fingerprint(info.path)
+        saved, now = json.loads(attrs["dataset"]), info.fingerprint
         differs = [k for k in ("sample", "blocks") if k in saved and k in now and saved[k] != now[k]]
         if differs:
             k = differs[0]

@@ -18,7 +18,7 @@ from granger_mpi.data import dataset, integrity, partition
 from granger_mpi.model import optimizer, zero
 from granger_mpi.observe import status, timing
 from granger_mpi.errors import UserError
-from granger_mpi.mpi.runtime import agree
+from granger_mpi.mpi.runtime import agree, gather_text
 from granger_mpi.training import setup
 from granger_mpi.training.evaluation import check_replicas_identical, evaluate, report_bad_row
 from granger_mpi.training.outputs import Outputs
@@ -167,13 +167,13 @@ class Trainer:
 
     def _log_data(self) -> None:
         """Collective: which rows each rank holds, and how, into the run's log."""
-        lines = self.comm.gather(self.stream.describe(), root=0)
+        lines = gather_text(self.comm, self.stream.describe())
         info = self.info
         self.outputs.log(f"data: {info.n_rows:,} rows of {info.row_bytes} bytes in "
                          f"{self.job.train.global_batch} lanes, windows of {info.window} rows, "
                          + ("every read checked against the file's checksums" if info.checksummed
                             else "no checksums (granger-mpi dataset checksum adds them)"))
-        for rank, line in enumerate(lines or ()):
+        for rank, line in enumerate(lines):
             self.outputs.log(f"data: rank {rank}: {line}")
 
     def run(self) -> TrainResult:
@@ -222,7 +222,7 @@ class Trainer:
             self.algorithm = self._choose_algorithm()
             check_replicas_identical(self.comm, self.state.params,
                                      "parameters after a rank failure and roll-back")
-            if self.stream is not None:
+            if self.state.step < self.total_steps:    # the stream was reopened for the new P
                 self._log_data()
         if self.limit:
             return self._stop_past_limits()
