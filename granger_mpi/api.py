@@ -90,7 +90,8 @@ def train(comm: MPI.Comm, job: config.JobConfig, *, resume: str | Path | None = 
         info, model = setup.prepare(comm, job, overwrite=overwrite, resume=resume)
         if overwrite and resume is None:
             setup.discard_previous_run(comm, job)
-        n_threads = threads.configure(comm, job.train.threads_per_rank)
+        spare = comm.Get_rank() >= comm.Get_size() - fault.spares
+        n_threads = threads.configure(comm, job.train.threads_per_rank, spare=spare)
         if job.train.strategy == "async":
             if resume is not None:
                 raise UserError("--resume: [train].strategy = 'async' writes no checkpoints", agreed=True)
@@ -105,11 +106,13 @@ def train(comm: MPI.Comm, job: config.JobConfig, *, resume: str | Path | None = 
         if watch.state == status.STARTING:    # the start-up failed: end the watch
             watch.close(status.FAILED, note=f"start-up failed while {watch.note}")
     summary = _summary(result, job, time.perf_counter() - started)
-    if final.Get_rank() == 0:
+    if final is not None and final.Get_rank() == 0:    # None: a spare that was not needed
         rundir.write_json_atomically(rundir.RunDir(job.output.run_dir).summary, summary.to_json())
         _log_end(log, result, job)
     if not result.ranks_lost:     # after a failure, freeing can hang on a broken communicator
-        final.Free()
+        if final is not None and final != comm:
+            final.Free()
+        comm.Free()
     return summary
 
 

@@ -78,6 +78,8 @@ def cmd_train(args):
     world = _world()
     injections = agree(world, lambda: [faults.parse(text) for text in args.inject_failure])
     job = agree(world, config.load, args.job, args.run_dir)
+    if args.spares is not None:
+        job = agree(world, config.with_spares, job, args.spares)
     hooks = Hooks(injections=tuple(injections), row_log_dir=args.row_log,
                   checkpoint_write_fails_at=args.fail_checkpoint_write)
     summary = api.train(world, job, resume=args.resume, overwrite=args.overwrite, log=_print_flushed,
@@ -303,7 +305,7 @@ def cmd_run(args):
     from granger_mpi.launch import mpirun as launch
     train_args = (["--overwrite"] if args.overwrite else []) + \
         (["--resume", args.resume] if args.resume else []) + _passed_on(args)
-    return launch.run(args.job, args.ranks, mpirun=args.mpirun, hostfile=args.hostfile,
+    return launch.run(args.job, args.ranks, spares=args.spares, mpirun=args.mpirun, hostfile=args.hostfile,
                       detector_timeout_s=args.detector_timeout, mpirun_args=args.mpirun_arg,
                       train_args=train_args, max_restarts=args.max_restarts,
                       backoff_s=args.backoff, max_backoff_s=args.max_backoff, dry_run=args.dry_run)
@@ -387,6 +389,9 @@ def build_parser():
                         "at=checkpoint the checkpoint of S completed steps); default mode kill9, "
                         "at compute; slow stalls T seconds (default 1) and goes on: a straggler; "
                         "rank=* is every rank, and step=* (slow only) every step: a throttle")
+    p.add_argument("--spares", type=int, metavar="S", default=None,
+                   help="of the ranks launched, the last S wait idle and take the place of a "
+                        "training rank that dies (ULFM; overrides [fault].spares)")
     _add_row_log(p)
     # a test seam: the checkpoint of this step fails as on a full disk (not in --help)
     p.add_argument("--fail-checkpoint-write", type=int, metavar="STEP", help=argparse.SUPPRESS)
@@ -534,7 +539,11 @@ def build_parser():
             "again from its newest good checkpoint. Run it outside mpirun (inside an sbatch "
             "script too: mpirun picks up the allocation).")
     p.add_argument("job", type=Path, help="job file (TOML)")
-    p.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks")
+    p.add_argument("-n", "--ranks", type=int, required=True, help="number of training ranks")
+    p.add_argument("--spares", type=int, metavar="S", default=None,
+                   help="launch S more ranks that wait idle and take the place of a training "
+                        "rank that dies, so the run goes on at full size with the result of an "
+                        "undisturbed run (ULFM; default [fault].spares)")
     p.add_argument("--hostfile", type=Path, help="Open MPI hostfile (default: this machine, "
                                                  "or the Slurm allocation)")
     p.add_argument("--detector-timeout", type=float, metavar="SECONDS", default=None,

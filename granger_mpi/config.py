@@ -173,6 +173,8 @@ class FaultConfig:
     step and at least 60 s) or a checkpoint or recovery longer than ``checkpoint_timeout_s``,
     or the start-up (checks, kernels, resume, sinks, the first rows) than ``startup_timeout_s``.
     Every rank writes ``RUN_DIR/status/rank-N.json`` every ``status_interval_s``.
+    ``spares``: of the ranks launched, the last ``spares`` wait idle and take a dead
+    rank's place (ULFM only; ``granger-mpi run --spares`` launches them).
     """
 
     mode: str = _spec("auto", kind=str, choices=("auto", "ulfm", "restart"))
@@ -184,6 +186,7 @@ class FaultConfig:
     checkpoint_timeout_s: float = _spec(600.0, kind=float, min=0, exclusive_min=True)
     startup_timeout_s: float = _spec(600.0, kind=float, min=0, exclusive_min=True)
     status_interval_s: float = _spec(1.0, kind=float, min=0.05)
+    spares: int = _spec(0, kind=int, min=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -369,3 +372,10 @@ def load(path, run_dir=None):
         output = dataclasses.replace(job.output, run_dir=Path(run_dir).expanduser().resolve())
         job = dataclasses.replace(job, output=output)
     return job
+
+
+def with_spares(job: JobConfig, spares: int) -> JobConfig:
+    """``job`` with ``[fault].spares`` set (``--spares``)."""
+    if spares < 0:
+        raise UserError(f"--spares {spares}: the number of spare ranks must be 0 or more")
+    return dataclasses.replace(job, fault=dataclasses.replace(job.fault, spares=spares))

@@ -132,10 +132,10 @@ def test_outputs_off_the_writer_rank_write_nothing_until_it_takes_over(tmp_path,
     # rank 0 died having written nothing: this rank is rank 0 of the shrunk communicator,
     # rolls back to step 4 (step 4 was not completed everywhere) and writes what it kept
     (tmp_path / "run").mkdir()
-    recovered = SimpleNamespace(gone=[0], step=4, detected=0.0, seconds=0.1,
-                                split=dict(revoke_s=0.0, shrink_s=0.1, agree_s=0.0))
+    recovered = SimpleNamespace(gone=[0], step=4, detected=0.0, seconds=0.1, replaced={},
+                                split=dict(revoke_s=0.0, shrink_s=0.1, agree_s=0.0, transfer_s=0.0))
     outputs.failure(Rank(0, 2), recovered, where="the allreduce (ring)", error="proc failed",
-                    old_size=3, lost_at=4, entered=0.0)
+                    lost_at=4, entered=0.0)
     assert outputs.writer
     assert any("rank failure at step 4" in line and "2 continue from step 4" in line for line in lines)
     for step in (4, 3):     # a record it holds already (3) is not written twice
@@ -199,6 +199,7 @@ ROLL_BACK = """
     import numpy as np
     from mpi4py import MPI
     from granger_mpi.training.recovery import UlfmRecovery
+    from granger_mpi.training.spares import Roles
     from granger_mpi.training.state import TrainState
     from granger_mpi.mpi.ulfm import RankFailure, rank_failures
     comm = MPI.COMM_WORLD.Dup()
@@ -211,7 +212,7 @@ ROLL_BACK = """
         params += 1.0
         opt += 2.0
         state.step = 11
-    recovery = UlfmRecovery(comm)
+    recovery = UlfmRecovery(comm, Roles.initial(comm.Get_size(), 0))
     comm.Barrier()
     if rank == 2:
         os._exit(1)          # dies: the others learn it in their next collective
@@ -221,8 +222,9 @@ ROLL_BACK = """
                 comm.Allreduce(MPI.IN_PLACE, np.zeros(1), op=MPI.SUM)
     except RankFailure as failure:
         # rank 0 is ready for step 10; rank 1 applied step 10 but not its checkpoint yet
-        recovered = recovery.recover(comm, (state.step, 0 if rank == 1 else 1))
-    state.restore(recovered.step)
+        place = (state.step, 0 if rank == 1 else 1)
+        recovered = recovery.recover(comm, lambda: place,
+                                     lambda comm, place, replaced: state.restore(place[0]))
     assert recovered.place == (10, 1) and state.step == 10, (rank, recovered, state.step)
     assert np.all(params == 5.0) and np.all(opt == 0.0), (rank, params, opt)
     assert recovered.gone == [2] and recovery.idents == [0, 1] and recovery.lost == [2], recovered

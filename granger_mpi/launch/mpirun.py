@@ -42,11 +42,16 @@ def mpirun_flags(job, ranks, *, hostfile=None, detector_timeout_s=None, extra=()
     return flags + list(extra)
 
 
-def run(job_path, ranks, *, mpirun="mpirun", hostfile=None, detector_timeout_s=None,
+def run(job_path, ranks, *, spares=None, mpirun="mpirun", hostfile=None, detector_timeout_s=None,
         mpirun_args=(), train_args=(), max_restarts=0, backoff_s=1.0, max_backoff_s=300.0, dry_run=False,
         out=print):
-    """Launch the job; returns the exit code (``mpirun``'s, or ``supervise``'s with restarts)."""
+    """Launch the job on ``ranks`` training ranks and ``spares`` spare ranks (default
+    ``[fault].spares``); returns the exit code (``mpirun``'s, or ``supervise``'s with restarts)."""
     job = config.load(job_path)
+    if spares is not None:
+        job = config.with_spares(job, spares)
+        train_args = (*train_args, "--spares", str(spares))
+    ranks += job.fault.spares
     flags = mpirun_flags(job, ranks, hostfile=hostfile, detector_timeout_s=detector_timeout_s,
                          extra=mpirun_args)
     command = [supervise.launcher(mpirun), *flags, "-n", str(ranks), *supervise.RANK_PROGRAM,

@@ -11,11 +11,15 @@ import os
 from mpi4py import MPI
 
 
-def ranks_on_node(comm):
-    """How many ranks of ``comm`` share this rank's node (collective over ``comm``)."""
+def ranks_on_node(comm, counted=True):
+    """How many ranks of ``comm`` that are ``counted`` (idle spares are not) share this
+    rank's node (collective over ``comm``)."""
+    import numpy as np      # not at the top: the CLI imports this module before numpy
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
-        return node.Get_size()
+        here = np.array([1 if counted else 0], np.int64)
+        node.Allreduce(MPI.IN_PLACE, here, op=MPI.SUM)
+        return int(here[0])
     finally:
         node.Free()
 
@@ -25,16 +29,21 @@ def default_threads(cores, ranks_here):
     return max(1, cores // max(1, ranks_here))
 
 
-def configure(comm, requested=None):
+def configure(comm, requested=None, spare=False):
     """Set numba's threads for this rank; returns the number. Collective over ``comm``.
 
     ``requested`` (``[train].threads_per_rank``) wins; otherwise the node's cores (this
-    process's CPU affinity) are shared by its ranks. Numba cannot go above the pool it
-    started with (``NUMBA_NUM_THREADS``), so the count is capped there.
+    process's CPU affinity) are shared by its training ranks (an idle ``spare`` takes no
+    share: it gets its count when it takes a place, ``use``).
     """
+    here = ranks_on_node(comm, counted=not spare)
+    return use(requested or default_threads(len(os.sched_getaffinity(0)), here))
+
+
+def use(threads):
+    """Numba's thread count for this rank, capped at the pool it started with
+    (``NUMBA_NUM_THREADS``); returns it."""
     import numba
-    here = ranks_on_node(comm)
-    threads = requested or default_threads(len(os.sched_getaffinity(0)), here)
     threads = min(threads, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(threads)
     return threads

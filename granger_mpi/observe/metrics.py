@@ -20,7 +20,7 @@ EVENT_FIELDS = {
     "time": np.float64, "step": np.int64, "kind": h5py.string_dtype(), "ranks_lost": np.int64,
     "world_size": np.int64, "detect_s": np.float64, "recovery_s": np.float64,
     "first_step_s": np.float64, "revoke_s": np.float64, "shrink_s": np.float64,
-    "agree_s": np.float64,
+    "agree_s": np.float64, "spares_used": np.int64, "transfer_s": np.float64,
 }
 
 

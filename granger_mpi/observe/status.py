@@ -1,7 +1,7 @@
 """Per-rank status files, the hang watchdog, and the ``granger-mpi status`` table.
 
 Every rank keeps its state (``IDLE``, ``STARTING``, ``TRAINING``, ``AGGREGATING``,
-``CHECKPOINTING``, ``FAILED``, ``RECOVERING``), step and timestamps in memory; the training
+``CHECKPOINTING``, ``FAILED``, ``RECOVERING``; ``SPARE`` for an idle spare rank), step and timestamps in memory; the training
 loop only assigns attributes. A background thread writes them every ``interval_s`` to
 ``RUN_DIR/status/rank-NNNNN.json`` (atomically, by rename; from the moment the run
 directory is accepted) and watches for a hang: a start-up, step, checkpoint or recovery
@@ -24,8 +24,8 @@ from pathlib import Path
 
 from granger_mpi import rundir
 
-IDLE, STARTING, TRAINING, AGGREGATING, CHECKPOINTING, FAILED, RECOVERING = (
-    "IDLE", "STARTING", "TRAINING", "AGGREGATING", "CHECKPOINTING", "FAILED", "RECOVERING")
+IDLE, STARTING, TRAINING, AGGREGATING, CHECKPOINTING, FAILED, RECOVERING, SPARE = (
+    "IDLE", "STARTING", "TRAINING", "AGGREGATING", "CHECKPOINTING", "FAILED", "RECOVERING", "SPARE")
 STEP_STATES = (TRAINING, AGGREGATING)
 SLOW_STATES = (CHECKPOINTING, RECOVERING)
 # Automatic step limit: this many times the median step, at least FLOOR_S; before enough
@@ -94,7 +94,7 @@ class RankStatus:
         self.state, self.since, self._entered, self.note = state, time.time(), now, note
         if step is not None:
             self.step = step
-        if state in (FAILED, RECOVERING, IDLE):
+        if state in (FAILED, RECOVERING, IDLE, SPARE):
             self.publish()
 
     # -- the thread ----------------------------------------------------------------------
@@ -210,6 +210,8 @@ def _stale(record, now=None):
 
 
 def _did_not_arrive(record, step):
+    if record["state"] == SPARE:
+        return False
     if record["state"] in (FAILED, IDLE) or _stale(record):
         return True
     return record["step"] < step or (record["step"] == step and record["state"] != AGGREGATING)

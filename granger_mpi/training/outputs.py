@@ -139,8 +139,20 @@ class Outputs:
                 for group in sinks:
                     group.close()
 
-    def failure(self, comm: MPI.Comm, recovered, *, where: str, error: str, old_size: int,
-                lost_at: int, entered: float) -> None:
+    def handover(self) -> dict:
+        """What a spare that takes a place needs to go on where this rank is (JSON)."""
+        return dict(kept=[{key: _plain(value) for key, value in record.items()} for record in self.kept],
+                    kept_from=self._kept_from, since_flush=self._since_flush,
+                    generation=self.generation)
+
+    def adopt(self, handover: dict) -> None:
+        """On a spare that takes a place: the records and counters of ``handover``."""
+        self.kept = handover["kept"]
+        self._kept_from, self._since_flush = handover["kept_from"], handover["since_flush"]
+        self.generation = handover["generation"]
+
+    def failure(self, comm: MPI.Comm, recovered, *, where: str, error: str, lost_at: int,
+                entered: float) -> None:
         """After a recovery: records past the agreed step dropped; the writer (the same or a
         new one) reports the failure and reopens the files cut back to the agreed step, then
         writes the kept records they lack. A new writer's live reporters get the confirmed
@@ -152,9 +164,14 @@ class Outputs:
         size = comm.Get_size()
         if self.writer:
             status.mark_failed(self.run.path, recovered.gone, f"lost at step {lost_at} ({where})", lost_at)
+            spares = "".join(f"; spare world rank {spare} takes the place of world rank {dead}"
+                             for spare, dead in sorted(recovered.replaced.items()))
+            transfer = (f", state sent to the spare(s) in {recovered.split['transfer_s']:.3f} s"
+                        if recovered.replaced else "")
             self._log(f"rank failure at step {lost_at} during {where} ({error}): "
-                      f"{old_size - size} rank(s) lost (world ranks {recovered.gone}); {size} continue "
-                      f"from step {recovered.step} (revoke+shrink+agree {recovered.seconds:.3f} s)")
+                      f"{len(recovered.gone)} rank(s) lost (world ranks {recovered.gone}){spares}; "
+                      f"{size} continue from step {recovered.step} (recovery {recovered.seconds:.3f} s"
+                      f"{transfer})")
             if self.files is not None:
                 self.files.close()
             self.files = metrics.open_sinks(self.run.path, self.job, None, recovered.step,
@@ -171,7 +188,7 @@ class Outputs:
             self.files.flush()
         self._pending_event = dict(time=recovered.detected, step=recovered.step,
                                    kind=f"rank failure ({where})", ranks_lost=len(recovered.gone),
-                                   world_size=size, detect_s=recovered.detected - entered,
+                                   world_size=size, spares_used=len(recovered.replaced), detect_s=recovered.detected - entered,
                                    recovery_s=recovered.seconds, **recovered.split)
 
     def final_model(self, model, params: np.ndarray, *, steps: int, world_size: int) -> None:
@@ -188,3 +205,8 @@ class Outputs:
                                        "lost_world_ranks": lost, "model": str(self.run.model),
                                        "test_loss": test_loss, "test_accuracy": test_accuracy,
                                        "finished_at": time.time()})
+
+
+def _plain(value):
+    """A record's value as JSON holds it (numpy scalars as Python numbers)."""
+    return value.item() if isinstance(value, np.generic) else value

@@ -71,9 +71,23 @@ def prepare(comm: MPI.Comm, job, overwrite: bool = False, resume: str | Path | N
                                  info.n_features, info.task, info.n_outputs)
         except ValueError as exc:
             raise UserError(f"[model]: {exc} ({info.path} is {info.task})") from None
-        if job.train.global_batch < comm.Get_size():
+        ranks = comm.Get_size() - job.fault.spares
+        if ranks < 1:
+            raise UserError(f"[fault].spares = {job.fault.spares} leaves no training rank of the "
+                            f"{comm.Get_size()} launched; launch P + spares ranks "
+                            f"(granger-mpi run -n P --spares S)")
+        if job.fault.spares and job.train.shard_optimizer:
+            raise UserError("[fault].spares: a sharded optimizer ([train].shard_optimizer) runs "
+                            "without ULFM, so spares could never take a place; remove one of them")
+        if job.fault.spares and job.fault.mode == "restart":
+            raise UserError("[fault].spares needs ULFM, but [fault].mode = 'restart'; use 'auto' "
+                            "or 'ulfm', or remove [fault].spares")
+        if job.fault.spares and job.train.strategy == "async":
+            raise UserError("[fault].spares: [train].strategy = 'async' has no spare ranks; "
+                            "remove [fault].spares or use strategy 'sync'")
+        if job.train.global_batch < ranks:
             raise UserError(f"[train].global_batch = {job.train.global_batch} is smaller than the "
-                            f"{comm.Get_size()} ranks; every rank needs at least one row per step")
+                            f"{ranks} training ranks; every rank needs at least one row per step")
         run = rundir.RunDir(job.output.run_dir)
         taken = [p.name for p in (run.model, run.metrics) if p.exists()]
         if taken and not overwrite and resume is None:

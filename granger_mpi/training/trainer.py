@@ -3,11 +3,14 @@
 Collective over its communicator. Parameters stay bitwise identical on every rank
 (checked at the end); the same job at the same world size gives bitwise identical
 results, also when it is stopped and resumed. After a rank failure (ULFM) every survivor
-goes on from one agreed place (docs/architecture.md, "Recovery").
+goes on from one agreed place (docs/architecture.md, "Recovery"), and a spare rank, if the
+job has one left, takes the dead rank's place (``spares``).
 """
 
+import json
 import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -18,11 +21,12 @@ from granger_mpi.data import dataset, integrity, partition
 from granger_mpi.model import optimizer, zero
 from granger_mpi.observe import status, timing
 from granger_mpi.errors import UserError
-from granger_mpi.mpi.runtime import agree, gather_text
-from granger_mpi.training import setup
+from granger_mpi.mpi import threads
+from granger_mpi.mpi.runtime import agree, bcast_text, gather_text
+from granger_mpi.training import setup, spares
 from granger_mpi.training.evaluation import check_replicas_identical, evaluate, report_bad_row
 from granger_mpi.training.outputs import Outputs
-from granger_mpi.training.recovery import NoRecovery, UlfmRecovery, hosts, past_limits
+from granger_mpi.training.recovery import NO_PLACE, NoRecovery, UlfmRecovery, hosts, past_limits, split_training
 from granger_mpi.training.requests import RequestSource
 from granger_mpi.training.result import TrainResult
 from granger_mpi.training.saving import Saver
@@ -50,12 +54,15 @@ def rows_trained(info, job, start: int, end: int) -> int:
 
 
 class Trainer:
-    """One run of a job on ``comm``: ``Trainer(...).run()``; collective."""
+    """One run of a job on ``comm``: ``Trainer(...).run()``; collective. With
+    ``[fault].spares = S``, the last S ranks of ``comm`` are spares: they wait, and ``comm``
+    is the training communicator only on the others (None on a spare)."""
 
     def __init__(self, comm: MPI.Comm, job, info, model, *, resume=None, n_threads: int = 1,
                  log: Callable[[str], None] = print, hooks: setup.Hooks = setup.Hooks(),
                  watch: status.RankStatus | None = None, abort: Callable[[int], None] | None = None):
         self.comm, self.job, self.info, self.model = comm, job, info, model
+        self.ident = comm.Get_rank()      # the world rank: it names this process in the run
         self.n_threads, self.hooks = n_threads, hooks
         self.per_epoch = partition.steps_per_epoch(info.n_rows, job.train.global_batch)
         self.total_steps = total_steps(job, info)
@@ -81,8 +88,14 @@ class Trainer:
         self.status.mode = "ulfm" if fault_tolerant else "restart"
         self._starting("setting up the exchange")
         self.state = TrainState(params, opt_state, self.start_step, rollback=fault_tolerant)
-        self.recovery = (UlfmRecovery if fault_tolerant else NoRecovery)(comm)
-        self.runner = StepRunner(comm, model, info, self.opt, micro_batches=job.train.accumulation_steps,
+        roles = spares.Roles.initial(comm.Get_size(), fault.spares)
+        self.recovery = (UlfmRecovery if fault_tolerant else NoRecovery)(comm, roles)
+        if fault.spares:
+            self.comm = split_training(comm, roles, self.recovery.member_idents)
+        self.has_state = self.comm is not None   # a spare gets it when it takes a place
+        self.threads_of = np.empty(comm.Get_size(), np.int64)   # by world rank: a spare takes its place's
+        comm.Allgather(np.array([n_threads], np.int64), self.threads_of)
+        self.runner = StepRunner(self.comm, model, info, self.opt, micro_batches=job.train.accumulation_steps,
                                  sharded=sharded, shared_memory=not fault_tolerant,
                                  ranks_per_node=job.collectives.ranks_per_node)
         self.algorithm = self._choose_algorithm()
@@ -92,7 +105,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             status.clear(self.run_dir, comm.Get_size())
         comm.Barrier()
-        self.injector = faults.Injector(hooks.injections, comm.Get_rank())
+        self.injector = faults.Injector(hooks.injections, self.ident)
         self.outputs = Outputs(comm, job, total_steps=self.total_steps, log=log)
         self.policy = checkpoint.CheckpointPolicy(job.checkpoint, self.total_steps)
         self.requests = RequestSource(self.policy, self.outputs.run.stop, watcher=comm.Get_rank() == 0)
@@ -110,6 +123,11 @@ class Trainer:
         self.stopped, self.recovered = False, False
         self.limit: str | None = None     # the [fault] limit passed, which ends the run
         self.test_scores = (None, None)
+        self.released = None              # on a spare never used: how the run ended, and its steps
+
+    @property
+    def training_size(self) -> int:
+        return len(self.recovery.idents)
 
     def _starting(self, phase: str) -> None:
         """The start-up phase under way: watched (``[fault].startup_timeout_s``), and shown."""
@@ -140,6 +158,10 @@ class Trainer:
             on = False
             if self.comm.Get_rank() == 0:
                 log("fault tolerance: restart from checkpoints ([train].shard_optimizer)")
+        if self.job.fault.spares and not on:
+            raise UserError(f"[fault].spares = {self.job.fault.spares} needs ULFM, and this run "
+                            f"restarts from checkpoints instead (see the 'fault tolerance' line); "
+                            f"launch with granger-mpi run, or remove [fault].spares", agreed=True)
         algorithm = self.job.collectives.algorithm
         if on and algorithm not in collectives.FAULT_TOLERANT + ("auto",):
             raise UserError(f"[collectives].algorithm = {algorithm!r} uses shared-memory windows, "
@@ -149,8 +171,9 @@ class Trainer:
         return on
 
     def _choose_algorithm(self) -> str:
-        """The allreduce to use; under ULFM ``auto`` chooses among the repairable ones (collective)."""
-        if self.recovery.enabled and self.job.collectives.algorithm == "auto":
+        """The allreduce to use; under ULFM ``auto`` chooses among the repairable ones
+        (collective over the training ranks; a spare chooses when it takes a place)."""
+        if self.comm is not None and self.recovery.enabled and self.job.collectives.algorithm == "auto":
             return collectives.auto.choose(self.comm, self.runner.nbytes, collectives.FAULT_TOLERANT)
         return self.job.collectives.algorithm
 
@@ -181,22 +204,32 @@ class Trainer:
         self.status.start()
         try:
             self._starting("opening the metrics files and reporters")
-            self.outputs.open(self.comm, world_size=self.comm.Get_size(),
+            self.outputs.open(self.recovery.members, world_size=self.training_size,
                               resume_step=self.start_step if self.source else None,
                               start_step=self.start_step)
             self._log_start()
             started = time.perf_counter()
             self.policy.saved()
-            self._starting("opening the data")
-            self._open_stream(self.start_step)
-            self._log_data()
-            self.row_log = self.hooks.open_row_log(self.comm.Get_rank(), os.getpid())
+            if self.has_state:
+                self._starting("opening the data")
+                self._open_stream(self.start_step)
+                self._log_data()
+                self.row_log = self.hooks.open_row_log(self.ident, os.getpid())
+            else:
+                self._idle()
+            outcome = spares.FAILED
             try:
                 with self.requests:
                     self.timer.start()
                     self._converge()
+                outcome = (spares.PAST_LIMITS if self.limit else spares.STOPPED if self.stopped
+                           else spares.COMPLETED)
             finally:
-                self.stream.close()
+                if self.comm is not None:
+                    spares.release(self.recovery.members, self.recovery.ranks_of(self.recovery.roles.spares),
+                                   outcome, self.state.step)
+                if self.stream is not None:
+                    self.stream.close()
                 if self.row_log is not None:
                     self.row_log.close()
                 self.outputs.close()
@@ -210,10 +243,19 @@ class Trainer:
         the place agreed in the recovery, and nothing is re-run on some ranks only."""
         while True:
             try:
+                if self.comm is None:     # a spare: until the run ends or a rank dies
+                    self.released = spares.wait(self.recovery.members,
+                                                self.recovery.ranks_of(self.recovery.idents))
+                    return None
                 with rank_failures(self.comm, lambda: self.where):
                     return self._go()
             except RankFailure as failure:
                 self._survive(failure)
+
+    def _idle(self) -> None:
+        """A spare's wait begins: shown in ``status``; its wall and CPU time are kept."""
+        self.idle_since = (time.perf_counter(), time.process_time())
+        self.status.set(status.SPARE, note=f"spare for {self.training_size} training rank(s)")
 
     def _go(self) -> None:
         """From ``self.place`` to the end of the run (collective, on the current communicator)."""
@@ -332,22 +374,66 @@ class Trainer:
         self.recovery.admit(failure)
         entered = self.status.since
         self.status.set(status.RECOVERING, note=f"rank failure during {failure.where}")
-        old_size = self.comm.Get_size()
         self.injector.at_recovery(self.step_index)
-        recovered = self.recovery.recover(self.comm, (self.state.step, self.phase))
+        recovered = self.recovery.recover(self.comm, self._place, self._settle)
         self.comm = recovered.comm
-        self.state.restore(recovered.step)
-        self.phase = recovered.place[1]
         self.recovered = True
-        size = self.comm.Get_size()
+        size = self.training_size
         self.status.ranks_alive, self.status.failures = size, len(self.recovery.lost)
+        self.limit = self.limit or past_limits(self.job.fault, size, self.recovery.lost, self.hosts)
+        if self.comm is None:
+            return self._idle()
         self.requests.watcher = self.comm.Get_rank() == 0
         self.outputs.failure(self.comm, recovered, where=failure.where,
-                             error=failure.error.Get_error_string().strip(), old_size=old_size,
+                             error=failure.error.Get_error_string().strip(),
                              lost_at=self.step_index, entered=entered)
         if recovered.step < self.total_steps:
             self._open_stream(recovered.step)
-        self.limit = self.limit or past_limits(self.job.fault, size, self.recovery.lost, self.hosts)
+
+    def _place(self) -> tuple:
+        """Where this rank is, for a recovery to agree on the earliest: ``(state.step, phase)``."""
+        return (self.state.step, self.phase) if self.has_state else NO_PLACE
+
+    def _settle(self, comm: MPI.Comm, place: tuple, replaced: dict) -> None:
+        """Collective over the training ranks of a recovery: go to the agreed ``place``
+        (rolled back one step if this rank was ahead); the spares that joined receive the
+        state from the first rank that holds it, and with it the dead rank's place."""
+        step, self.phase = place
+        if self.has_state:
+            self.state.restore(step)
+        holders = np.empty(comm.Get_size(), np.int8)
+        comm.Allgather(np.array([self.has_state], np.int8), holders)
+        if holders.all():
+            return
+        root = int(np.argmax(holders))
+        comm.Bcast(self.state.params, root=root)
+        comm.Bcast(self.state.opt_state, root=root)
+        handover = bcast_text(comm, json.dumps(self._handover()) if comm.Get_rank() == root else "", root)
+        if not self.has_state:
+            self._take_over(step, json.loads(handover), self.threads_of[replaced[self.ident]])
+
+    def _handover(self) -> dict:
+        """What a spare needs besides the parameters and optimizer state to go on as a
+        training rank: the last step's flags and numbers, the newest checkpoint, the kept
+        metrics records (it may be the new writer)."""
+        newest = self.saver.newest
+        return dict(requested=[bool(flag) for flag in self.requested], loss=self.loss, accuracy=self.accuracy,
+                    newest=None if newest is None else str(newest),
+                    since_save=time.perf_counter() - self.policy.last_save,
+                    outputs=self.outputs.handover())
+
+    def _take_over(self, step: int, handover: dict, n_threads: int) -> None:
+        """On a spare: become a training rank at ``step`` with the state just received."""
+        self.state.step, self.step_index = step, step - 1
+        self.requested = tuple(handover["requested"])
+        self.loss, self.accuracy = handover["loss"], handover["accuracy"]
+        self.saver.newest = None if handover["newest"] is None else Path(handover["newest"])
+        self.policy.last_save = time.perf_counter() - handover["since_save"]
+        self.outputs.adopt(handover["outputs"])
+        self.n_threads = threads.use(int(n_threads))
+        self.row_log = self.hooks.open_row_log(self.ident, os.getpid())
+        self.timer.start()
+        self.has_state = True
 
     def _stop_past_limits(self) -> None:
         on_limit = self.job.fault.on_limit
@@ -379,13 +465,15 @@ class Trainer:
 
     def _result(self, seconds: float) -> TrainResult:
         """The outcome of the run."""
+        if self.released is not None:
+            return self._spare_result(seconds)
         self.saver.finish_background(self.comm)
         self.saver.close()
         done, run = self.state.step, self.outputs.run
         result = TrainResult(done, self.loss, self.accuracy, run.model, run.metrics, seconds=seconds,
                              samples=rows_trained(self.info, self.job, self.start_step, done),
                              checkpoint=self.saver.newest,
-                             world_size=self.comm.Get_size(), ranks_lost=len(self.recovery.lost))
+                             world_size=self.training_size, ranks_lost=len(self.recovery.lost))
         if self.stopped or self.limit:
             self.status.close(note=self.limit or "stopped on request")
             if self.stopped:
@@ -396,14 +484,43 @@ class Trainer:
         self.status.close()
         return result
 
+    def _spare_result(self, seconds: float) -> TrainResult:
+        """On a spare that was never needed: the run's end as the training ranks sent it."""
+        outcome, done = (int(value) for value in self.released)
+        if outcome == spares.FAILED:
+            raise SpareReleased("the training ranks ended with an error (rank 0's output says "
+                                "which); this spare rank was not needed")
+        wall, cpu = (now - then for now, then in zip((time.perf_counter(), time.process_time()),
+                                                     self.idle_since))
+        self.status.close(note=f"spare, not needed; idle {wall:.2f} s; cpu {cpu:.3f} s")
+        run = self.outputs.run
+        return TrainResult(done, float("nan"), None, run.model, run.metrics, seconds=seconds,
+                           samples=rows_trained(self.info, self.job, self.start_step, done),
+                           world_size=self.training_size, ranks_lost=len(self.recovery.lost),
+                           stopped=outcome != spares.COMPLETED,
+                           limit_reason=(self.limit or "past the [fault] limits")
+                           if outcome == spares.PAST_LIMITS else None)
+
     def _log_start(self) -> None:
         info, model, job = self.info, self.model, self.job
         self.outputs.log(
             f"training {model.kind} {list(model.sizes)} ({model.layout.size:,} parameters) on "
-            f"{info.path} ({info.n_rows:,} rows, {info.task}) with {self.comm.Get_size()} rank(s), "
+            f"{info.path} ({info.n_rows:,} rows, {info.task}) with {self.training_size} rank(s), "
             f"global batch {job.train.global_batch}, {self.total_steps} steps, allreduce {self.algorithm}, "
             f"optimizer {job.optimizer.name}, {self.n_threads} thread(s) per rank")
         self.outputs.log(f"optimizer state: {self.opt.state.nbytes:,} bytes per rank" +
                          (f" (sharded over {self.comm.Get_size()} ranks; "
                           f"{len(self.opt.slots) * model.layout.size * 4:,} unsharded)"
                           if self.shard is not None else ""))
+        if job.fault.spares:
+            self.outputs.log(f"spares: world rank(s) {list(self.recovery.roles.spares)} wait idle and "
+                             f"take the place of a training rank that dies")
+
+
+class SpareReleased(UserError):
+    """A spare's end when the training ranks failed: they report why; the spare only exits."""
+
+    exit_code = 1
+
+    def __init__(self, message):
+        super().__init__(message, agreed=True)
