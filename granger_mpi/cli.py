@@ -398,7 +398,7 @@ def build_parser():
 
     p = add("status", cmd_status, "per-rank state of a run, live or after it ended (no MPI needed)",
             "Print who is alive, each rank's state (IDLE, STARTING, TRAINING, AGGREGATING, CHECKPOINTING, "
-            "FAILED, RECOVERING), step, time in that state and last heartbeat, from the files "
+            "FAILED, RECOVERING; SPARE for an idle spare rank), step, time in that state and last heartbeat, from the files "
             "RUN_DIR/status/rank-N.json that every rank refreshes each [fault].status_interval_s. "
             "A rank without a heartbeat for 3 intervals shows as LOST?. Exit code 0 while the run "
             "is live, 1 when no rank is running, 2 when there is no status to show.")

@@ -111,6 +111,20 @@ def test_a_spare_takes_each_victim_s_place_at_each_place(small_dataset, tmp_path
     check_replaced(small_dataset, tmp_path, undisturbed, VICTIMS[victim], place)
 
 
+def test_two_ranks_killed_in_one_step_are_both_replaced(small_dataset, tmp_path, undisturbed):
+    run_dir = tmp_path / "run"
+    job = spare_job(tmp_path, small_dataset, "run", 2)
+    run, log_dir = ulfm_train(P + 2, job, "rank=0,step=39,at=allreduce", "rank=2,step=39,at=allreduce",
+                              tmp_path=tmp_path)
+    assert run.returncode == 0, run.output[-4000:]
+    record = completion(run_dir, run)
+    assert (record["world_size"], sorted(record["lost_world_ranks"])) == (P, [0, 2]), record
+    assert np.array_equal(read_params(run_dir / "model.h5").view(np.uint32), undisturbed.view(np.uint32))
+    assert_every_sample_once(log_dir, 3)
+    _, event = events(run_dir)
+    assert sum(event["spares_used"]) == 2 and event["world_size"][-1] == P, event
+
+
 def test_with_the_spares_used_up_the_job_shrinks(small_dataset, tmp_path):
     """Rank 1 dies and spare 4 takes its place; then rank 4 itself dies (an injection names
     a world rank), no spare is left, and the run finishes on 3 ranks."""
