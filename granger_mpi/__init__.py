@@ -1,6 +1,19 @@
 """granger-mpi: data-parallel training on MPI clusters."""
 
-import mpi4py
+import os
+import signal
+import sys
+
+# The command line (``granger-mpi``, ``python -m granger_mpi``; ``-m`` while the package
+# is located): SIGUSR1 asks for a checkpoint, which only the training loop acts on, and
+# its default action kills the process, so it is ignored from the first statement on (a
+# scheduler's signal in a rank's first second killed it). Before the first step there is
+# nothing newer than the checkpoint the run starts from to save. A library import leaves
+# the caller's handlers alone.
+if sys.argv and (sys.argv[0] == "-m" or os.path.basename(sys.argv[0]) == "granger-mpi"):
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+import mpi4py  # noqa: E402
 
 # Debian's parallel HDF5 links a libmpi.so.40 of its own (Open MPI 4.1); the one mpi4py
 # was built for (Open MPI 5 from the venv) has the same soname, and whichever loads first

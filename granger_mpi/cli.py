@@ -71,9 +71,8 @@ def cmd_train(args):
     from granger_mpi import api, config, faults
     from granger_mpi.mpi.runtime import agree
     from granger_mpi.training.setup import Hooks
-    # SIGUSR1 asks for a checkpoint, which only the training loop can act on; before and
-    # after it there is nothing to save, and its default action would kill a rank (mpirun:
-    # exit 138) of a run that completes. The loop's handler restores this one.
+    # SIGUSR1 is ignored from the package's first statement (granger_mpi/__init__.py) until
+    # the loop's handler, which restores that; also here, for a caller of cli.main().
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     world = _world()
     injections = agree(world, lambda: [faults.parse(text) for text in args.inject_failure])

@@ -6,6 +6,8 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -296,6 +298,26 @@ def test_sigusr1_after_the_training_loop_is_ignored(small_dataset, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert (run_dir / "COMPLETE").exists()
     assert granger("inspect", run_dir / "ckpt" / "step_00000064.h5", "--verify").returncode == 0
+
+
+@pytest.mark.parametrize("program", ["module", "console script"])
+def test_sigusr1_in_a_rank_s_first_moments_is_ignored(small_dataset, tmp_path, program):
+    """A USR1 while a rank is still starting (a scheduler's signal that lands early) has
+    nothing newer to save than what the run starts from; it must not kill the rank."""
+    start_cmd = GRANGER if program == "module" else [str(Path(PYTHON).parent / "granger-mpi")]
+    procs = []
+    for delay in (0.2, 0.4, 0.8):
+        job = job_file(tmp_path / f"d{delay}.toml", small_dataset, tmp_path / f"run{delay}",
+                       train={"epochs": 1})
+        proc = subprocess.Popen([*start_cmd, "train", str(job)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=_env())
+        time.sleep(delay)
+        proc.send_signal(signal.SIGUSR1)
+        procs.append((delay, proc))
+    for delay, proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"USR1 {delay} s after the start: exit {proc.returncode}\n{out[-2000:]}"
+        assert (tmp_path / f"run{delay}" / "COMPLETE").exists()
 
 
 def test_sigterm_to_the_ranks_checkpoints_and_stops_cleanly(long_job, tmp_path, small_dataset):
