@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, THROTTLE, _env, granger, mpirun, read_params, write_job
+from conftest import ROOT, THROTTLE, ULFM_FLAGS, _env, granger, mpirun, read_params, write_job
 
 SBATCH_SCRIPT = ROOT / "jobs" / "train.sbatch"
 LOCAL_SLURM = ROOT / "scripts" / "local-slurm"
@@ -350,3 +350,56 @@ def test_bad_job_file_fails_fast_and_is_not_requeued(slurm, small_dataset, tmp_p
         info = wait_until(lambda: finished(slurm, job_id), 60, f"job {job_id} to fail")
         assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", info
         assert f"train.sbatch: error: job file {tmp_path / 'nope.toml'} not found" in text_of(missing)
+
+
+def test_a_stale_stop_file_does_not_stop_the_next_run(slurm, small_dataset, tmp_path):
+    """A STOP file left by a run that died before it saw it is removed at the start, not
+    taken as a request: the job completes."""
+    name = "stale-stop"
+    out = tmp_path / f"{name}.out"
+    run_dir = tmp_path / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "STOP").touch()
+    short = write_job(tmp_path / "short.toml", dataset=small_dataset, run_dir=tmp_path / "unused")
+    with reported(slurm, lambda _: out) as jobs:
+        job_id = slurm.sbatch("-J", name, "-n", "2", "-o", out, SBATCH_SCRIPT, short, cwd=tmp_path)
+        jobs.append(job_id)
+        info = wait_until(lambda: finished(slurm, job_id), 120, f"job {job_id} to finish")
+        text = text_of(out)
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text)
+        assert f"removing {run_dir / 'STOP'}, left by an earlier run" in text
+        assert (run_dir / "COMPLETE").exists() and "stopped on request" not in text
+
+
+def test_failure_requeues_are_counted_apart_from_time_limit_requeues(slurm, small_dataset, tmp_path):
+    """squeue failing when USR1 arrives: the script takes it for the time-limit warning
+    (checkpoint, stop, requeue) rather than let the limit kill the job. That requeue does
+    not use up the failure budget (GRANGER_MAX_REQUEUES=1): the resumed run loses a rank
+    past [fault].max_failures = 0 (exit 5) and is still requeued once, then fails for good
+    when it happens again."""
+    name = "budget"
+    out = tmp_path / f"{name}.out"
+    shim = tmp_path / "broken-squeue"
+    shim.mkdir()
+    (shim / "squeue").write_text("#!/bin/sh\necho 'squeue: error: slurm_load_jobs error: "
+                                 "Socket timed out' >&2\nexit 1\n")
+    (shim / "squeue").chmod(0o755)
+    strict = write_job(tmp_path / "strict.toml", dataset=small_dataset,
+                       run_dir=tmp_path / "unused", train={"epochs": 200},
+                       collectives={"algorithm": "ring"}, output={"progress_interval_s": 0.2},
+                       fault={"max_failures": 0, "mode": "ulfm"})
+    env = {"PATH": f"{shim}:{_env()['PATH']}", "GRANGER_MAX_REQUEUES": "1",
+           "GRANGER_MPIRUN_ARGS": " ".join(ULFM_FLAGS)}
+    with reported(slurm, lambda _: out) as jobs:
+        job_id = slurm.sbatch("-J", name, "-n", "2", "-o", out, SBATCH_SCRIPT, strict, *HOLDS,
+                              "--inject-failure", "rank=1,step=500,mode=kill9", cwd=tmp_path, env=env)
+        jobs.append(job_id)
+        wait_until(lambda: "\nstep " in text_of(out), 120, "the first progress line")
+        slurm.command("scancel", "--batch", "--signal=USR1", job_id)
+        info = wait_until(lambda: finished(slurm, job_id), 240, f"job {job_id} to end")
+        text = text_of(out)
+        assert "squeue failed (time left unknown): taking it for the time-limit warning" in text, text
+        assert "checkpoint written before the time limit: requeueing" in text
+        assert "exit 5: requeued (failure requeue 1 of at most 1)" in text, text
+        assert "failed: exit 5 after 1 failure requeue(s)" in text, text
+        assert info["JobState"] == "FAILED" and info["Restarts"] == "2", info

@@ -86,8 +86,9 @@ def prepare(comm: MPI.Comm, job, overwrite: bool = False, resume: str | Path | N
             raise UserError("[fault].spares: [train].strategy = 'async' has no spare ranks; "
                             "remove [fault].spares or use strategy 'sync'")
         if job.train.global_batch < ranks:
+            which = f"{ranks} training ranks" if job.fault.spares else f"{ranks} ranks"
             raise UserError(f"[train].global_batch = {job.train.global_batch} is smaller than the "
-                            f"{ranks} training ranks; every rank needs at least one row per step")
+                            f"{which}; every rank needs at least one row per step")
         run = rundir.RunDir(job.output.run_dir)
         taken = [p.name for p in (run.model, run.metrics) if p.exists()]
         if taken and not overwrite and resume is None:
