@@ -10,6 +10,7 @@ or the file; nothing is created before the whole job file has been checked.
 import dataclasses
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,13 +349,25 @@ def _check_job(job):
                         f"{', '.join(map(repr, collectives.ALGORITHMS))}; got {job.collectives.algorithm!r}")
 
 
+def _utf8_path(path, what):
+    """``path`` unless its name is not UTF-8 (it then reaches Python with surrogates, which
+    neither HDF5 attributes nor messages between ranks can carry)."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        shown = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+        raise UserError(f"{what} {shown}: the path is not valid UTF-8; rename it or choose "
+                        f"another") from None
+    return path
+
+
 def load(path, run_dir=None):
     """Read and check a job file; ``run_dir`` (if given) replaces ``[output].run_dir``.
 
     A relative ``run_dir`` is taken relative to the working directory (it comes from the
     command line, not from the job file).
     """
-    path = Path(path)
+    path = Path(_utf8_path(path, "job file"))
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -369,6 +382,7 @@ def load(path, run_dir=None):
     if run_dir is not None:
         if not str(run_dir):
             raise UserError("--run-dir must be a non-empty path")
+        _utf8_path(run_dir, "--run-dir")
         output = dataclasses.replace(job.output, run_dir=Path(run_dir).expanduser().resolve())
         job = dataclasses.replace(job, output=output)
     return job

@@ -281,3 +281,15 @@ def test_a_malformed_calibration_table_is_one_line(tmp_path, job, content):
     lines = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]
     assert len(lines) == 1 and f"calibration file {calibration}" in lines[0], run.output
     assert "Traceback" not in run.stderr
+
+
+def test_run_dir_and_job_file_names_that_are_not_utf8(tmp_path, job):
+    """A path of non-UTF-8 bytes reaches Python with surrogates (was: a traceback from the
+    message sent between ranks)."""
+    run_dir = tmp_path / "r\udcff"          # the byte 0xff, as os.fsdecode makes it
+    run = mpirun(2, "train", job(), "--run-dir", run_dir, timeout=60)
+    check_rejected(run, run_dir, "--run-dir " + str(tmp_path) + "/r\\xff: the path is not valid UTF-8")
+    named = tmp_path / "j\udcff.toml"
+    shutil.copy(job(), named)
+    run = mpirun(2, "train", named, timeout=60)
+    check_rejected(run, tmp_path / "run", "\\xff.toml: the path is not valid UTF-8")
