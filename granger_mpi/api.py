@@ -83,6 +83,7 @@ def train(comm: MPI.Comm, job: config.JobConfig, *, resume: str | Path | None = 
                               interval_s=fault.status_interval_s, step_timeout_s=fault.step_timeout_s,
                               slow_timeout_s=fault.checkpoint_timeout_s,
                               startup_timeout_s=fault.startup_timeout_s,
+                              finish_timeout_s=fault.finish_timeout_s,
                               abort=abort or MPI.COMM_WORLD.Abort)
     watch.set(status.STARTING, note="checking the job's inputs")
     watch.watch()

@@ -172,7 +172,9 @@ class FaultConfig:
     leaves at once (the newest periodic checkpoint stays). The watchdog aborts the job (exit
     code 6) when a step lasts longer than ``step_timeout_s`` (0: automatic, 50x the median
     step and at least 60 s) or a checkpoint or recovery longer than ``checkpoint_timeout_s``,
-    or the start-up (checks, kernels, resume, sinks, the first rows) than ``startup_timeout_s``.
+    or the start-up (checks, kernels, resume, sinks, the first rows) than ``startup_timeout_s``,
+    or the end (the test-set evaluation, ``model.h5``, the completion record) than
+    ``finish_timeout_s``.
     Every rank writes ``RUN_DIR/status/rank-N.json`` every ``status_interval_s``.
     ``spares``: of the ranks launched, the last ``spares`` wait idle and take a dead
     rank's place (ULFM only; ``granger-mpi run --spares`` launches them).
@@ -186,6 +188,7 @@ class FaultConfig:
     step_timeout_s: float = _spec(0.0, kind=float, min=0)
     checkpoint_timeout_s: float = _spec(600.0, kind=float, min=0, exclusive_min=True)
     startup_timeout_s: float = _spec(600.0, kind=float, min=0, exclusive_min=True)
+    finish_timeout_s: float = _spec(1800.0, kind=float, min=0, exclusive_min=True)
     status_interval_s: float = _spec(1.0, kind=float, min=0.05)
     spares: int = _spec(0, kind=int, min=0)
 

@@ -150,7 +150,8 @@ def test_n_classes_is_capped(tmp_path, job):
 
 def test_a_bad_test_set_leaves_no_completion_record(tmp_path, job, small_dataset):
     """COMPLETE comes last, with the test score: a NaN row in the test set ends the run with
-    exit 2 and no completion record for the supervisor to trust."""
+    exit 2 and no completion record for the supervisor to trust, nor a model.h5 ("nothing
+    written" is true of the run's results; the checkpoints stay)."""
     test_set = tmp_path / "test.h5"
     shutil.copy(small_dataset, test_set)
     with h5py.File(test_set, "a") as f:
@@ -161,6 +162,7 @@ def test_a_bad_test_set_leaves_no_completion_record(tmp_path, job, small_dataset
     assert run.returncode == 2, run.output
     assert "row 7 has a NaN/Inf feature" in run.stderr, run.output
     assert not (tmp_path / "run" / "COMPLETE").exists()
+    assert not (tmp_path / "run" / "model.h5").exists()
 
 
 def test_the_completion_record_holds_the_test_score(tmp_path, job, small_dataset):

@@ -275,3 +275,25 @@ def test_a_start_up_that_blocks_is_ended_by_the_watchdog(small_dataset, tmp_path
         in run.stderr, run.output
     records = [json.loads(p.read_text()) for p in (run_dir / "status").glob("rank-*.json")]
     assert records and all(r["state"] in ("STARTING", "FAILED") for r in records), records
+
+
+@pytest.mark.parametrize("finish_timeout_s, code", [(60.0, 0), (1.0, 6)])
+def test_the_end_of_the_run_is_watched_by_its_own_limit(small_dataset, tmp_path, finish_timeout_s, code):
+    """#27 item 5: the end (test evaluation, model.h5, COMPLETE) ran under the last step's
+    limit, so an end that took longer than [fault].checkpoint_timeout_s (here 1 s; rank 0
+    stalls 2.5 s at the end) was aborted after the run had trained. It is FINISHING now,
+    watched by [fault].finish_timeout_s."""
+    run_dir = tmp_path / "run"
+    job = write_job(tmp_path / "job.toml", dataset=small_dataset, run_dir=run_dir, train={"max_steps": 20},
+                    data={"test_path": str(small_dataset.with_name("small-test.h5"))},
+                    fault={"checkpoint_timeout_s": 1.0, "finish_timeout_s": finish_timeout_s,
+                           "status_interval_s": 0.1})
+    run = mpirun(2, "train", job, "--inject-failure", "rank=0,step=20,mode=slow,at=end,seconds=2.5",
+                 timeout=90)
+    assert run.returncode == code, run.output
+    if code == 0:
+        assert (run_dir / "COMPLETE").exists()
+    else:
+        assert "watchdog: the end of the run (evaluating, writing model.h5) has not finished" in run.stderr, \
+            run.output
+        assert not (run_dir / "COMPLETE").exists()

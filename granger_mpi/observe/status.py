@@ -1,7 +1,7 @@
 """Per-rank status files, the hang watchdog, and the ``granger-mpi status`` table.
 
 Every rank keeps its state (``IDLE``, ``STARTING``, ``TRAINING``, ``AGGREGATING``,
-``CHECKPOINTING``, ``FAILED``, ``RECOVERING``; ``SPARE`` for an idle spare rank), step and timestamps in memory; the training
+``CHECKPOINTING``, ``FAILED``, ``RECOVERING``, ``FINISHING``; ``SPARE`` for an idle spare rank), step and timestamps in memory; the training
 loop only assigns attributes. A background thread writes them every ``interval_s`` to
 ``RUN_DIR/status/rank-NNNNN.json`` (atomically, by rename; from the moment the run
 directory is accepted) and watches for a hang: a start-up, step, checkpoint or recovery
@@ -24,8 +24,9 @@ from pathlib import Path
 
 from granger_mpi import rundir
 
-IDLE, STARTING, TRAINING, AGGREGATING, CHECKPOINTING, FAILED, RECOVERING, SPARE = (
-    "IDLE", "STARTING", "TRAINING", "AGGREGATING", "CHECKPOINTING", "FAILED", "RECOVERING", "SPARE")
+IDLE, STARTING, TRAINING, AGGREGATING, CHECKPOINTING, FAILED, RECOVERING, SPARE, FINISHING = (
+    "IDLE", "STARTING", "TRAINING", "AGGREGATING", "CHECKPOINTING", "FAILED", "RECOVERING", "SPARE",
+    "FINISHING")
 STEP_STATES = (TRAINING, AGGREGATING)
 SLOW_STATES = (CHECKPOINTING, RECOVERING)
 # Automatic step limit: this many times the median step, at least FLOOR_S; before enough
@@ -56,7 +57,8 @@ class RankStatus:
     """
 
     def __init__(self, run_dir, world_rank, world_size, mode, *, interval_s=1.0,
-                 step_timeout_s=0.0, slow_timeout_s=600.0, startup_timeout_s=600.0, abort=None,
+                 step_timeout_s=0.0, slow_timeout_s=600.0, startup_timeout_s=600.0,
+                 finish_timeout_s=1800.0, abort=None,
                  out=sys.stderr):
         self.run_dir = Path(run_dir)
         self.path = status_path(run_dir, world_rank)
@@ -67,6 +69,7 @@ class RankStatus:
         self.step_timeout_s = step_timeout_s
         self.slow_timeout_s = slow_timeout_s
         self.startup_timeout_s = startup_timeout_s
+        self.finish_timeout_s = finish_timeout_s
         self.abort = abort
         self.out = out
         self.state, self.step, self.since = IDLE, 0, time.time()
@@ -141,6 +144,8 @@ class RankStatus:
         """How long the current state may last."""
         if self.state == STARTING:
             return self.startup_timeout_s
+        if self.state == FINISHING:
+            return self.finish_timeout_s
         if self.state in SLOW_STATES:
             return self.slow_timeout_s
         if self.state not in STEP_STATES:
@@ -172,9 +177,11 @@ class RankStatus:
 
     def _report(self, limit, waited):
         what = (f"step {self.step}" if self.state in STEP_STATES else
-                f"the start-up ({self.note})" if self.state == STARTING else self.state.lower())
+                f"the start-up ({self.note})" if self.state == STARTING else
+                f"the end of the run ({self.note})" if self.state == FINISHING else self.state.lower())
         lines = [f"watchdog: {what} has not finished after {waited:.1f} s (limit {limit:.1f} s, "
-                 f"[fault].startup_timeout_s / step_timeout_s / checkpoint_timeout_s); rank "
+                 f"[fault].startup_timeout_s / step_timeout_s / checkpoint_timeout_s / "
+                 f"finish_timeout_s); rank "
                  f"{self.world_rank} is "
                  f"{self.state}{' (' + self.note + ')' if self.note else ''}"]
         records = read_all(self.run_dir)

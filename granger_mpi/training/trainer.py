@@ -77,6 +77,7 @@ class Trainer:
             self.run_dir, comm.Get_rank(), comm.Get_size(), "starting",
             interval_s=fault.status_interval_s, step_timeout_s=fault.step_timeout_s,
             slow_timeout_s=fault.checkpoint_timeout_s, startup_timeout_s=fault.startup_timeout_s,
+            finish_timeout_s=fault.finish_timeout_s,
             abort=abort or comm.Abort)
         self.status.watch()
         self._starting("compiling the kernels")
@@ -447,17 +448,19 @@ class Trainer:
         self.phase = ENDED
 
     def _write_results(self) -> None:
-        """``model.h5``, the test score, the completion record (the writer's; last, so a
-        test set that fails leaves none), and the agreement that every survivor got here:
-        a writer that died before the end is replaced and all of this done again."""
+        """The test score, ``model.h5``, the completion record (the writer's), in this order
+        so that a test set that fails leaves neither, and the agreement that every survivor
+        got here: a writer that died before the end is replaced and all of this done again.
+        Watched as ``FINISHING`` (``[fault].finish_timeout_s``), not by the last step's limit."""
+        self.status.set(status.FINISHING, self.state.step, note="evaluating, writing model.h5")
         self.saver.close()    # old checkpoints deleted before the completion record
         self.injector.at_end(self.state.step)
-        self.outputs.final_model(self.model, self.state.params, steps=self.state.step,
-                                 world_size=self.comm.Get_size())
         if self.job.data.test_path is not None:
             self.where = "the test evaluation"
             test_info = dataset.open_info(self.job.data.test_path, self.job.data.allow_external_storage)
             self.test_scores = evaluate(self.comm, self.model, self.state.params, test_info)
+        self.outputs.final_model(self.model, self.state.params, steps=self.state.step,
+                                 world_size=self.comm.Get_size())
         self.outputs.completion(steps=self.state.step, world_size=self.comm.Get_size(),
                                 lost=self.recovery.lost, test_scores=self.test_scores)
         self.where = "the end of the run"
