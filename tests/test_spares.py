@@ -4,12 +4,16 @@ bit; an idle spare costs (almost) no CPU; with the spares used up the job shrink
 """
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import granger, mpirun, read_params
+from conftest import GRANGER, MPIRUN, ULFM_FLAGS, _env, granger, mpirun, read_params
 from test_checkpoint import job_file
 from test_fault import assert_every_sample_once, completion, ulfm_train
 from granger_mpi.training.spares import Roles
@@ -151,3 +155,35 @@ def test_spares_are_refused_where_they_could_never_help(small_dataset, tmp_path)
     assert run.returncode == 2 and "leaves no training rank of the 2 launched" in run.stderr, run.output
     dry = granger("run", spare_job(tmp_path, small_dataset, "dry", 0), "-n", "4", "--spares", "2", "--dry-run")
     assert dry.returncode == 0 and " -n 6 " in dry.stdout and "--spares 2" in dry.stdout, dry.output
+
+
+def test_a_spare_that_dies_idle_is_dropped_and_the_run_completes(small_dataset, tmp_path, undisturbed):
+    """SIGKILL to the idle spare: nobody needs it, so nobody waits for it; the run ends as
+    an undisturbed one (its release to the dead spare is skipped)."""
+    run_dir = tmp_path / "run"
+    job = spare_job(tmp_path, small_dataset, "run", 1)
+    cmd = [*MPIRUN, "-n", str(P + 1), *ULFM_FLAGS, *GRANGER, "train", str(job),
+           "--inject-failure", "rank=*,step=*,mode=slow,seconds=0.03"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), start_new_session=True)
+    try:
+        status_file = run_dir / "status" / "rank-00004.json"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                record = json.loads(status_file.read_text())
+            except (OSError, ValueError):
+                record = {}
+            if record.get("state") == "SPARE":
+                break
+            time.sleep(0.05)
+        assert record.get("state") == "SPARE", record
+        os.kill(record["pid"], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    record = json.loads((run_dir / "COMPLETE").read_text())
+    assert (record["steps"], record["world_size"]) == (STEPS, P), (record, out[-3000:])
+    assert np.array_equal(read_params(run_dir / "model.h5").view(np.uint32), undisturbed.view(np.uint32))

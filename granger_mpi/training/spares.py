@@ -84,9 +84,8 @@ def release(members: MPI.Comm, spares: list[int], outcome: int, steps: int) -> N
     """Tell the spares (ranks of ``members``) that the run ended, and how; one that died
     idle is skipped."""
     message = np.array([outcome, steps], np.int64)
-    requests = [members.Isend(message, dest=spare, tag=RELEASE_TAG) for spare in spares]
-    for request in requests:
+    for spare in spares:
         try:
-            request.Wait()
+            members.Isend(message, dest=spare, tag=RELEASE_TAG).Wait()
         except MPI.Exception:
             pass
