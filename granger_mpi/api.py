@@ -26,7 +26,7 @@ from granger_mpi.mpi import threads
 from granger_mpi.observe import status
 from granger_mpi.errors import EXIT_OK, EXIT_RANKS_LOST, EXIT_STOPPED, UserError
 from granger_mpi.mpi.runtime import agree
-from granger_mpi.training import async_sgd, setup
+from granger_mpi.training import async_sgd, setup, spares
 from granger_mpi.training.evaluation import evaluate as evaluate_params
 from granger_mpi.training.result import TrainResult
 from granger_mpi.training.setup import Hooks
@@ -91,7 +91,7 @@ def train(comm: MPI.Comm, job: config.JobConfig, *, resume: str | Path | None = 
         info, model = setup.prepare(comm, job, overwrite=overwrite, resume=resume)
         if overwrite and resume is None:
             setup.discard_previous_run(comm, job)
-        spare = comm.Get_rank() >= comm.Get_size() - fault.spares
+        spare = comm.Get_rank() in spares.Roles.initial(comm.Get_size(), fault.spares).spares
         n_threads = threads.configure(comm, job.train.threads_per_rank, spare=spare)
         if job.train.strategy == "async":
             if resume is not None:

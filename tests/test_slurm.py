@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, THROTTLE, ULFM_FLAGS, _env, granger, mpirun, read_params, write_job
+from test_checkpoint import bits
 
 SBATCH_SCRIPT = ROOT / "jobs" / "train.sbatch"
 LOCAL_SLURM = ROOT / "scripts" / "local-slurm"
@@ -165,10 +166,6 @@ def seconds(duration):
     for part in clock.split(":"):
         total = total * 60 + int(part)
     return total + int(days or 0) * 86400
-
-
-def bits(params):
-    return params.view(np.uint32)
 
 
 def rank_pids(run_dir):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import GRANGER, MPIRUN, ULFM_FLAGS, _env, granger, mpirun, read_params
-from test_checkpoint import job_file
+from test_checkpoint import bits, job_file
 from test_fault import assert_every_sample_once, completion, ulfm_train
 from granger_mpi.training.spares import Roles
 
@@ -70,8 +70,8 @@ def test_an_idle_spare_changes_nothing_and_burns_no_cpu(small_dataset, tmp_path,
     assert run.returncode == 0, run.output[-3000:]
     record = completion(tmp_path / "run", run)
     assert (record["steps"], record["world_size"], record["lost_world_ranks"]) == (STEPS, P, [])
-    assert np.array_equal(read_params(tmp_path / "run" / "model.h5").view(np.uint32),
-                          undisturbed.view(np.uint32)), "an idle spare changed the result"
+    assert np.array_equal(bits(read_params(tmp_path / "run" / "model.h5")), bits(undisturbed)), \
+        "an idle spare changed the result"
     assert "spares: world rank(s) [4] wait idle" in run.stdout
     assert_every_sample_once(log_dir, 3)
     status = json.loads((tmp_path / "run" / "status" / "rank-00004.json").read_text())
@@ -91,7 +91,7 @@ def check_replaced(small_dataset, tmp_path, undisturbed, victim, place):
     assert (record["steps"], record["world_size"], record["lost_world_ranks"]) == (STEPS, P, [victim])
     assert f"spare world rank 4 takes the place of world rank {victim}" in run.stdout, run.stdout[-3000:]
     assert "resuming from" not in run.output     # the state came over MPI, not from a checkpoint
-    assert np.array_equal(read_params(run_dir / "model.h5").view(np.uint32), undisturbed.view(np.uint32)), \
+    assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(undisturbed)), \
         "the spare's run differs from the undisturbed run at P"
     assert_every_sample_once(log_dir, 3)
     steps, event = events(run_dir)
@@ -123,7 +123,7 @@ def test_two_ranks_killed_in_one_step_are_both_replaced(small_dataset, tmp_path,
     assert run.returncode == 0, run.output[-4000:]
     record = completion(run_dir, run)
     assert (record["world_size"], sorted(record["lost_world_ranks"])) == (P, [0, 2]), record
-    assert np.array_equal(read_params(run_dir / "model.h5").view(np.uint32), undisturbed.view(np.uint32))
+    assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(undisturbed))
     assert_every_sample_once(log_dir, 3)
     _, event = events(run_dir)
     assert sum(event["spares_used"]) == 2 and event["world_size"][-1] == P, event
@@ -186,4 +186,4 @@ def test_a_spare_that_dies_idle_is_dropped_and_the_run_completes(small_dataset, 
             proc.communicate()
     record = json.loads((run_dir / "COMPLETE").read_text())
     assert (record["steps"], record["world_size"]) == (STEPS, P), (record, out[-3000:])
-    assert np.array_equal(read_params(run_dir / "model.h5").view(np.uint32), undisturbed.view(np.uint32))
+    assert np.array_equal(bits(read_params(run_dir / "model.h5")), bits(undisturbed))

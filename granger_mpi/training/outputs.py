@@ -188,8 +188,9 @@ class Outputs:
             self.files.flush()
         self._pending_event = dict(time=recovered.detected, step=recovered.step,
                                    kind=f"rank failure ({where})", ranks_lost=len(recovered.gone),
-                                   world_size=size, spares_used=len(recovered.replaced), detect_s=recovered.detected - entered,
-                                   recovery_s=recovered.seconds, **recovered.split)
+                                   world_size=size, spares_used=len(recovered.replaced),
+                                   detect_s=recovered.detected - entered, recovery_s=recovered.seconds,
+                                   **recovered.split)
 
     def final_model(self, model, params: np.ndarray, *, steps: int, world_size: int) -> None:
         """``model.h5``."""
