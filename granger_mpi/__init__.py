@@ -24,7 +24,7 @@ mpi4py.rc.initialize = False
 mpi4py.rc.finalize = True
 from mpi4py import MPI as _MPI  # noqa: E402,F401
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The public API (granger_mpi.api), loaded on first use: the command line sets the BLAS and
 # numba thread counts before numpy is imported, which importing the API here would do.

@@ -564,12 +564,15 @@ def build_parser():
     p = add("inspect", cmd_inspect, "describe, verify or compare checkpoints (no MPI needed)",
             "Show a checkpoint's step, epoch, world size, config and tensors (shape, dtype, norm, "
             "CRC32). --verify recomputes every checksum (exit 1 naming the bad dataset); --diff "
-            "compares two files tensor by tensor. PATH may be a run directory (its newest "
-            "checkpoint).")
+            "compares two files tensor by tensor; --migrate brings files of format version 1 "
+            "(granger-mpi 0.1, before manifests) to the current version, in place. PATH may be a "
+            "run directory (its newest checkpoint).")
     p.add_argument("path", type=Path, help="checkpoint (.h5), model file or run directory")
     p.add_argument("other", type=Path, nargs="?", help="second file, with --diff")
     p.add_argument("--verify", action="store_true", help="recompute every checksum")
     p.add_argument("--diff", action="store_true", help="compare PATH with OTHER")
+    p.add_argument("--migrate", action="store_true",
+                   help="add a manifest to older files (PATH and OTHER), after checking them")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     bench = sub.add_parser("bench", help="benchmarks (run under mpirun)",

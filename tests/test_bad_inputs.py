@@ -9,6 +9,7 @@ import pytest
 
 from conftest import mpirun, write_job
 from granger_mpi.data import integrity
+from granger_mpi.storage import manifest
 
 
 def check_rejected(run, run_dir, message):
@@ -263,6 +264,7 @@ def test_a_model_file_without_its_model_attribute_is_one_line(tmp_path, small_da
     with h5py.File(model, "w") as f:
         f["params/W1"] = np.zeros((12, 4), np.float32)
         f.attrs["format"] = "granger-mpi model"
+        manifest.rewrite(f)
     run = mpirun(2, "evaluate", model, small_dataset, timeout=60)
     assert run.returncode == 2, run.output
     lines = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from granger_mpi.data import partition
+from granger_mpi.storage import manifest, seal
 from granger_mpi.training.setup import row_uses as count_rows
 from conftest import (GRANGER, MPIRUN, THROTTLE, PYTHON, _env, granger, mpirun, mpirun_script,
                       read_params, run_command, write_job)
@@ -654,6 +655,8 @@ def test_a_checkpoint_of_the_old_partition_rule_is_refused(small_dataset, tmp_pa
         assert f.attrs["partition_rule"] == partition.RULE == 2
     with h5py.File(ckpt, "r+") as f:
         del f.attrs["partition_rule"]          # as every checkpoint before rule 2
+        manifest.rewrite(f)                    # (and migrated to format version 2)
+    seal.seal(ckpt)
     again = mpirun(2, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir),
                    "--resume", str(ckpt), timeout=120)
     assert again.returncode == 2, again.output

@@ -9,10 +9,12 @@ Layout of ``RUN_DIR/ckpt/step_XXXXXXXX.h5`` (``h5ls -r`` and ``h5dump`` read it)
   ``/optimizer/<slot>`` (all parameters, in the flat buffer's order), every rank its slab;
   either layout resumes at any number of ranks, sharded or not (a sharded run reads and
   keeps only its new shard).
-* root attributes: ``format``, ``step`` (steps completed), ``epoch``, ``step_in_epoch``,
+* root attributes: ``format``, ``format_version``, ``step`` (steps completed), ``epoch``, ``step_in_epoch``,
   ``world_size``, ``writers`` (the ranks that wrote the file: 1 or ``world_size``),
   ``seed``, ``model`` and ``job`` (JSON), ``versions`` (JSON), ``optimizer_slots`` (JSON
-  list), ``complete`` (written last). The optimizer's step count is ``step``.
+  list), the manifest (``storage.manifest``: every dataset's shape, dtype and CRC32 and
+  every attribute's value, itself checksummed), ``complete`` (written last). The
+  optimizer's step count is ``step``.
 """
 
 import json
@@ -28,9 +30,11 @@ from mpi4py import MPI
 from granger_mpi.data import partition
 from granger_mpi.errors import UserError, WriteError
 from granger_mpi.model.modelfile import CHECKPOINT_FORMAT
+from granger_mpi.model.modelfile import FORMAT as MODEL_FORMAT
+from granger_mpi.storage import manifest, seal
 from granger_mpi.storage.checksums import CrcPipeline, chunks, combine, crc32
 from granger_mpi.storage.h5files import (datasets, int_attr, json_attr, open_file, open_for_reading, read_rows,
-                                         stored_layout, str_attr)
+                                         stored_layout)
 
 FORMAT = CHECKPOINT_FORMAT
 
@@ -101,11 +105,11 @@ def gather_crcs(comm, crcs):
     return every
 
 
-def _dataset_crcs(fid, comm, expected=None):
-    """``(path, stored crc32 or None, this rank's slab CRC, every rank's slab bytes)`` of each
-    dataset (of the paths ``expected``, or all), each rank reading its rows (in chunks, the
-    CRC overlapping the next read)."""
-    found = [(name, did, stored_layout(did)) for name, did in datasets(fid, expected)]
+def _dataset_crcs(fid, comm):
+    """``(path, shape, dtype, stored crc32 or None, this rank's slab CRC, every rank's slab
+    bytes)`` of every dataset in the file, each rank reading its rows (in chunks, the CRC
+    overlapping the next read)."""
+    found = [(name, did, stored_layout(did)) for name, did in datasets(fid)]
     sizes = [(dims[0], file_type.get_size() * math.prod(dims[1:]))    # (rows, bytes a row)
              for _, _, (dims, file_type) in found]
     share = 1 if comm is None else comm.Get_size()
@@ -119,52 +123,56 @@ def _dataset_crcs(fid, comm, expected=None):
             if not pipeline.inline or scratch.size < (b - a) * row_bytes:
                 scratch = np.empty((b - a) * row_bytes, np.uint8)
             pipeline.feed(i, read_rows(did, lo + a, lo + b, scratch, stored_as))
-        layout.append((name, int_attr(did, "crc32"), [n * row_bytes for n in counts]))
-    return [(name, stored, crc, nbytes) for (name, stored, nbytes), crc in zip(layout, pipeline.results())]
+        layout.append((name, did.shape, stored_as[1].dtype, int_attr(did, "crc32"),
+                       [n * row_bytes for n in counts]))
+    return [(*entry[:4], crc, entry[4]) for entry, crc in zip(layout, pipeline.results())]
 
 
-def verify(path, comm=None, expected=None):
-    """Problems found in a checkpoint file (empty when it is good); needs no MPI.
+def verify(path, comm=None):
+    """Problems found in a checkpoint or model file (empty when it is good); needs no MPI.
 
-    ``expected``: the paths of the datasets it must hold, when known (a file just written):
-    those are checked, opened by name, where otherwise the datasets are found by visiting
-    the file (0.3 ms of a 1 MiB save); one missing makes the file unreadable. A file named
-    as a checkpoint (``step_XXXXXXXX.h5``) must hold that step.
+    Checked first, without HDF5, the seal (``storage.seal``; one process only: a collective
+    verify is the read-back of a file just written); then the format and its version, ``complete``, the step of a checkpoint's name, and
+    the manifest (``storage.manifest``): every root attribute's value, and every dataset's
+    name, shape, dtype and CRC32 of its bytes (and its own ``crc32`` attribute).
 
     With a ``comm`` (collective), each rank reads and checksums its share of every
     dataset's rows and all get the same answer: a rank that cannot open or read the file
     says so (one ``Allreduce``) before the others would wait for it in the ``Allgather``.
     """
-    fid, found, problem = None, [], None
+    fid, listed, found, problems = None, None, [], []
+    if comm is None and (broken := seal.problem(path)):     # before HDF5 reads it (seal)
+        return [broken]
     try:
         fid = open_file(path, "checkpoint")
-        if str_attr(fid, "format") != FORMAT:
-            problem = f"{path}: not a granger-mpi checkpoint"
-        elif int_attr(fid, "complete") != 1:
-            problem = f"{path}: incomplete (the save did not finish)"
-        elif (named := NAME.match(Path(path).name)) and int_attr(fid, "step") != int(named.group(1)):
-            problem = f"{path}: holds step {int_attr(fid, 'step')}, not the step of its name"
+        attrs = dict(h5py.File(fid).attrs)
+        fmt = attrs.get("format")
+        if fmt not in (FORMAT, MODEL_FORMAT):
+            problems = [f"{path}: not a granger-mpi checkpoint or model file"]
+        elif fmt == FORMAT and attrs.get("complete") != 1:
+            problems = [f"{path}: incomplete (the save did not finish)"]
+        elif problem := manifest.version_problem(attrs, path, "checkpoint" if fmt == FORMAT else "model file"):
+            problems = [problem]
+        elif (named := NAME.match(Path(path).name)) and attrs.get("step") != int(named.group(1)):
+            problems = [f"{path}: holds step {attrs.get('step')}, not the step of its name"]
         else:
-            found = _dataset_crcs(fid, comm, expected)
+            listed, problems = manifest.read(attrs, path)
+            if listed is not None:
+                found = _dataset_crcs(fid, comm)
     except UserError as exc:
-        problem = str(exc)
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        problem = f"{path}: unreadable ({exc})"
+        listed, problems = None, [str(exc)]
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:   # h5py's, on damage
+        listed, problems = None, [f"{path}: unreadable ({exc})"]
     try:
-        if _failed_anywhere(comm, problem is not None):
-            return [problem or f"{path}: unreadable on another rank"]
-        every = gather_crcs(comm, [crc for _, _, crc, _ in found])
+        if _failed_anywhere(comm, listed is None):
+            return problems or [f"{path}: unreadable on another rank"]
+        every = gather_crcs(comm, [crc for *_, crc, _ in found])
     finally:
         if fid is not None:
             fid.close()
-    problems = []
-    for i, (name, stored, _, nbytes) in enumerate(found):
-        computed = combine(every[:, i], nbytes)
-        if stored is None:
-            problems.append(f"/{name}: no crc32 attribute")
-        elif computed != stored:
-            problems.append(f"/{name}: checksum mismatch (stored {stored}, computed {computed})")
-    return problems
+    computed = {name: (shape, dtype, combine(every[:, i], nbytes), stored)
+                for i, (name, shape, dtype, stored, _, nbytes) in enumerate(found)}
+    return problems + manifest.dataset_problems(listed, computed, path)
 
 
 def _failed_anywhere(comm, failed):
@@ -179,11 +187,12 @@ def _failed_anywhere(comm, failed):
 READ_CHUNK_ELEMENTS = 1 << 22   # 16 MiB of float32: the most a shard read holds extra
 
 
-def _read_part(f, path, group, model, out, lo, hi):
+def _read_part(f, path, listed, group, model, out, lo, hi):
     """Fill ``out`` with elements ``lo:hi`` of the flat tensor stored at ``/group``.
 
     ``/group`` is one flat dataset (sharded layout) or a group of named tensors. Every
-    dataset's CRC32 is checked on all its bytes as read; beyond ``out`` at most one tensor
+    dataset's CRC32 is checked on all its bytes as read, against the manifest's datasets
+    ``listed``; beyond ``out`` at most one tensor
     or one chunk of ``READ_CHUNK_ELEMENTS`` is held, so a shard costs 1/P of the memory.
     """
     n = model.layout.size
@@ -207,7 +216,7 @@ def _read_part(f, path, group, model, out, lo, hi):
                 a, b = max(start, lo), min(stop, hi)
                 if a < b:
                     out[a - lo:b - lo] = chunk[a - start:b - start]
-        if checksum != int(node.attrs.get("crc32", -1)):
+        if checksum != listed.get(group, {}).get("crc32"):
             raise CheckpointError(f"checkpoint {path} is damaged: /{group}: checksum mismatch")
         return
     for tensor in model.layout.tensors:
@@ -219,7 +228,7 @@ def _read_part(f, path, group, model, out, lo, hi):
             dset.read_direct(data)
         else:
             data = np.ascontiguousarray(dset[...], np.float32)
-        if crc32(data) != int(dset.attrs.get("crc32", -1)):
+        if crc32(data) != listed.get(f"{group}/{tensor.name}", {}).get("crc32"):
             raise CheckpointError(f"checkpoint {path} is damaged: /{group}/{tensor.name}: "
                                   f"checksum mismatch")
         a, b = max(tensor.offset, lo), min(tensor.offset + tensor.size, hi)
@@ -235,9 +244,23 @@ def read(path, model, optimizer_slots=("velocity",), optimizer_shard=None):
     that slice of each slot is kept (a sharded optimizer; either layout can be read).
     Every tensor's checksum is checked on the bytes as read, so the file is read once.
     """
+    try:
+        return _read(path, model, optimizer_slots, optimizer_shard)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:    # h5py's, on damage
+        raise CheckpointError(f"checkpoint {path} is damaged: unreadable ({exc})") from None
+
+
+def _read(path, model, optimizer_slots, optimizer_shard):
     with open_for_reading(path, "checkpoint") as f:
-        if f.attrs.get("format") != FORMAT or f.attrs.get("complete") != 1:
+        attrs = dict(f.attrs)
+        if attrs.get("format") != FORMAT or attrs.get("complete") != 1:
             raise CheckpointError(f"checkpoint {path} is damaged: not a complete granger-mpi checkpoint")
+        if problem := manifest.version_problem(attrs, path, "checkpoint"):
+            raise UserError(problem)
+        listed, problems = manifest.read(attrs, path)
+        if problems:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problems[0].removeprefix(f'{path}: ')}")
+        listed = listed["datasets"]
         saved = json_attr(f, "model", path)
         if saved != model.spec():
             differing = [k for k in model.spec() if saved.get(k) != model.spec()[k]]
@@ -251,12 +274,11 @@ def read(path, model, optimizer_slots=("velocity",), optimizer_shard=None):
         n = model.layout.size
         lo, hi = optimizer_shard or (0, n)
         params = np.empty(n, np.float32)
-        _read_part(f, path, "params", model, params, 0, n)
+        _read_part(f, path, listed, "params", model, params, 0, n)
         optimizer_state = np.empty(len(optimizer_slots) * (hi - lo), np.float32)
         for i, slot in enumerate(optimizer_slots):
-            _read_part(f, path, f"optimizer/{slot}", model,
+            _read_part(f, path, listed, f"optimizer/{slot}", model,
                        optimizer_state[i * (hi - lo):(i + 1) * (hi - lo)], lo, hi)
-        attrs = dict(f.attrs)
     state = Snapshot(params, optimizer_state, int(attrs["step"]), int(attrs["epoch"]),
                        int(attrs["step_in_epoch"]), tuple(optimizer_slots), optimizer_shard)
     return state, attrs

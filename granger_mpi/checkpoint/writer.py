@@ -1,5 +1,6 @@
 """Writing a checkpoint: How a save stays atomic (SCR, PyTorch DCP): the state goes into ``step_XXXXXXXX.h5.tmp``,
-each tensor checksummed from memory as it is written (``checksums``); the file is fsynced
+each tensor checksummed from memory as it is written (``checksums``), with its manifest;
+once closed, rank 0 seals it (``storage.seal``: a CRC32 of the whole file); it is fsynced
 (starting as soon as its data is written) and read back, its checksums verified; only then
 is it renamed to its final name, ``latest`` pointed at it (the next index is written as
 ``latest.tmp`` while the fsync runs; both renames made durable by one fsync of the
@@ -28,7 +29,7 @@ from granger_mpi.checkpoint.format import tensors as state_tensors
 from granger_mpi.checkpoint.store import store
 from granger_mpi.errors import UserError, describe_io_error
 from granger_mpi.mpi.runtime import agree, raise_from_root
-from granger_mpi.storage import fsync
+from granger_mpi.storage import fsync, manifest, seal
 from granger_mpi.storage.checksums import CrcPipeline, chunks, combine
 from granger_mpi.storage.h5files import create_file, new_dataset, set_attr, write_rows
 from granger_mpi.storage.versions import versions_json
@@ -102,7 +103,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
             directory.mkdir(parents=True, exist_ok=True)
             ckpt.wait_for_pruning()
     _agree(comm, prepare)
-    attrs = {"format": FORMAT, "step": state.step, "epoch": state.epoch,
+    attrs = {"format": FORMAT, "format_version": manifest.FORMAT_VERSION, "step": state.step, "epoch": state.epoch,
              "step_in_epoch": state.step_in_epoch, "world_size": world_size, "writers": size,
              "seed": seed, "model": json.dumps(model.spec()), "job": job_json,
              "versions": versions_json(),
@@ -121,9 +122,15 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
                          fail_write and rank == size - 1)
 
     def report_write():
-        if failed is not None:
+        failure = failed
+        if failure is None and rank == 0:
+            try:
+                seal.seal(tmp)
+            except OSError as exc:
+                failure = exc
+        if failure is not None:
             raise CheckpointError(f"checkpoint at step {state.step} could not be written to "
-                                  f"{tmp} ({describe_io_error(failed)}); earlier checkpoints "
+                                  f"{tmp} ({describe_io_error(failure)}); earlier checkpoints "
                                   f"are untouched")
     try:
         _agree_or_remove(comm, report_write, tmp)
@@ -133,7 +140,7 @@ def _save(comm, run_dir, model, state, *, job_json, seed, keep_last, extra_attrs
         raise
     if rank == 0:
         syncs.append(fsync.start(tmp))
-    problems = verify(tmp, comm, expected=[path for path, _ in tensors + slabs]) if verify_after_write else []
+    problems = verify(tmp, comm) if verify_after_write else []
     _publish_when_durable(comm, ckpt, final, keep_last, syncs, problems)
     return final
 
@@ -305,9 +312,16 @@ def _write(fid, comm, tensors, attrs, on_written, slabs=(), slab_length=0):
     for key, value in attrs.items():
         set_attr(fid, key, value)
     every = gather_crcs(comm, pipeline.results())
-    for i, (dset, (_, array), (_, counts)) in enumerate(zip(datasets, tensors, rows)):
-        set_attr(dset, "crc32", combine(every[:, i], [n * array[:1].nbytes for n in counts]))
-    for i, dset in enumerate(slab_datasets, start=len(datasets)):
-        set_attr(dset, "crc32", combine(every[:, i], shard_sizes * 4))
+    listed = {}     # the manifest's datasets: path -> (shape, dtype, crc32)
+    for i, (dset, (path, array), (_, counts)) in enumerate(zip(datasets, tensors, rows)):
+        crc = combine(every[:, i], [n * array[:1].nbytes for n in counts])
+        set_attr(dset, "crc32", crc)
+        listed[path] = (array.shape, array.dtype, crc)
+    for i, (dset, (path, _)) in enumerate(zip(slab_datasets, slabs), start=len(datasets)):
+        crc = combine(every[:, i], shard_sizes * 4)
+        set_attr(dset, "crc32", crc)
+        listed[path] = ((slab_length,), np.float32, crc)
+    for key, value in manifest.build(listed, {**attrs, "complete": 1}).items():
+        set_attr(fid, key, value)
     set_attr(fid, "complete", 1)
     return failed

@@ -2,8 +2,11 @@
 
 ``load`` also takes a checkpoint, whose ``/params`` have the same layout.
 
-Layout: ``/params/<name>`` (``W1``, ``b1``, ...); root attributes ``format``,
-``model`` (JSON spec), ``job`` (JSON), ``step``, ``epoch``, ``versions`` (JSON).
+Layout: ``/params/<name>`` (``W1``, ``b1``, ...), each with its ``crc32``; root attributes
+``format``, ``format_version``, ``model`` (JSON spec), ``job`` (JSON), ``step``,
+``world_size``, ``versions`` (JSON) and the manifest (``storage.manifest``) that covers
+them all. ``load`` checks every dataset and attribute against it, a checkpoint's optimizer
+state too.
 ``h5dump -d /params/W1 model.h5`` shows a layer.
 """
 
@@ -16,6 +19,7 @@ import numpy as np
 
 from granger_mpi.errors import UserError
 from granger_mpi.model.models import Model
+from granger_mpi.storage import manifest, seal
 from granger_mpi.storage.checksums import crc32
 from granger_mpi.storage.h5files import json_attr, open_for_reading
 from granger_mpi.storage.versions import versions_json
@@ -28,15 +32,18 @@ def save(path, model, params, *, attrs):
     """Write ``params`` (flat buffer of ``model``) to ``path`` atomically (temp + rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["model"] = json.dumps(model.spec())
-        f.attrs["versions"] = versions_json()
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        group = f.create_group("params")
+    root = {"format": FORMAT, "format_version": manifest.FORMAT_VERSION,
+            "model": json.dumps(model.spec()), "versions": versions_json(), **attrs}
+    listed = {}
+    with h5py.File(tmp, "w", libver=("v110", "latest"),      # checksummed metadata (h5files)
+                   userblock_size=seal.USER_BLOCK) as f:
         for name, view in model.layout.views(params).items():
-            group.create_dataset(name, data=view)
+            dset = f.create_dataset(f"params/{name}", data=view)
+            dset.attrs["crc32"] = listed[f"params/{name}"] = crc32(view)
+        for key, value in {**root, **manifest.build(
+                {name: (f[name].shape, f[name].dtype, crc) for name, crc in listed.items()}, root)}.items():
+            f.attrs[key] = value
+    seal.seal(tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     tmp.replace(path)
@@ -45,16 +52,33 @@ def save(path, model, params, *, attrs):
 def load(path):
     """``(model, flat params, attrs)`` from a model file or a checkpoint (its ``/params``).
 
-    ``UserError`` if it is neither; a checkpoint's tensors are checked against their CRC32.
+    ``UserError`` naming the file if it is neither, or is damaged: every dataset and
+    attribute is checked against the manifest.
     """
     path = Path(path)
+    if problem := seal.problem(path):
+        raise UserError(f"{path} is damaged: {problem.removeprefix(f'{path}: ')}")
+    try:
+        return _load(path)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:    # h5py's, on damage
+        raise UserError(f"{path} is damaged: unreadable ({exc})") from None
+
+
+def _load(path):
     with open_for_reading(path, "model file") as f:
         fmt = f.attrs.get("format")
         if fmt not in (FORMAT, CHECKPOINT_FORMAT) or "params" not in f:
             raise UserError(f"{path} is not a granger-mpi model file or checkpoint "
                             f"(no format={FORMAT!r} or {CHECKPOINT_FORMAT!r} attribute)")
-        if fmt == CHECKPOINT_FORMAT and f.attrs.get("complete") != 1:
+        attrs = dict(f.attrs)
+        if fmt == CHECKPOINT_FORMAT and attrs.get("complete") != 1:
             raise UserError(f"checkpoint {path} is incomplete (the save did not finish)")
+        what = "checkpoint" if fmt == CHECKPOINT_FORMAT else "model file"
+        if problem := manifest.version_problem(attrs, path, what):
+            raise UserError(problem)
+        listed, problems = manifest.read(attrs, path)
+        if problems:
+            raise UserError(f"{what} {path} is damaged: {problems[0].removeprefix(f'{path}: ')}")
         spec = json_attr(f, "model", path)
         try:
             model = Model(spec["kind"], tuple(spec["sizes"]), spec["activation"], spec["task"])
@@ -66,9 +90,29 @@ def load(path):
         for name, view in views.items():
             if name not in f["params"] or f["params"][name].shape != view.shape:
                 raise UserError(f"{path}: /params/{name} is missing or has the wrong shape")
-            dset = f["params"][name]
-            dset.read_direct(view)
-            if fmt == CHECKPOINT_FORMAT and crc32(view) != int(dset.attrs.get("crc32", -1)):
-                raise UserError(f"checkpoint {path} is damaged: /params/{name}: checksum mismatch")
-        attrs = {k: v for k, v in f.attrs.items()}
+            f["params"][name].read_direct(view)
+        problems = manifest.dataset_problems(listed, _computed(f, views), path)
+        if problems:
+            raise UserError(f"{what} {path} is damaged: {problems[0].removeprefix(f'{path}: ')}")
     return model, params, attrs
+
+
+def _computed(f, views):
+    """``(shape, dtype, crc32, its crc32 attribute)`` of every dataset in the open file ``f``
+    (path -> ...), the parameters' from ``views`` (their bytes as just read), the others
+    read whole."""
+    found = manifest.datasets(f)
+    computed = {}
+    for name, dset in found.items():
+        data = views.get(name.removeprefix("params/")) if name.startswith("params/") else None
+        if data is None or data.shape != dset.shape:
+            try:
+                data = dset[()]
+                crc = crc32(data)
+            except (OSError, TypeError, ValueError):    # not numbers, or unreadable
+                crc = None
+        else:
+            crc = crc32(data)
+        stored = dset.attrs.get("crc32")
+        computed[name] = (dset.shape, dset.dtype, crc, None if stored is None else int(stored))
+    return computed

@@ -18,6 +18,7 @@ from h5py import h5a, h5d, h5f, h5o, h5p, h5s, h5t
 from mpi4py import MPI
 
 from granger_mpi.errors import UserError
+from granger_mpi.storage import seal
 
 _STRING = h5py.string_dtype()           # str attributes: variable-length UTF-8, as h5py
 
@@ -25,7 +26,7 @@ _STRING = h5py.string_dtype()           # str attributes: variable-length UTF-8,
 def _property_list(cls, **settings):
     plist = h5p.create(cls)
     for name, value in settings.items():
-        getattr(plist, f"set_{name}")(value)
+        getattr(plist, f"set_{name}")(*value if isinstance(value, tuple) else (value,))
     return plist
 
 
@@ -35,8 +36,13 @@ _CONTIGUOUS_UNFILLED = _property_list(h5p.DATASET_CREATE, fill_time=h5d.FILL_TIM
 _WITH_PARENTS = _property_list(h5p.LINK_CREATE, create_intermediate_group=True)
 # Closing the file closes every object still open in it (as ``h5py.File.close``), so the
 # file is complete on disk when ``close`` returns.
-_SERIAL_ACCESS = _property_list(h5p.FILE_ACCESS, fclose_degree=h5f.CLOSE_STRONG)
+# The 1.10 file format checksums the superblock and every object header, so damaged
+# metadata is an error at open or read rather than HDF5 parsing garbage (a fuzzed file in
+# the old format could make it loop forever); h5dump and h5py read it since HDF5 1.10.
+LIBVER = (h5f.LIBVER_V110, h5f.LIBVER_LATEST)
+_SERIAL_ACCESS = _property_list(h5p.FILE_ACCESS, fclose_degree=h5f.CLOSE_STRONG, libver_bounds=LIBVER)
 _SCALAR = h5s.create(h5s.SCALAR)
+_SEALABLE = _property_list(h5p.FILE_CREATE, userblock=seal.USER_BLOCK)   # room for the seal
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,13 +81,14 @@ def open_file(path, what):
 
 def create_file(path, comm=None):
     """A new (truncated) HDF5 file, written by this process alone with the sec2 driver or,
-    given ``comm``, by all its ranks through the mpio driver (collective). Returns the
-    low-level ``FileID``; its ``close()`` closes everything opened in it."""
+    given ``comm``, by all its ranks through the mpio driver (collective), with a user
+    block for its ``seal``. Returns the low-level ``FileID``; its ``close()`` closes
+    everything opened in it."""
     fapl = _SERIAL_ACCESS
     if comm is not None:
-        fapl = _property_list(h5p.FILE_ACCESS, fclose_degree=h5f.CLOSE_STRONG)
+        fapl = _property_list(h5p.FILE_ACCESS, fclose_degree=h5f.CLOSE_STRONG, libver_bounds=LIBVER)
         fapl.set_fapl_mpio(comm, MPI.INFO_NULL)
-    return h5f.create(str(path).encode(), h5f.ACC_TRUNC, fapl=fapl)
+    return h5f.create(str(path).encode(), h5f.ACC_TRUNC, fcpl=_SEALABLE, fapl=fapl)
 
 
 def new_dataset(fid, path, shape, dtype):

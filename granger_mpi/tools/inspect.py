@@ -1,6 +1,8 @@
 """``granger-mpi inspect``: what a checkpoint or model file holds, verified on request."""
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -8,7 +10,10 @@ import h5py
 import numpy as np
 
 from granger_mpi import checkpoint
-from granger_mpi.errors import UserError
+from granger_mpi.errors import UserError, describe_io_error
+from granger_mpi.model import modelfile
+from granger_mpi.storage import manifest
+from granger_mpi.storage.checksums import crc32
 from granger_mpi.storage.h5files import open_for_reading
 
 SCALARS = ("format", "step", "epoch", "step_in_epoch", "world_size", "writers", "seed", "n_rows")
@@ -74,8 +79,47 @@ def diff(a, b):
     return out
 
 
+def migrate(path):
+    """Bring a format version 1 checkpoint or model file (before manifests) to the current
+    version, in place and atomically (a copy, checked, renamed over it): a checkpoint's
+    tensors must match their CRC32s first (a model file of version 1 had none to check)."""
+    path = Path(path)
+    with open_for_reading(path, "file") as f:
+        attrs = dict(f.attrs)
+        if attrs.get("format") not in (checkpoint.FORMAT, modelfile.FORMAT):
+            raise UserError(f"{path} is not a granger-mpi checkpoint or model file")
+        if "format_version" in attrs:
+            return f"{path} is already of format version {attrs['format_version']}: nothing to migrate"
+        if attrs["format"] == checkpoint.FORMAT:
+            if attrs.get("complete") != 1:
+                raise UserError(f"{path}: incomplete (the save did not finish): not migrated")
+            for name, dset in manifest.datasets(f).items():
+                if crc32(dset[()]) != dset.attrs.get("crc32"):
+                    raise UserError(f"{path}: /{name} does not match its crc32: not migrated")
+    tmp = path.with_name(path.name + ".migrating.tmp")
+    try:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            manifest.rewrite(f)
+        problems = checkpoint.verify(tmp)
+        if problems:
+            raise UserError(f"{path}: the migrated copy does not verify ({problems[0]}): not migrated")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        raise UserError(f"{path}: could not be migrated ({describe_io_error(exc)}); it is unchanged") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return f"{path}: migrated to format version {manifest.FORMAT_VERSION} (a manifest added)"
+
+
 def main(args, out=sys.stdout):
     """Run the command; returns the exit code."""
+    if args.migrate:
+        for path in [args.path] + ([args.other] if args.other else []):
+            print(migrate(path), file=out)
+        return 0
     path = resolve(args.path)
     if Path(args.path).is_dir() and not args.json:
         for each in checkpoint.abandoned(args.path):
