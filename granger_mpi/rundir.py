@@ -26,6 +26,23 @@ def write_json_atomically(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
+def unwritable(path: Path) -> str | None:
+    """Why a run directory could not be created or written into, found without writing
+    anything (a rejected job leaves no trace), or None."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return "exists and is not a directory"
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot be created: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):   # EROFS even for root
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        return f"cannot be written: {existing} is {'on a read-only file system' if read_only else 'not writable'}"
+    return None
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths of one run directory (nothing is created by naming them)."""

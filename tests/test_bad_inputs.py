@@ -2,12 +2,13 @@
 
 import json
 import shutil
+import subprocess
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import mpirun, write_job
+from conftest import granger, mpirun, write_job
 from granger_mpi.data import integrity
 from granger_mpi.storage import manifest
 
@@ -297,3 +298,103 @@ def test_run_dir_and_job_file_names_that_are_not_utf8(tmp_path, job):
     shutil.copy(job(), named)
     run = mpirun(2, "train", named, timeout=60)
     check_rejected(run, tmp_path / "run", "\\xff.toml: the path is not valid UTF-8")
+
+
+@pytest.fixture(scope="module")
+def saved(small_dataset, tmp_path_factory):
+    """A finished 2-rank run: its checkpoint at step 10 and its model file."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    job = write_job(run_dir.with_name("job.toml"), dataset=small_dataset, run_dir=run_dir,
+                    train={"max_steps": 10}, checkpoint={"every_steps": 10})
+    run = mpirun(2, "train", job, timeout=120)
+    assert run.returncode == 0, run.output
+    return run_dir
+
+
+def _flip_after_the_seal(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _as_version_1(path):
+    with h5py.File(path, "r+") as f:
+        for key in ("format_version", *manifest.KEYS):
+            del f.attrs[key]
+    with open(path, "r+b") as fh:
+        fh.write(bytes(512))        # no seal either
+
+
+def _edit_epoch(path):
+    with h5py.File(path, "r+") as f:
+        f.attrs["epoch"] = 7
+    with open(path, "r+b") as fh:
+        fh.write(bytes(512))        # unsealed, as h5repack leaves it: the manifest must catch it
+
+
+FILE_CASES = {   # command, the file it takes and how it is spoiled, the message
+    "resume-damaged": ("train", "ckpt", _flip_after_the_seal, "not match its seal"),
+    "resume-version-1": ("train", "ckpt", _as_version_1, "format version 1"),
+    "resume-edited": ("train", "ckpt", _edit_epoch, "attribute 'epoch' differs from the manifest"),
+    "resume-model-file": ("train", "model", None, "a granger-mpi model file, not a checkpoint"),
+    "evaluate-damaged": ("evaluate", "model", _flip_after_the_seal, "not match its seal"),
+    "predict-edited": ("predict", "ckpt", _edit_epoch, "attribute 'epoch' differs from the manifest"),
+}
+
+
+@pytest.mark.parametrize("case", FILE_CASES)
+def test_a_damaged_edited_or_wrong_file_is_one_line_and_nothing_is_written(case, saved, tmp_path, job,
+                                                                           small_dataset):
+    command, which, spoil, message = FILE_CASES[case]
+    path = tmp_path / "given.h5"
+    shutil.copyfile(saved / "ckpt" / "step_00000010.h5" if which == "ckpt" else saved / "model.h5", path)
+    if spoil is not None:
+        spoil(path)
+    args = {"train": [job(), "--resume", path], "evaluate": [path, small_dataset],
+            "predict": [path, small_dataset, tmp_path / "run"]}[command]
+    run = mpirun(2, command, *args, timeout=60)
+    check_rejected(run, tmp_path / "run", message)
+    assert str(path) in run.stderr, run.output
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, job):
+    (tmp_path / "run").write_text("not a directory")
+    run = mpirun(2, "train", job(), timeout=60)
+    assert run.returncode == 2, run.output
+    lines = [line for line in run.stderr.splitlines() if line.startswith("granger-mpi: error")]
+    assert len(lines) == 1 and str(tmp_path / "run") in lines[0] and "Traceback" not in run.stderr, run.output
+    assert (tmp_path / "run").read_text() == "not a directory"
+
+
+def test_migrating_a_damaged_old_file_is_one_line_and_leaves_it(saved, tmp_path):
+    path = tmp_path / "old.h5"
+    shutil.copyfile(saved / "ckpt" / "step_00000010.h5", path)
+    _as_version_1(path)
+    with h5py.File(path, "r+") as f:
+        f["params/W1"][0, 0] += 1
+    before = path.read_bytes()
+    run = granger("inspect", "--migrate", path)
+    assert run.returncode == 2, run.output
+    assert "/params/W1 does not match its crc32: not migrated" in run.stderr and str(path) in run.stderr
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["old.h5"]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory on a read-only file system (a tmpfs mounted ro; needs root)."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only file system here: {mounted.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_run_dir_on_a_read_only_file_system_is_one_line(read_only_dir, job, small_dataset):
+    run_dir = read_only_dir / "run"
+    path = write_job(read_only_dir.parent / "job.toml", dataset=small_dataset, run_dir=run_dir)
+    run = mpirun(2, "train", path, timeout=60)
+    check_rejected(run, run_dir, f"[output].run_dir {run_dir} cannot be written: {read_only_dir} is on a "
+                                 f"read-only file system")

@@ -175,6 +175,13 @@ def verify(path, comm=None):
     return problems + manifest.dataset_problems(listed, computed, path)
 
 
+def kind(path) -> str | None:
+    """The ``format`` attribute of a file (``FORMAT`` for a checkpoint)."""
+    with open_for_reading(path, "checkpoint") as f:
+        value = f.attrs.get("format")
+    return value if isinstance(value, str) else None
+
+
 def _failed_anywhere(comm, failed):
     """Whether ``failed`` is true on any rank of ``comm`` (None: this process)."""
     if comm is None:

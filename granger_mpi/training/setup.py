@@ -94,6 +94,8 @@ def prepare(comm: MPI.Comm, job, overwrite: bool = False, resume: str | Path | N
         if taken and not overwrite and resume is None:
             raise UserError(f"[output].run_dir {run.path} already holds a run ({', '.join(taken)}); "
                             f"choose another run_dir or pass --overwrite")
+        if problem := rundir.unwritable(run.path):
+            raise UserError(f"[output].run_dir {run.path} {problem}; nothing was trained")
         return info, model
     return agree(comm, check)
 
@@ -148,8 +150,11 @@ def find_resume(comm: MPI.Comm, job, resume, log: Callable[[str], None]) -> Path
                     f"before its first save): starting fresh from step 0")
             return "" if path is None else str(path)
         problems = checkpoint.verify(resume)
+        if not problems and checkpoint.kind(resume) != checkpoint.FORMAT:
+            problems = [f"a {checkpoint.kind(resume)} file, not a checkpoint: it holds no optimizer "
+                        f"state or position to continue from"]
         if problems:
-            raise UserError(f"--resume {resume}: {problems[0]}")
+            raise UserError(f"--resume {resume}: {problems[0].removeprefix(f'{resume}: ')}")
         return str(resume)
     text = bcast_text(comm, agree(comm, choose), 0)
     return Path(text) if text else None
