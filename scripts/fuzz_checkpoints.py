@@ -9,6 +9,7 @@ mutation was accepted by any reader, or HDF5 crashed or hung on a sealed file.
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +37,13 @@ def main():
     trained = mpirun(2, "train", job, "--overwrite", timeout=300)
     if trained.returncode != 0:
         sys.exit(trained.output)
-    tally = fuzz(work / "source", args.count, args.seed, work)
-    print(f"seed {args.seed}: {tally}")
+    started = time.monotonic()
+
+    def progress(n, tally):
+        if n % 250 == 0 or n == args.count:
+            print(f"[{time.monotonic() - started:7.1f} s] {n}/{args.count}: {tally}", flush=True)
+    tally = fuzz(work / "source", args.count, args.seed, work, progress=progress)
+    print(f"seed {args.seed}: {tally} in {time.monotonic() - started:.0f} s")
     print("by mutation:", ", ".join(f"{k} {v}" for k, v in sorted(tally.kinds.items())))
     for label, reader in tally.accepted:
         print(f"ACCEPTED  {label}  by {reader}")

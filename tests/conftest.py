@@ -133,6 +133,18 @@ def small_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def saved_run(small_dataset, tmp_path_factory):
+    """A finished 2-rank run with checkpoints at steps 10 and 20 and its model file (tests
+    copy what they damage)."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    job = write_job(run_dir.with_name("job.toml"), dataset=small_dataset, run_dir=run_dir,
+                    train={"max_steps": 20}, checkpoint={"every_steps": 10})
+    run = mpirun(2, "train", job, timeout=120)
+    assert run.returncode == 0, run.output
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def reference_run(small_dataset, tmp_path_factory):
     """``reference_run(n)``: ``(the finished mpirun, its run dir)`` of the default small job
     (2 epochs, sync, with the test set) at P = n, trained once per session for every test

@@ -220,11 +220,12 @@ def _isolated(fn, timeout):
     return (json.loads(text), None) if text else (None, "exited without a result")
 
 
-def fuzz(source_run, count, seed, work, timeout=20):
+def fuzz(source_run, count, seed, work, timeout=20, progress=None):
     """``count`` mutations of the newest checkpoint and of the model file of the finished
     run ``source_run`` (whose two newest checkpoints are good), sealed as written or
     unsealed (as h5repack leaves them), made in a copy of it under ``work``, each judged in
-    a child process (``timeout`` s); returns the ``Tally``."""
+    a child process (``timeout`` s); returns the ``Tally``. ``progress(n, tally)`` is called
+    after each mutation."""
     rng = np.random.default_rng(seed)
     tally = Tally()
     work = Path(work)
@@ -259,6 +260,8 @@ def fuzz(source_run, count, seed, work, timeout=20):
         else:
             tally.harmful += 1
             tally.accepted += [(label, reader) for reader in verdict["accepted"]]
+        if progress is not None:
+            progress(n, tally)
     shutil.copyfile(pristine["checkpoint"], target_ckpt)
     shutil.copyfile(pristine["model"], run_dir / "model.h5")
     return tally

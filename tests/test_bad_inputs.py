@@ -300,17 +300,6 @@ def test_run_dir_and_job_file_names_that_are_not_utf8(tmp_path, job):
     check_rejected(run, tmp_path / "run", "\\xff.toml: the path is not valid UTF-8")
 
 
-@pytest.fixture(scope="module")
-def saved(small_dataset, tmp_path_factory):
-    """A finished 2-rank run: its checkpoint at step 10 and its model file."""
-    run_dir = tmp_path_factory.mktemp("saved") / "run"
-    job = write_job(run_dir.with_name("job.toml"), dataset=small_dataset, run_dir=run_dir,
-                    train={"max_steps": 10}, checkpoint={"every_steps": 10})
-    run = mpirun(2, "train", job, timeout=120)
-    assert run.returncode == 0, run.output
-    return run_dir
-
-
 def _flip_after_the_seal(path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x40
@@ -343,11 +332,11 @@ FILE_CASES = {   # command, the file it takes and how it is spoiled, the message
 
 
 @pytest.mark.parametrize("case", FILE_CASES)
-def test_a_damaged_edited_or_wrong_file_is_one_line_and_nothing_is_written(case, saved, tmp_path, job,
+def test_a_damaged_edited_or_wrong_file_is_one_line_and_nothing_is_written(case, saved_run, tmp_path, job,
                                                                            small_dataset):
     command, which, spoil, message = FILE_CASES[case]
     path = tmp_path / "given.h5"
-    shutil.copyfile(saved / "ckpt" / "step_00000010.h5" if which == "ckpt" else saved / "model.h5", path)
+    shutil.copyfile(saved_run / "ckpt" / "step_00000010.h5" if which == "ckpt" else saved_run / "model.h5", path)
     if spoil is not None:
         spoil(path)
     args = {"train": [job(), "--resume", path], "evaluate": [path, small_dataset],
@@ -366,9 +355,9 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, job):
     assert (tmp_path / "run").read_text() == "not a directory"
 
 
-def test_migrating_a_damaged_old_file_is_one_line_and_leaves_it(saved, tmp_path):
+def test_migrating_a_damaged_old_file_is_one_line_and_leaves_it(saved_run, tmp_path):
     path = tmp_path / "old.h5"
-    shutil.copyfile(saved / "ckpt" / "step_00000010.h5", path)
+    shutil.copyfile(saved_run / "ckpt" / "step_00000010.h5", path)
     _as_version_1(path)
     with h5py.File(path, "r+") as f:
         f["params/W1"][0, 0] += 1

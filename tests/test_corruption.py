@@ -8,7 +8,6 @@ import shutil
 import h5py
 import pytest
 
-from conftest import mpirun, write_job
 from corruption import fuzz
 from granger_mpi import checkpoint
 from granger_mpi.errors import UserError
@@ -17,22 +16,11 @@ from granger_mpi.storage import manifest, seal
 from granger_mpi.tools.inspect import migrate
 
 
-@pytest.fixture(scope="module")
-def finished(small_dataset, tmp_path_factory):
-    """A finished 2-rank run with checkpoints at steps 10 and 20 and its model file."""
-    run_dir = tmp_path_factory.mktemp("corruption") / "run"
-    job = write_job(run_dir.with_name("job.toml"), dataset=small_dataset, run_dir=run_dir,
-                    train={"max_steps": 20}, checkpoint={"every_steps": 10})
-    run = mpirun(2, "train", job, timeout=120)
-    assert run.returncode == 0, run.output
-    return run_dir
-
-
-def copy(finished, tmp_path, sealed=False):
+def copy(saved_run, tmp_path, sealed=False):
     """A copy of the run; its newest checkpoint and model file unsealed unless ``sealed``
     (as h5repack leaves them), so that the manifest's checks are what a change meets."""
     run_dir = tmp_path / "run"
-    shutil.copytree(finished, run_dir)
+    shutil.copytree(saved_run, run_dir)
     newest = run_dir / "ckpt" / "step_00000020.h5"
     if not sealed:
         for path in (newest, run_dir / "model.h5"):
@@ -52,21 +40,21 @@ def rejected_everywhere(run_dir, path, problem):
     assert str(path) in str(error.value)
 
 
-def test_a_good_checkpoint_and_model_file_are_sealed_and_carry_a_manifest(finished, tmp_path):
-    for path in (finished / "ckpt" / "step_00000020.h5", finished / "model.h5"):
+def test_a_good_checkpoint_and_model_file_are_sealed_and_carry_a_manifest(saved_run, tmp_path):
+    for path in (saved_run / "ckpt" / "step_00000020.h5", saved_run / "model.h5"):
         assert checkpoint.verify(path) == [], path
         assert path.read_bytes().startswith(seal.MAGIC) and seal.problem(path) is None
         with h5py.File(path, "r") as f:
             assert f.attrs["format_version"] == manifest.FORMAT_VERSION
             assert "params/W1" in manifest.read(dict(f.attrs), path)[0]["datasets"]
-    run_dir, path = copy(finished, tmp_path)
+    run_dir, path = copy(saved_run, tmp_path)
     assert checkpoint.verify(path) == [] and checkpoint.verify(run_dir / "model.h5") == []
 
 
-def test_a_sealed_file_that_changed_never_reaches_hdf5(finished, tmp_path):
+def test_a_sealed_file_that_changed_never_reaches_hdf5(saved_run, tmp_path):
     """One byte after the user block: HDF5 is not asked (on some such bytes it crashes or
     hangs); a truncation is named as one."""
-    run_dir, path = copy(finished, tmp_path, sealed=True)
+    run_dir, path = copy(saved_run, tmp_path, sealed=True)
     data = bytearray(path.read_bytes())
     data[seal.USER_BLOCK] ^= 0xFF          # HDF5's own superblock signature
     path.write_bytes(bytes(data))
@@ -75,9 +63,9 @@ def test_a_sealed_file_that_changed_never_reaches_hdf5(finished, tmp_path):
     rejected_everywhere(run_dir, path, "sealed (truncated or grown)")
 
 
-def test_swapped_datasets_of_the_same_shape_are_refused(finished, tmp_path):
+def test_swapped_datasets_of_the_same_shape_are_refused(saved_run, tmp_path):
     """Each keeps its own crc32 attribute: only the manifest tells them apart."""
-    run_dir, path = copy(finished, tmp_path)
+    run_dir, path = copy(saved_run, tmp_path)
     with h5py.File(path, "r+") as f:
         f.move("params/b1", "swapping")
         f.move("optimizer/velocity/b1", "params/b1")
@@ -85,15 +73,15 @@ def test_swapped_datasets_of_the_same_shape_are_refused(finished, tmp_path):
     rejected_everywhere(run_dir, path, "/b1: checksum mismatch")
 
 
-def test_an_edited_attribute_is_refused(finished, tmp_path):
-    run_dir, path = copy(finished, tmp_path)
+def test_an_edited_attribute_is_refused(saved_run, tmp_path):
+    run_dir, path = copy(saved_run, tmp_path)
     with h5py.File(path, "r+") as f:
         f.attrs["epoch"] = f.attrs["epoch"] + 1
     rejected_everywhere(run_dir, path, "attribute 'epoch' differs from the manifest")
 
 
-def test_an_older_file_is_refused_naming_the_migration_and_migrated_once_checked(finished, tmp_path):
-    run_dir, path = copy(finished, tmp_path)
+def test_an_older_file_is_refused_naming_the_migration_and_migrated_once_checked(saved_run, tmp_path):
+    run_dir, path = copy(saved_run, tmp_path)
     model = run_dir / "model.h5"
     for each in (path, model):
         with h5py.File(each, "r+") as f:       # as granger-mpi 0.1 wrote them
@@ -116,17 +104,17 @@ def test_an_older_file_is_refused_naming_the_migration_and_migrated_once_checked
     assert "nothing to migrate" in migrate(path)
 
 
-def test_a_file_of_a_newer_format_version_is_refused(finished, tmp_path):
-    run_dir, path = copy(finished, tmp_path)
+def test_a_file_of_a_newer_format_version_is_refused(saved_run, tmp_path):
+    run_dir, path = copy(saved_run, tmp_path)
     with h5py.File(path, "r+") as f:
         manifest.rewrite(f)
         f.attrs["format_version"] = manifest.FORMAT_VERSION + 1
     rejected_everywhere(run_dir, path, "written by a newer granger-mpi")
 
 
-def test_fuzzed_checkpoints_and_model_files_no_harmful_mutation_is_accepted(finished, tmp_path):
+def test_fuzzed_checkpoints_and_model_files_no_harmful_mutation_is_accepted(saved_run, tmp_path):
     """200 mutations with a fixed seed (scripts/fuzz-checkpoints runs more)."""
-    tally = fuzz(finished, 200, seed=27, work=tmp_path)
+    tally = fuzz(saved_run, 200, seed=27, work=tmp_path)
     print(tally, tally.kinds)
     assert tally.harmful >= 150 and len(tally.kinds) == 6, (str(tally), tally.kinds)
     assert tally.accepted == [], tally.accepted[:20]
