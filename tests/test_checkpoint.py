@@ -139,12 +139,18 @@ def test_flipped_bytes_are_caught_by_verify_and_resume(straight, small_dataset, 
                    train={"max_steps": 40}, checkpoint={"every_steps": 10})
     assert mpirun(2, "train", job, timeout=120).returncode == 0
     newest = run_dir / "ckpt" / "step_00000040.h5"
-    flip_bytes(newest, "params/W1")
+    unsealed = tmp_path / "unsealed.h5"       # as h5repack leaves it: the tensor is named
+    unsealed.write_bytes(bytes(seal.USER_BLOCK) + newest.read_bytes()[seal.USER_BLOCK:])
+    for path in (newest, unsealed):
+        flip_bytes(path, "params/W1")
     verify = granger("inspect", newest, "--verify")
     assert verify.returncode == 1, verify.output
-    assert "BAD  /params/W1: checksum mismatch" in verify.stdout
+    assert f"BAD  {newest}: its bytes do not match its seal" in verify.stdout
     as_json = granger("inspect", newest, "--verify", "--json")
-    assert "checksum mismatch" in json.loads(as_json.stdout)["verify"][0]
+    assert "do not match its seal" in json.loads(as_json.stdout)["verify"][0]
+    verify = granger("inspect", unsealed, "--verify")
+    assert verify.returncode == 1, verify.output
+    assert "BAD  /params/W1: checksum mismatch" in verify.stdout
     resumed = mpirun(2, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir),
                      "--resume", "auto", timeout=120)
     assert resumed.returncode == 0, resumed.output
@@ -173,8 +179,8 @@ def test_resume_auto_refuses_when_no_checkpoint_verifies(small_dataset, tmp_path
     errors = [line for line in resumed.stderr.splitlines() if line.startswith("granger-mpi: error")]
     assert len(errors) == 1, resumed.output
     assert "holds checkpoints but none verifies" in errors[0]
-    assert "step_00000040.h5: /params/W1: checksum mismatch" in errors[0]
-    assert "step_00000030.h5: not a readable HDF5 file (Unable to open file (truncated" in errors[0]
+    assert "step_00000040.h5: its bytes do not match its seal" in errors[0]
+    assert "step_00000030.h5: 1488 bytes after its seal" in errors[0] and "(truncated or grown)" in errors[0]
     assert "step_00000020.h5: named in latest but missing" in errors[0]
     assert "--overwrite" in errors[0]
     for name, before in outputs.items():
