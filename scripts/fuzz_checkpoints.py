@@ -1,7 +1,7 @@
 """The checkpoint and model-file corruption fuzzer of ``tests/test_corruption.py``, for
 long runs: trains a small job (2 ranks), then mutates its newest checkpoint and its model
 file ``--count`` times, sealed and unsealed, and prints the tally. Exit 1 when a harmful
-mutation was accepted by any reader, or HDF5 crashed or hung on a sealed file.
+mutation was accepted by any reader, or a reader crashed or hung in HDF5 on a sealed file.
 
     .venv/bin/python scripts/fuzz_checkpoints.py [--count 5000] [--seed 1] [--work DIR]
 """

@@ -156,12 +156,12 @@ class Tally:
     benign: int = 0
     harmful: int = 0
     accepted: list = field(default_factory=list)   # (mutation, reader): the failures
-    crashed: list = field(default_factory=list)    # (mutation, how, copy): HDF5 aborted or hung
+    crashed: list = field(default_factory=list)    # (mutation, how, copy): a reader's HDF5 aborted or hung
     kinds: dict = field(default_factory=dict)
 
     def __str__(self):
         return (f"{self.benign + self.harmful} mutations: {self.harmful} harmful, {self.benign} benign; "
-                f"harmful accepted: {len(self.accepted)}; HDF5 crashed or hung: {len(self.crashed)}")
+                f"harmful accepted: {len(self.accepted)}; a reader crashed or hung in HDF5: {len(self.crashed)}")
 
 
 def _rejected_by_verify(path):
@@ -185,14 +185,12 @@ def _resume_falls_back(run_dir, good):
     return chosen == good and any("skipping checkpoint" in line for line in reported)
 
 
-def _judge(kind, target, original, run_dir, good):
-    """``{"benign": bool, "accepted": [reader, ...]}`` of one mutated file."""
-    if contents(target) == original:
-        return {"benign": True, "accepted": []}
+def _accepted_by(kind, target, run_dir, good):
+    """The readers that accepted the harmful mutation ``target``."""
     checks = {"inspect --verify": _rejected_by_verify, "evaluate": _rejected_by_load}
     if kind.endswith("checkpoint"):
         checks["--resume auto"] = lambda _: _resume_falls_back(run_dir, good)
-    return {"benign": False, "accepted": [reader for reader, rejected in checks.items() if not rejected(target)]}
+    return [reader for reader, rejected in checks.items() if not rejected(target)]
 
 
 def _isolated(fn, timeout):
@@ -251,15 +249,17 @@ def fuzz(source_run, count, seed, work, timeout=20, progress=None):
         n += 1
         label = f"{kind}: {what}"
         tally.kinds[mutation] = tally.kinds.get(mutation, 0) + 1
-        verdict, failure = _isolated(lambda: _judge(kind, target, originals[kind], run_dir, good), timeout)
-        if failure is not None:     # kept for a look: work/failed-N.h5
-            tally.harmful += 1
-            tally.crashed.append((label, failure, str(shutil.copyfile(target, work / f"failed-{n}.h5"))))
-        elif verdict["benign"]:
+        # plain h5py may crash or hang on it too: then it is harmful
+        benign, _ = _isolated(lambda: contents(target) == originals[kind], timeout)
+        if benign:
             tally.benign += 1
         else:
             tally.harmful += 1
-            tally.accepted += [(label, reader) for reader in verdict["accepted"]]
+            accepted, failure = _isolated(lambda: _accepted_by(kind, target, run_dir, good), timeout)
+            if failure is not None:     # kept for a look: work/failed-N.h5
+                tally.crashed.append((label, failure, str(shutil.copyfile(target, work / f"failed-{n}.h5"))))
+            else:
+                tally.accepted += [(label, reader) for reader in accepted]
         if progress is not None:
             progress(n, tally)
     shutil.copyfile(pristine["checkpoint"], target_ckpt)
