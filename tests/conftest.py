@@ -1,5 +1,6 @@
 """Test harness: real ``mpirun`` subprocesses with hard timeouts and stack dumps on hangs."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,6 +91,21 @@ def granger(*args, timeout=120, env=None, cwd=None):
 # long enough for a signal, a kill or a timer to land in the middle of it (the small test
 # runs' steps take a fraction of a millisecond). It changes no number a run computes.
 THROTTLE = ("--inject-failure", "rank=*,step=*,mode=slow,seconds=0.005")
+
+
+@contextlib.contextmanager
+def tmpfs(path, options):
+    """A tmpfs mounted at the new directory ``path`` with ``options`` (``"ro"``,
+    ``"size=2m"``; needs root: the test is skipped, saying why, where mount is refused)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def write_job(path, *, dataset, run_dir, **sections):

@@ -2,13 +2,12 @@
 
 import json
 import shutil
-import subprocess
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import granger, mpirun, write_job
+from conftest import granger, mpirun, tmpfs, write_job
 from granger_mpi.data import integrity
 from granger_mpi.storage import manifest
 
@@ -371,14 +370,8 @@ def test_migrating_a_damaged_old_file_is_one_line_and_leaves_it(saved_run, tmp_p
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A directory on a read-only file system (a tmpfs mounted ro; needs root)."""
-    path = tmp_path / "ro"
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only file system here: {mounted.stderr.strip()}")
-    yield path
-    subprocess.run(["umount", str(path)], check=True)
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as path:
+        yield path
 
 
 def test_a_run_dir_on_a_read_only_file_system_is_one_line(read_only_dir, job, small_dataset):

@@ -16,7 +16,7 @@ from granger_mpi.data import partition
 from granger_mpi.storage import manifest, seal
 from granger_mpi.training.setup import row_uses as count_rows
 from conftest import (GRANGER, MPIRUN, THROTTLE, PYTHON, _env, granger, mpirun, mpirun_script,
-                      read_params, run_command, write_job)
+                      read_params, run_command, tmpfs, write_job)
 
 
 def job_file(path, dataset, run_dir, **sections):
@@ -349,13 +349,7 @@ def test_sigterm_to_the_ranks_checkpoints_and_stops_cleanly(long_job, tmp_path, 
 
 
 def test_full_disk_fails_the_save_and_keeps_earlier_checkpoints(small_dataset, tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "size=2m") as mount:
         run_dir = mount / "run"
         first = mpirun(2, "train", job_file(tmp_path / "a.toml", small_dataset, run_dir,
                                             train={"max_steps": 10}), timeout=120)
@@ -376,8 +370,6 @@ def test_full_disk_fails_the_save_and_keeps_earlier_checkpoints(small_dataset, t
         assert len(errors) == 1 and errors[0].endswith("No space left on device"), full.output
         assert good.read_bytes() == before
         assert granger("inspect", good, "--verify").returncode == 0
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_a_failed_write_on_one_rank_fails_the_save_on_all(small_dataset, tmp_path):

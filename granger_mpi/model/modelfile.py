@@ -32,17 +32,14 @@ def save(path, model, params, *, attrs):
     """Write ``params`` (flat buffer of ``model``) to ``path`` atomically (temp + rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    root = {"format": FORMAT, "format_version": manifest.FORMAT_VERSION,
-            "model": json.dumps(model.spec()), "versions": versions_json(), **attrs}
-    listed = {}
     with h5py.File(tmp, "w", libver=("v110", "latest"),      # checksummed metadata (h5files)
                    userblock_size=seal.USER_BLOCK) as f:
         for name, view in model.layout.views(params).items():
-            dset = f.create_dataset(f"params/{name}", data=view)
-            dset.attrs["crc32"] = listed[f"params/{name}"] = crc32(view)
-        for key, value in {**root, **manifest.build(
-                {name: (f[name].shape, f[name].dtype, crc) for name, crc in listed.items()}, root)}.items():
+            f.create_dataset(f"params/{name}", data=view)
+        for key, value in {"format": FORMAT, "model": json.dumps(model.spec()),
+                           "versions": versions_json(), **attrs}.items():
             f.attrs[key] = value
+        manifest.rewrite(f)     # format_version, each tensor's crc32, the manifest
     seal.seal(tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())

@@ -49,8 +49,8 @@ def build(datasets: Mapping, attributes: Mapping) -> dict:
 
 def rewrite(f) -> None:
     """Make ``format_version``, each dataset's ``crc32`` and the manifest those of what the
-    h5py file ``f`` (open for writing) holds now: ``inspect --migrate``, once the file has
-    been checked as its version allows."""
+    h5py file ``f`` (open for writing) holds now: a model file just written
+    (``modelfile.save``), or a file of version 1 once checked (``inspect --migrate``)."""
     found = datasets(f)
     listed = {}
     for name, dset in found.items():

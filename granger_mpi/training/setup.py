@@ -150,9 +150,9 @@ def find_resume(comm: MPI.Comm, job, resume, log: Callable[[str], None]) -> Path
                     f"before its first save): starting fresh from step 0")
             return "" if path is None else str(path)
         problems = checkpoint.verify(resume)
-        if not problems and checkpoint.kind(resume) != checkpoint.FORMAT:
-            problems = [f"a {checkpoint.kind(resume)} file, not a checkpoint: it holds no optimizer "
-                        f"state or position to continue from"]
+        if not problems and (kind := checkpoint.kind(resume)) != checkpoint.FORMAT:
+            problems = [f"a {kind} file, not a checkpoint: it holds no optimizer state or "
+                        f"position to continue from"]
         if problems:
             raise UserError(f"--resume {resume}: {problems[0].removeprefix(f'{resume}: ')}")
         return str(resume)
