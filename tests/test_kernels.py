@@ -238,3 +238,48 @@ def test_build_rejects_mismatched_kind_and_task():
     assert build("logistic", (), "relu", 4, "classification", 2).sizes == (4, 1)
     with pytest.raises(ValueError, match="binary"):
         build("logistic", (), "relu", 4, "classification", 3)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_one_layer_forward_and_backward_match_numpy(activation):
+    rng = np.random.default_rng(3)
+    n, d_in, d_out = 11, 6, 4
+    A_in, W, b = (rng.normal(size=s) for s in ((n, d_in), (d_in, d_out), (d_out,)))
+    Z, pre = np.empty((n, d_out)), np.empty((n, d_out))
+    mlp.layer_forward(A_in, W, b, True, ACTIVATIONS[activation], Z, pre)
+    np.testing.assert_allclose(Z, reference.ACTIVATION[activation](A_in @ W + b), rtol=1e-12)
+    Z_out = np.empty((n, d_out))
+    mlp.layer_forward(A_in, W, b, False, ACTIVATIONS[activation], Z_out, pre[:0])
+    np.testing.assert_allclose(Z_out, A_in @ W + b, rtol=1e-12)   # the output layer: no activation
+
+    # Backward through this layer when the layer below ended in ``activation``.
+    pre_in = rng.normal(size=(n, d_in))
+    A_below = reference.ACTIVATION[activation](pre_in)
+    dZ = rng.normal(size=(n, d_out))
+    gW, gb, dA = np.empty((d_in, d_out)), np.empty(d_out), np.empty((n, d_in))
+    mlp.layer_backward(A_below, W, dZ, gW, gb, ACTIVATIONS[activation], pre_in, dA)
+    np.testing.assert_allclose(gW, A_below.T @ dZ, rtol=1e-12)
+    np.testing.assert_allclose(gb, dZ.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(dA, (dZ @ W.T) * reference.DERIVATIVE[activation](pre_in), rtol=1e-12)
+    untouched = np.full((0, d_in), 7.0)
+    mlp.layer_backward(A_below, W, dZ, gW, gb, ACTIVATIONS[activation], pre_in[:0], untouched)
+    np.testing.assert_allclose(gW, A_below.T @ dZ, rtol=1e-12)     # the first layer: no delta below
+
+
+@pytest.mark.parametrize("sizes,activation,task", CASES)
+def test_layer_by_layer_gradient_is_bitwise_the_whole_network_kernel(sizes, activation, task):
+    params, X, y = problem(sizes, task, 37, np.float32, seed=2)
+    model = Model("logistic" if task == "binary" else "mlp", sizes, activation,
+                  "classification" if task == "binary" else task)
+    whole = np.zeros_like(params)
+    expected = model.loss_grad(params, X, y, np.float32(1 / 37), whole)
+    layered = np.full_like(params, np.nan)
+    offsets = []
+
+    def ready(offset):      # everything from offset on is final already
+        assert not np.isnan(layered[offset:]).any()
+        offsets.append(offset)
+
+    assert model.loss_grad_by_layer(params, X, y, np.float32(1 / 37), layered, ready) == expected
+    assert layered.tobytes() == whole.tobytes()
+    assert offsets == [t.offset for t in model.layout.tensors[-2::-2]] and offsets[-1] == 0

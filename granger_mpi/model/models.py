@@ -10,6 +10,13 @@ from granger_mpi.kernels import mlp
 
 ACTIVATIONS = {"relu": mlp.RELU, "tanh": mlp.TANH, "gelu": mlp.GELU}
 KINDS = ("softmax", "logistic", "linear", "mlp")
+# Kernels by loss: softmax cross-entropy, logistic on one logit, half squared error.
+LOSS_GRAD = {"classification": mlp.cross_entropy_loss_grad, "binary": mlp.binary_cross_entropy_loss_grad,
+             "regression": mlp.squared_error_loss_grad}
+LOSS = {"classification": mlp.cross_entropy_loss, "binary": mlp.binary_cross_entropy_loss,
+        "regression": mlp.squared_error_loss}
+HEADS = {"classification": mlp.softmax_cross_entropy, "binary": mlp.logistic,
+         "regression": mlp.half_squared_error}
 
 
 @dataclass(frozen=True)
@@ -99,25 +106,36 @@ class Model:
             views[f"W{layer}"][...] = rng.normal(0.0, math.sqrt(gain), (d_in, d_out))
         return flat
 
+    def _loss_kind(self):
+        return "binary" if self.binary else self.task
+
     def loss_grad(self, params, X, y, scale, grad):
         """Write ``scale * sum of per-row gradients`` into ``grad``; return (loss sum, correct)."""
+        return LOSS_GRAD[self._loss_kind()](params, np.asarray(self.sizes, np.int64),
+                                            ACTIVATIONS[self.activation], X, y, scale, grad)
+
+    def loss_grad_by_layer(self, params, X, y, scale, grad, ready):
+        """``loss_grad`` one layer at a time, last layer first, bitwise the same.
+
+        After each layer's gradient is written, ``ready(offset)`` is called: ``grad[offset:]``
+        is then final (the layers above and this one), so its exchange can start while the
+        layers below are still being computed (the kernels release the GIL).
+        """
         sizes = np.asarray(self.sizes, np.int64)
         act = ACTIVATIONS[self.activation]
-        if self.binary:
-            return mlp.binary_cross_entropy_loss_grad(params, sizes, act, X, y, scale, grad)
-        if self.task == "classification":
-            return mlp.cross_entropy_loss_grad(params, sizes, act, X, y, scale, grad)
-        return mlp.squared_error_loss_grad(params, sizes, act, X, y, scale, grad)
+        acts, pre, delta, out, dZ = mlp.output_and_delta(params, sizes, act, X)
+        loss_sum, correct = HEADS[self._loss_kind()](out, y, scale, dZ, True)
+        spare = np.empty_like(delta)
+        for layer, tensor in zip(range(len(self.sizes) - 2, -1, -1), self.layout.tensors[-2::-2]):
+            mlp.backward_layer(params, sizes, act, X, acts, pre, delta, spare, grad, layer)
+            delta, spare = spare, delta
+            ready(tensor.offset)
+        return loss_sum, correct
 
     def loss(self, params, X, y):
         """``loss_grad``'s ``(loss sum, correct)`` from the forward pass alone (no gradient)."""
-        sizes = np.asarray(self.sizes, np.int64)
-        act = ACTIVATIONS[self.activation]
-        if self.binary:
-            return mlp.binary_cross_entropy_loss(params, sizes, act, X, y)
-        if self.task == "classification":
-            return mlp.cross_entropy_loss(params, sizes, act, X, y)
-        return mlp.squared_error_loss(params, sizes, act, X, y)
+        return LOSS[self._loss_kind()](params, np.asarray(self.sizes, np.int64),
+                                       ACTIVATIONS[self.activation], X, y)
 
     def predict(self, params, X):
         """Raw outputs (logits or regression values) for the rows of ``X``."""
