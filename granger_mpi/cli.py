@@ -31,18 +31,22 @@ mpirun, which kills them soon after) saves and stops.
 
 
 def _default_threads(requested=None):
-    """One BLAS/numba thread share per rank, so ranks on a node do not oversubscribe cores.
-
-    ``requested`` is the job's ``[train].threads_per_rank``, if any. Must run before
-    numpy/numba are imported (BLAS reads its count once, when loaded). Explicit settings
-    in the environment win.
+    """A first guess at the BLAS threads per rank, set before numpy/numba are imported (BLAS
+    reads its count once, when loaded): the usable CPUs shared by the ranks the launcher
+    counts on this host. ``threads.configure`` sets the final count once MPI can tell which
+    ranks really share CPUs. ``requested`` is the job's ``[train].threads_per_rank``, if any.
+    Explicit settings in the environment win.
     """
-    from granger_mpi.mpi.threads import default_threads     # imports no numpy
+    from granger_mpi.mpi import threads as rank_threads     # imports no numpy
     ranks_here = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
                      or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
-    threads = str(requested or default_threads(len(os.sched_getaffinity(0)), ranks_here))
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    cpus = rank_threads.usable_cpus()
+    threads = str(requested or rank_threads.default_threads(cpus, ranks_here))
+    rank_threads.blas_guessed = not any(os.environ.get(v) for v in rank_threads.BLAS_VARIABLES)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, threads)
+    # numba's pool: the most a rank may be given once the ranks sharing its CPUs are known.
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(max(int(threads), cpus)))
 
 
 def _requested_threads(args):

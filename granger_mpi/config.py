@@ -113,10 +113,15 @@ class CollectivesConfig:
     ``auto`` picks per message size from the calibration (see ``collectives.auto``); name an
     algorithm to get bit-identical results across machines whose calibrations differ.
     ``ranks_per_node`` emulates nodes of that many ranks for ``hierarchical``.
+    ``bucket_mb``: the gradient is summed in buckets of at most this many MiB, cut where
+    backward finishes a layer (0: one message after the whole backward); with ``overlap``,
+    each bucket as soon as backward has finished it, on a thread, while backward goes on.
     """
 
     algorithm: str = _spec("auto", kind=str)
     ranks_per_node: int | None = _spec(None, kind=int, min=1)
+    bucket_mb: float = _spec(1.0, kind=float, min=0)
+    overlap: bool = _spec(True, kind=bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,7 +132,10 @@ class OutputConfig:
     checkpoint, other, wait) is gathered into ``metrics.h5``. Besides ``metrics.h5``: ``jsonl``
     writes ``RUN_DIR/metrics.jsonl``, ``http_url`` POSTs the same lines there, and
     ``reporters`` names your own sinks as ``"package.module:factory"`` (see
-    ``granger_mpi.reporters``).
+    ``granger_mpi.reporters``). ``trace_steps``: a timeline of that many steps from step
+    ``trace_first_step`` on (counted from 1, as the progress line does): each rank's
+    forward, backward per layer, buckets exchanged and waits, written to
+    ``RUN_DIR/trace.json`` for ``chrome://tracing`` or ui.perfetto.dev.
     """
 
     run_dir: Path = _spec(kind="path")
@@ -137,6 +145,8 @@ class OutputConfig:
     jsonl: bool = _spec(False, kind=bool)
     http_url: str | None = _spec(None, kind=str)
     reporters: tuple = _spec((), kind="str_list")
+    trace_steps: int = _spec(0, kind=int, min=0, max=100000)
+    trace_first_step: int = _spec(10, kind=int, min=1)
 
 
 @dataclass(frozen=True, kw_only=True)

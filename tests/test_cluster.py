@@ -52,6 +52,18 @@ def test_collectives_across_hosts_match_mpi_allreduce(cluster, ranks, layout):
            f"0 failure(s)" in run.stdout, run.output
 
 
+def test_ranks_on_hosts_of_one_kernel_share_its_cpus(cluster, small_dataset, tmp_path):
+    """Emulated hosts have names of their own but one kernel: one rank on each of 2 hosts
+    gets half the usable CPUs each, not all of them (the launcher counts 1 rank per host)."""
+    from granger_mpi.mpi.threads import usable_cpus
+    job = job_file(tmp_path / "a.toml", small_dataset, tmp_path / "run", train={"max_steps": 3})
+    run = run_command([PYTHON, CLUSTER, "run", "-n", "2", "--map-by", "node", "--", *GRANGER,
+                       "train", str(job)], timeout=120, env=cluster)
+    assert run.returncode == 0, run.output
+    share = max(1, usable_cpus() // 2)
+    assert f"{share} thread(s) per rank (BLAS: " in run.stdout and f"x {share} threads" in run.stdout, run.stdout
+
+
 def test_cluster_refuses_names_it_did_not_make(cluster, tmp_path):
     env = dict(cluster, GRANGER_CLUSTER_DIR=str(tmp_path / "other-state"))
     again = subprocess.run([PYTHON, CLUSTER, "up", "--hosts", "2"], env=env, capture_output=True,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from granger_mpi.kernels import checks, mlp, optim
+from granger_mpi.model import models
 from granger_mpi.model.models import build, mlp_layout, Model
 
 import reference
@@ -274,12 +275,28 @@ def test_layer_by_layer_gradient_is_bitwise_the_whole_network_kernel(sizes, acti
     whole = np.zeros_like(params)
     expected = model.loss_grad(params, X, y, np.float32(1 / 37), whole)
     layered = np.full_like(params, np.nan)
+    loss, correct, layers = model.loss_grad_by_layer(params, X, y, np.float32(1 / 37), layered)
+    assert (loss, correct) == expected
     offsets = []
-
-    def ready(offset):      # everything from offset on is final already
+    for offset in layers:       # everything from offset on is final already
         assert not np.isnan(layered[offset:]).any()
         offsets.append(offset)
-
-    assert model.loss_grad_by_layer(params, X, y, np.float32(1 / 37), layered, ready) == expected
     assert layered.tobytes() == whole.tobytes()
     assert offsets == [t.offset for t in model.layout.tensors[-2::-2]] and offsets[-1] == 0
+
+
+@pytest.mark.parametrize("rows,pieces", [(100, 7), (37, 3), (5, 1), (2, 4)])
+def test_micro_batches_by_layer_are_bitwise_the_accumulated_kernel(rows, pieces):
+    sizes = (5, 7, 6, 3)
+    params, X, y = problem(sizes, "classification", rows, np.float32, seed=4)
+    model = Model("mlp", sizes, "tanh", "classification")
+    scale = np.float32(1 / rows)
+    whole, scratch = np.zeros_like(params), np.empty_like(params)
+    expected = models.loss_grad_in_micro_batches(model, params, X, y, scale, whole, pieces, scratch)
+    layered = np.full_like(params, np.nan)
+    loss, correct, layers = models.loss_grad_by_layer_in_micro_batches(
+        model, params, X, y, scale, layered, pieces, np.empty_like(params))
+    assert (loss, correct) == expected
+    for offset in layers:
+        assert not np.isnan(layered[offset:]).any()
+    assert layered.tobytes() == whole.tobytes()

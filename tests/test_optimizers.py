@@ -1,6 +1,7 @@
 """Optimizers in training: schedules, clipping, accumulation, Adam checkpoints, new models."""
 
 import math
+import re
 from types import SimpleNamespace
 
 import h5py
@@ -179,6 +180,21 @@ def test_threads_per_rank_default_shares_the_cores_and_the_setting_wins(small_da
     shared = mpirun(2, "train", job(tmp_path, "shared", small_dataset, train={"max_steps": 2}))
     assert shared.returncode == 0, shared.output
     assert f"{max(1, cores // 2)} thread(s) per rank" in shared.stdout
+    blas = re.search(r"thread\(s\) per rank \(BLAS: (\w+) [\d.]* x (\d+) threads", shared.stdout)
+    assert blas and int(blas.group(2)) == max(1, cores // 2), shared.stdout   # BLAS told too
     alone = granger("train", job(tmp_path, "alone", small_dataset, train={"max_steps": 2, "threads_per_rank": 2}))
     assert alone.returncode == 0, alone.output
     assert "2 thread(s) per rank" in alone.stdout
+
+
+@pytest.mark.parametrize("files,cpus", [
+    ({"cpu.max": "200000 100000\n"}, 2), ({"cpu.max": "150000 100000\n"}, 2),
+    ({"cpu.max": "max 100000\n"}, None), ({}, None),
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None)])
+def test_the_cgroup_cpu_quota_caps_the_usable_cpus(tmp_path, files, cpus):
+    from granger_mpi.mpi.threads import cgroup_cpus
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpus(tmp_path) == cpus

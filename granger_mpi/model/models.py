@@ -114,23 +114,26 @@ class Model:
         return LOSS_GRAD[self._loss_kind()](params, np.asarray(self.sizes, np.int64),
                                             ACTIVATIONS[self.activation], X, y, scale, grad)
 
-    def loss_grad_by_layer(self, params, X, y, scale, grad, ready):
+    def loss_grad_by_layer(self, params, X, y, scale, grad):
         """``loss_grad`` one layer at a time, last layer first, bitwise the same.
 
-        After each layer's gradient is written, ``ready(offset)`` is called: ``grad[offset:]``
-        is then final (the layers above and this one), so its exchange can start while the
-        layers below are still being computed (the kernels release the GIL).
+        Runs the forward pass and returns ``(loss sum, correct, layers)``; iterating
+        ``layers`` runs backward, one layer per item, each yielding the offset from which
+        ``grad`` is then final (so its exchange can start while the layers below are still
+        computed: the kernels release the GIL).
         """
         sizes = np.asarray(self.sizes, np.int64)
         act = ACTIVATIONS[self.activation]
         acts, pre, delta, out, dZ = mlp.output_and_delta(params, sizes, act, X)
         loss_sum, correct = HEADS[self._loss_kind()](out, y, scale, dZ, True)
-        spare = np.empty_like(delta)
-        for layer, tensor in zip(range(len(self.sizes) - 2, -1, -1), self.layout.tensors[-2::-2]):
-            mlp.backward_layer(params, sizes, act, X, acts, pre, delta, spare, grad, layer)
-            delta, spare = spare, delta
-            ready(tensor.offset)
-        return loss_sum, correct
+
+        def layers(delta=delta, spare=np.empty_like(delta)):
+            for layer, tensor in zip(range(len(self.sizes) - 2, -1, -1), self.layout.tensors[-2::-2]):
+                mlp.backward_layer(params, sizes, act, X, acts, pre, delta, spare, grad, layer)
+                delta, spare = spare, delta
+                yield tensor.offset
+
+        return loss_sum, correct, layers()
 
     def loss(self, params, X, y):
         """``loss_grad``'s ``(loss sum, correct)`` from the forward pass alone (no gradient)."""
@@ -169,6 +172,11 @@ def build(kind, hidden, activation, n_features, task, n_outputs):
     return Model(kind, (n_features, *hidden, 1 if kind == "logistic" else n_outputs), activation, task)
 
 
+def _micro_batch_bounds(n, micro_batches):
+    pieces = max(1, min(micro_batches, n))
+    return [n * i // pieces for i in range(pieces + 1)]
+
+
 def loss_grad_in_micro_batches(model, params, X, y, scale, grad, micro_batches, scratch):
     """``model.loss_grad`` over the rows in ``micro_batches`` consecutive pieces, summed.
 
@@ -176,11 +184,11 @@ def loss_grad_in_micro_batches(model, params, X, y, scale, grad, micro_batches, 
     ``grad``) and is added into ``grad``, so the activations of only one piece are alive
     at a time. Same result as one call up to the order of the sums; deterministic.
     """
-    n = X.shape[0]
-    pieces = min(micro_batches, n)
-    if pieces <= 1:
-        return model.loss_grad(params, X, y, scale, grad)
-    bounds = [n * i // pieces for i in range(pieces + 1)]
+    return _accumulate(model, params, X, y, scale, grad, scratch,
+                       _micro_batch_bounds(X.shape[0], micro_batches))
+
+
+def _accumulate(model, params, X, y, scale, grad, scratch, bounds):
     loss_sum, correct = model.loss_grad(params, X[:bounds[1]], y[:bounds[1]], scale, grad)
     for lo, hi in zip(bounds[1:-1], bounds[2:]):
         piece_loss, piece_correct = model.loss_grad(params, X[lo:hi], y[lo:hi], scale, scratch)
@@ -188,3 +196,23 @@ def loss_grad_in_micro_batches(model, params, X, y, scale, grad, micro_batches, 
         loss_sum += piece_loss
         correct += piece_correct
     return loss_sum, correct
+
+
+def loss_grad_by_layer_in_micro_batches(model, params, X, y, scale, grad, micro_batches, scratch):
+    """``loss_grad_in_micro_batches`` with the last piece's backward layer by layer, bitwise
+    the same: ``(loss sum, correct, layers)`` as ``Model.loss_grad_by_layer`` returns them
+    (the offsets say where the summed ``grad`` is final)."""
+    bounds = _micro_batch_bounds(X.shape[0], micro_batches)
+    last = bounds[-2]
+    if last == 0:
+        return model.loss_grad_by_layer(params, X, y, scale, grad)
+    loss_sum, correct = _accumulate(model, params, X, y, scale, grad, scratch, bounds[:-1])
+    piece_loss, piece_correct, layers = model.loss_grad_by_layer(params, X[last:], y[last:], scale, scratch)
+
+    def summed(top=grad.size):
+        for offset in layers:
+            grad[offset:top] += scratch[offset:top]
+            top = offset
+            yield offset
+
+    return loss_sum + piece_loss, correct + piece_correct, summed()

@@ -19,7 +19,7 @@ from mpi4py import MPI
 from granger_mpi import checkpoint, collectives, faults
 from granger_mpi.data import dataset, integrity, partition
 from granger_mpi.model import optimizer, zero
-from granger_mpi.observe import status, timing
+from granger_mpi.observe import status, timing, trace
 from granger_mpi.errors import UserError
 from granger_mpi.mpi import threads
 from granger_mpi.mpi.runtime import agree, bcast_text, gather_text
@@ -98,14 +98,18 @@ class Trainer:
         comm.Allgather(np.array([n_threads], np.int64), self.threads_of)
         self.runner = StepRunner(self.comm, model, info, self.opt, micro_batches=job.train.accumulation_steps,
                                  sharded=sharded, shared_memory=not fault_tolerant,
-                                 ranks_per_node=job.collectives.ranks_per_node)
-        self.algorithm = self._choose_algorithm()
+                                 ranks_per_node=job.collectives.ranks_per_node,
+                                 bucket_bytes=int(job.collectives.bucket_mb * 2**20),
+                                 overlapped=job.collectives.overlap)
+        self._connect()
         self.hosts = hosts(comm)
         self.world_size = len(self.hosts)
         if comm.Get_rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             status.clear(self.run_dir, comm.Get_size())
         comm.Barrier()
+        out = job.output
+        self.timeline = trace.Timeline(out.trace_first_step - 1, out.trace_steps) if out.trace_steps else None
         self.injector = faults.Injector(hooks.injections, self.ident)
         self.outputs = Outputs(comm, job, total_steps=self.total_steps, log=log)
         self.policy = checkpoint.CheckpointPolicy(job.checkpoint, self.total_steps)
@@ -171,6 +175,14 @@ class Trainer:
                             f"'restart'", agreed=True)
         return on
 
+    def _connect(self) -> None:
+        """Collective over the training ranks: the allreduce, and the exchange's buckets."""
+        self.algorithm = self.exchange_plan = self._choose_algorithm()
+        if self.comm is not None:
+            self.exchange_plan = self.runner.connect(
+                self.comm, self.job.collectives.algorithm,
+                collectives.FAULT_TOLERANT if self.recovery.enabled else collectives.auto.CANDIDATES)
+
     def _choose_algorithm(self) -> str:
         """The allreduce to use; under ULFM ``auto`` chooses among the repairable ones
         (collective over the training ranks; a spare chooses when it takes a place)."""
@@ -231,6 +243,7 @@ class Trainer:
                                    outcome, self.state.step)
                 if self.stream is not None:
                     self.stream.close()
+                self.runner.close()
                 if self.row_log is not None:
                     self.row_log.close()
                 self.outputs.close()
@@ -262,7 +275,7 @@ class Trainer:
         """From ``self.place`` to the end of the run (collective, on the current communicator)."""
         if self.recovered:     # the first collectives after a recovery
             self.recovered = False
-            self.algorithm = self._choose_algorithm()
+            self._connect()
             check_replicas_identical(self.comm, self.state.params,
                                      "parameters after a rank failure and roll-back")
             if self.state.step < self.total_steps:    # the stream was reopened for the new P
@@ -299,14 +312,15 @@ class Trainer:
             damage, (epoch, step, batch_len, rows), X, y = exc, exc.step_item, None, None
         timer.lap(timing.DATA)
         self.step_index = step_index = epoch * self.per_epoch + step
+        self._trace(step_index)
         started = time.perf_counter()
         self.status.set(status.TRAINING, step_index)
         injector.at_compute(step_index)
         self._log_rows(epoch, step, rows)
-        bad = runner.compute(state.params, rows, X, y, batch_len) if damage is None else runner.refuse()
         runner.request(*self.requests.take())
+        injector.arm_allreduce(step_index, self.algorithm)    # with overlap, it starts in compute
+        bad = runner.compute(state.params, rows, X, y, batch_len) if damage is None else runner.refuse()
         self.status.set(status.AGGREGATING)
-        injector.arm_allreduce(step_index, self.algorithm)
         timer.lap(timing.COMPUTE)
         self.where = f"the allreduce ({self.algorithm})"
         applied = runner.exchange(self.comm, self.algorithm, state.params, step_index)
@@ -320,6 +334,27 @@ class Trainer:
         timer.lap(timing.COMPUTE)
         timer.steps += 1
         self._record(epoch, batch_len, grad_norm, lr, started)
+        if runner.timeline is not None and step_index in (self.timeline.last, self.total_steps - 1):
+            self._write_trace()
+
+    def _trace(self, step_index: int) -> None:
+        """Start or go on with the timeline of ``[output].trace_steps`` (collective at its start)."""
+        timeline = self.timeline
+        if timeline is None or not timeline.covers(step_index):
+            self.runner.timeline = None
+            return
+        if self.runner.timeline is None:
+            timeline.begin(self.comm)
+            self.runner.timeline = timeline
+
+    def _write_trace(self) -> None:
+        """Collective: the timeline into ``RUN_DIR/trace.json``; tracing ends."""
+        path = self.run_dir / "trace.json"
+        self.where = "writing the timeline"
+        self.timeline.write(self.comm, path, self.recovery.idents)
+        self.outputs.log(f"timeline of steps {self.timeline.first + 1}..{self.step_index + 1}: {path} "
+                         f"(chrome://tracing or ui.perfetto.dev)")
+        self.runner.timeline = self.timeline = None
 
     def _after_step(self) -> None:
         """The checkpoint, stop and timing report due after step ``state.step``, decided from
@@ -509,8 +544,9 @@ class Trainer:
         self.outputs.log(
             f"training {model.kind} {list(model.sizes)} ({model.layout.size:,} parameters) on "
             f"{info.path} ({info.n_rows:,} rows, {info.task}) with {self.training_size} rank(s), "
-            f"global batch {job.train.global_batch}, {self.total_steps} steps, allreduce {self.algorithm}, "
-            f"optimizer {job.optimizer.name}, {self.n_threads} thread(s) per rank")
+            f"global batch {job.train.global_batch}, {self.total_steps} steps, allreduce {self.exchange_plan}, "
+            f"optimizer {job.optimizer.name}, {self.n_threads} thread(s) per rank (BLAS: "
+            f"{threads.blas_in_use()})")
         self.outputs.log(f"optimizer state: {self.opt.state.nbytes:,} bytes per rank" +
                          (f" (sharded over {self.comm.Get_size()} ranks; "
                           f"{len(self.opt.slots) * model.layout.size * 4:,} unsharded)"
