@@ -593,6 +593,9 @@ def build_parser():
     p.add_argument("--max-bytes", type=int, default=64 << 20)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per size (default 3)")
     p.add_argument("--torch", action="store_true", help="also time torch.distributed on gloo")
+    p.add_argument("--torch-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="give up gloo's rendezvous (at rank 0's address; MASTER_ADDR overrides) "
+                        "after this long (default 60)")
     p.add_argument("--ranks-per-node", type=int, default=None,
                    help="emulate nodes of this many ranks for 'hierarchical'")
     p.add_argument("--out", default="docs/bench", help="folder for CSV and PNG (default docs/bench)")

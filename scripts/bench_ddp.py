@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import bench_common
@@ -51,24 +52,35 @@ def run(cmd, env=None, timeout=900):
 
 
 MPIRUN_ARGS = []   # --mpirun-arg: extra launcher flags, the same for both sides
+CLUSTER = ROOT / "scripts" / "cluster"
+ACROSS = {}        # --cluster: {"hosts": N, "address": host 1's}; both sides run across them
+
+
+def launcher(ranks):
+    """How both sides are started at P = ``ranks``: scripts/mpirun, or across the emulated
+    hosts one rank per host in turn (``--map-by node``)."""
+    if ACROSS:
+        return [PYTHON, str(CLUSTER), "run", "-n", str(ranks), "--map-by", "node", "--"]
+    return [MPIRUN, "-n", str(ranks), *MPIRUN_ARGS]
 
 
 def run_granger(job, ranks, run_dir):
     """The training loop's seconds (start-up and the test evaluation left out) and the test
     accuracy in %, from the run's summary.json."""
-    summary = bench_common.train(job, ranks, run_dir=run_dir, mpirun_args=MPIRUN_ARGS,
-                                 args=["--overwrite"], timeout=900).summary
+    summary = bench_common.train(job, ranks, run_dir=run_dir, args=["--overwrite"], timeout=900,
+                                 command=[*launcher(ranks), bench_common.GRANGER, "train",
+                                          str(job), "--overwrite"]).summary
     return summary["train_seconds"], 100 * summary["test_accuracy"]
 
 
 def run_torch(args, data, test, ranks):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / ".bench-site"))
-    out = run([MPIRUN, "-n", str(ranks), *MPIRUN_ARGS, "-x", "PYTHONPATH", PYTHON,
+    out = run([*launcher(ranks), "env", f"PYTHONPATH={ROOT / '.bench-site'}", PYTHON,
                str(ROOT / "scripts" / "bench_ddp_torch.py"), str(data), str(test),
                "--hidden", args.hidden, "--batch", str(args.batch), "--epochs", str(args.epochs),
                "--lr", str(args.lr), "--momentum", str(args.momentum),
                "--weight-decay", str(args.weight_decay), "--seed", str(args.seed),
-               "--port", str(free_port()), "--threads", str(threads_per_rank(ranks))], env=env)
+               "--port", str(free_port()), "--threads", str(threads_per_rank(ranks)),
+               "--address", ACROSS.get("address", "127.0.0.1"), "--hook", args.ddp_hook])
     result = json.loads(re.search(r"^RESULT (.*)$", out, re.M).group(1))
     return result["seconds"], 100 * result["test_accuracy"]
 
@@ -132,6 +144,17 @@ def plot(rows, ranks_list, path):
     fig.savefig(path)
 
 
+def cluster_up(args, most_ranks):
+    """``scripts/cluster up`` with enough slots for ``most_ranks``; notes host 1's address."""
+    up = subprocess.run([PYTHON, str(CLUSTER), "up", "--hosts", str(args.cluster), "--slots",
+                         str(-(-most_ranks // args.cluster)), *(["--rate", args.rate] if args.rate else [])],
+                        capture_output=True, text=True)
+    if up.returncode != 0:
+        sys.exit(f"bench-ddp: scripts/cluster up failed:\n{up.stdout}{up.stderr}")
+    state = Path(os.environ.get("GRANGER_CLUSTER_DIR", "/run/granger-cluster")) / "state.json"
+    ACROSS.update(hosts=args.cluster, address=json.loads(state.read_text())["addresses"][0])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -154,6 +177,14 @@ def main():
                         help="extra scripts/mpirun argument for both sides (repeatable), e.g. "
                              "--mpirun-arg=--mca --mpirun-arg=mpi_yield_when_idle --mpirun-arg=1")
     parser.add_argument("--tag", default="", help="suffix of the CSV/PNG names, e.g. _yield")
+    parser.add_argument("--cluster", type=int, metavar="HOSTS",
+                        help="run both sides across this many emulated hosts (scripts/cluster up, "
+                             "as root; one rank per host in turn), brought down at the end")
+    parser.add_argument("--rate", default=None, help="with --cluster: each host's link, e.g. 1gbit")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a setting of granger-mpi's job (repeatable), e.g. collectives.bucket_mb=0")
+    parser.add_argument("--ddp-hook", choices=("none", "fp16", "bf16"), default="none",
+                        help="DDP's gradient compression hook (default none: DDP's defaults)")
     parser.add_argument("--from-csv", type=Path, metavar="CSV",
                         help="run nothing: print the table and redraw the PNG from an earlier ddp.csv")
     args = parser.parse_args()
@@ -176,7 +207,7 @@ def main():
         bench_common.make_dataset(data, rows=args.rows, features=args.features, classes=args.classes,
                                   seed=7, test_rows=args.test_rows, clusters=3, separation=1.0)
         test = tmp / "train-test.h5"
-        job = bench_common.write_job(tmp / "job.toml", {
+        sections = {
             "data": {"path": str(data), "test_path": str(test)},
             "model": {"kind": "mlp", "hidden": [int(h) for h in args.hidden.split(",")],
                       "activation": "relu"},
@@ -184,11 +215,24 @@ def main():
                           "weight_decay": args.weight_decay},
             "train": {"global_batch": args.batch, "epochs": args.epochs, "seed": args.seed},
             "output": {"run_dir": str(tmp / "run"), "progress_interval_s": 100000.0},
-            "checkpoint": {"at_end": False}})
+            "checkpoint": {"at_end": False}}
+        for setting in args.set:       # granger-mpi's side only
+            key, _, value = setting.partition("=")
+            section, _, name = key.partition(".")
+            try:
+                value = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                pass    # a bare string
+            sections.setdefault(section, {})[name] = value
+        job = bench_common.write_job(tmp / "job.toml", sections)
+        if args.cluster:
+            cluster_up(args, max(ranks_list))
         samples = args.rows * args.epochs
         print(f"bench-ddp: MLP {args.features},{args.hidden},{args.classes}, {args.rows:,} rows x "
               f"{args.epochs} epochs, global batch {args.batch}, P = {ranks_list}, {args.reps} reps, "
-              f"mpirun {' '.join(MPIRUN_ARGS) or '(scripts/mpirun as is)'}; "
+              + (f"across {args.cluster} emulated hosts (link {args.rate or 'unshaped'}), "
+                 if args.cluster else f"mpirun {' '.join(MPIRUN_ARGS) or '(scripts/mpirun as is)'}, ")
+              + f"granger-mpi settings {args.set or 'as is'}, DDP hook {args.ddp_hook}; "
               f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
         for rep in range(args.reps):
             for ranks in ranks_list:
@@ -206,6 +250,8 @@ def main():
                     rows.append(row)
                     print(f"  rep {rep} P={ranks} {impl:<12} {seconds:7.2f} s  {samples / seconds:9,.0f} "
                           f"samples/s  test accuracy {accuracy:.2f}%  (load {load:.2f})", flush=True)
+    if args.cluster:
+        subprocess.run([PYTHON, str(CLUSTER), "down"], capture_output=True)
     bench_common.write_csv(rows, out / f"ddp{args.tag}.csv")
     lines, _ = summarize(rows, ranks_list)
     print("\n".join(lines))

@@ -18,6 +18,7 @@ favours DDP. Rank 0 prints one line ``RESULT {json}``.
 """
 
 import argparse
+import datetime
 import json
 import os
 import time
@@ -35,6 +36,10 @@ def main():
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--address", default="127.0.0.1", help="rank 0's address for the rendezvous")
+    parser.add_argument("--timeout", type=float, default=120.0, help="rendezvous timeout, seconds")
+    parser.add_argument("--hook", choices=("none", "fp16", "bf16"), default="none",
+                        help="DDP communication hook: compress the gradient buckets")
     parser.add_argument("--threads", type=int, required=True)
     args = parser.parse_args()
 
@@ -51,8 +56,9 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
-                            rank=rank, world_size=size)
+    dist.init_process_group("gloo", init_method=f"tcp://{args.address}:{args.port}",
+                            rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=args.timeout))
     with h5py.File(args.dataset, "r") as f:
         X = torch.from_numpy(np.ascontiguousarray(f["X"][...], np.float32))
         y = torch.from_numpy(np.ascontiguousarray(f["y"][...], np.int64))
@@ -75,6 +81,10 @@ def main():
         if i < len(sizes) - 1:
             layers.append(torch.nn.ReLU())
     model = DistributedDataParallel(torch.nn.Sequential(*layers))
+    if args.hook != "none":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        model.register_comm_hook(None, {"fp16": default_hooks.fp16_compress_hook,
+                                        "bf16": default_hooks.bf16_compress_hook}[args.hook])
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")

@@ -21,6 +21,7 @@ from granger_mpi.collectives import auto, shm
 from granger_mpi.errors import UserError
 from granger_mpi.model.models import Model
 from granger_mpi.mpi.runtime import raise_from_root
+from granger_mpi.tools import rendezvous
 
 HAND_WRITTEN = ("ring", "rhd", "rd", "shm", "hierarchical")
 
@@ -40,19 +41,22 @@ def calls_for(nbytes, budget_bytes=256 << 20, fewest=5, most=400):
 
 
 class TorchGloo:
-    """``torch.distributed.all_reduce`` on gloo in the same job, for comparison."""
+    """``torch.distributed.all_reduce`` on gloo in the same job, for comparison; its
+    rendezvous at rank 0's address (``rendezvous.address``), given up after ``timeout_s``."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, timeout_s=60.0):
+        import datetime
         import torch
         import torch.distributed as dist
-        port = np.zeros(1, np.int64)
-        if comm.Get_rank() == 0:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port[0] = s.getsockname()[1]
-        comm.Bcast(port, root=0)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{int(port[0])}",
-                                rank=comm.Get_rank(), world_size=comm.Get_size())
+        where = rendezvous.address(comm)
+        try:
+            dist.init_process_group("gloo", init_method=f"tcp://{where}", rank=comm.Get_rank(),
+                                    world_size=comm.Get_size(),
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, OSError) as exc:     # torch's store errors derive from RuntimeError
+            raise UserError(f"--torch: gloo could not connect rank {comm.Get_rank()} to tcp://{where} "
+                            f"within {timeout_s:g} s ({str(exc).splitlines()[0][:200]}); set "
+                            f"MASTER_ADDR to an address of rank 0's host that every rank reaches")
         self.torch, self.dist = torch, dist
 
     def allreduce(self, buf):
@@ -75,14 +79,14 @@ def time_calls(comm, fn, buf, calls):
 
 
 def run_allreduce(comm, *, algorithms, sizes, rounds=3, torch=False, ranks_per_node=None,
-                  warmup=2):
+                  warmup=2, torch_timeout_s=60.0):
     """Rows ``{impl, bytes, calls, min_us, median_us, max_us, algbw_GBps, busbw_GBps}``."""
     size = comm.Get_size()
     impls = {}
     for name in algorithms:
         impls[name] = (lambda b, a=name: collectives.allreduce(comm, b, algorithm=a,
                                                                ranks_per_node=ranks_per_node))
-    gloo = TorchGloo(comm) if torch else None
+    gloo = TorchGloo(comm, torch_timeout_s) if torch else None
     if gloo is not None:
         impls["torch-gloo"] = gloo.allreduce
     rows = []
@@ -198,7 +202,8 @@ def main_allreduce(comm, args):
         raise UserError(f"--algorithms: unknown {', '.join(unknown)}; known: {', '.join(collectives.ALGORITHMS)}")
     rows = run_allreduce(comm, algorithms=algorithms,
                          sizes=sizes_between(args.min_bytes, args.max_bytes), rounds=args.rounds,
-                         torch=args.torch, ranks_per_node=args.ranks_per_node)
+                         torch=args.torch, ranks_per_node=args.ranks_per_node,
+                         torch_timeout_s=args.torch_timeout)
     if comm.Get_rank() == 0:
         out = Path(args.out)
         stem = f"allreduce_p{comm.Get_size()}{args.tag}"
