@@ -92,3 +92,27 @@ def adam(params, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decouple
     m_hat = m / (1 - beta1 ** step)
     v_hat = v / (1 - beta2 ** step)
     return params - lr * m_hat / (np.sqrt(v_hat) + eps), m, v
+
+
+def bf16_round(x):
+    """float32 ``x`` rounded to bfloat16 (nearest, ties to even), as float32; NaN excepted."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+
+
+def ring_bf16_allreduce(inputs):
+    """What the bf16 ring leaves on every rank, from every rank's float32 input: segment
+    ``s`` (of ``P`` near-equal ones) is summed along ranks ``s+1, s+2, ..., s+P`` (mod P),
+    each adding its float32 value to the bf16 rounding of the partial sum it received; the
+    finished sum is rounded once more. One rank sends nothing and rounds nothing."""
+    size, n = len(inputs), inputs[0].size
+    if size == 1:
+        return inputs[0].copy()
+    out = np.empty(n, np.float32)
+    for s in range(size):
+        lo, hi = n * s // size, n * (s + 1) // size
+        acc = inputs[(s + 1) % size][lo:hi].copy()
+        for k in range(2, size + 1):
+            acc = inputs[(s + k) % size][lo:hi] + bf16_round(acc)
+        out[lo:hi] = bf16_round(acc)
+    return out

@@ -8,7 +8,9 @@ additions is fixed by rank, never by timing).
 Algorithms: ``native`` (``MPI_Allreduce``, the reference), ``ring``, ``rhd`` (recursive
 halving-doubling), ``rd`` (recursive doubling), ``shm`` (shared memory, one node only),
 ``hierarchical`` (within nodes, then between node leaders), and ``auto``, which picks one per call from the cost model in
-``auto.py`` and logs each choice once per size.
+``auto.py`` and logs each choice once per size. ``compression="bf16"`` sends bfloat16 on the
+wire around the ring, summing in float32 (``compressed.py``): deterministic and bitwise the
+same on every rank, but not the float32 sum.
 
 Set ``GRANGER_CHECK_COLLECTIVES=1`` to make every call first agree on (algorithm, count,
 dtype) across ranks: a mismatch then fails with the ranks named instead of hanging.
@@ -17,13 +19,15 @@ dtype) across ranks: a mismatch then fails with the ranks named instead of hangi
 import os
 
 import numpy as np
-from granger_mpi.collectives import auto, buffers, hierarchical, native, rd, rhd, ring, shm
+from granger_mpi.collectives import (auto, buffers, compressed, hierarchical, native, rd, rhd, ring,
+                                     shm)
 
 ALGORITHMS = ("native", "ring", "rhd", "rd", "shm", "hierarchical", "auto")
 # Those that survive a rank failure under ULFM (an error, not a hang): point-to-point and
 # MPI's own. ``shm`` and ``hierarchical`` use shared-memory windows, which ULFM cannot repair.
 FAULT_TOLERANT = ("native", "ring", "rhd", "rd")
 OPS = ("sum", "mean")
+COMPRESSIONS = compressed.COMPRESSIONS
 _IMPLEMENTATIONS = {"native": native.allreduce, "ring": ring.allreduce, "rhd": rhd.allreduce,
                     "rd": rd.allreduce, "shm": shm.allreduce,
                     "hierarchical": hierarchical.allreduce}
@@ -80,13 +84,23 @@ def in_use(comm, nbytes, algorithm):
     return f"auto ({last[2]})" if last[0] is comm and last[1] == nbytes else "auto"
 
 
-def allreduce(comm, buf, *, algorithm="auto", op="sum", ranks_per_node=None):
+def allreduce(comm, buf, *, algorithm="auto", op="sum", ranks_per_node=None, compression="none"):
     """Reduce ``buf`` over ``comm`` in place with the named algorithm; returns ``buf``.
 
     Collective over ``comm``: every rank calls it with the same algorithm, op, dtype and
     length. ``ranks_per_node`` emulates nodes of that many consecutive ranks for
-    ``hierarchical`` (default: nodes are the ranks that share memory).
+    ``hierarchical`` (default: nodes are the ranks that share memory). ``compression``
+    ``"bf16"`` runs the compressed ring (``algorithm`` must be ``ring`` or ``auto``).
     """
+    if compression != "none":
+        if compression not in COMPRESSIONS or algorithm not in ("ring", "auto"):
+            raise ValueError(f"compression {compression!r} with algorithm {algorithm!r}: known "
+                             f"compressions {', '.join(COMPRESSIONS)}, on 'ring' or 'auto' only")
+        for lo, hi in pieces(buf.size, MAX_COUNT):
+            compressed.allreduce(comm, buf[lo:hi])
+        if op == "mean":
+            buf /= comm.Get_size()
+        return buf
     # Kept lean: at a few bytes this wrapper's own cost is measured against MPI_Allreduce.
     if buf.dtype.char not in "fd" or buf.ndim != 1 or not buf.flags.c_contiguous:
         raise ValueError(f"allreduce needs a 1-D contiguous float32/float64 array, got "

@@ -58,7 +58,8 @@ def plan(boundaries, length, bucket_elements):
 
 
 class BucketedAllreduce:
-    """Sums ``buf`` over ``comm`` in the ``buckets`` of ``plan``, each with its algorithm.
+    """Sums ``buf`` over ``comm`` in the ``buckets`` of ``plan``, each with its algorithm
+    (and compression, ``"none"`` unless given).
 
     Per step: ``ready(offset)`` whenever ``buf[offset:]`` is final, then ``wait()``. With
     ``overlap``, a thread sums each bucket as soon as it is final; without, ``wait`` sums
@@ -66,11 +67,14 @@ class BucketedAllreduce:
     in ``time.perf_counter`` seconds (for the timeline).
     """
 
-    def __init__(self, comm, buf, buckets, algorithms, *, overlap=True, ranks_per_node=None):
-        if len(algorithms) != len(buckets):
-            raise ValueError("one algorithm per bucket")
+    def __init__(self, comm, buf, buckets, algorithms, *, overlap=True, ranks_per_node=None,
+                 compressions=None):
+        compressions = compressions or ["none"] * len(buckets)
+        if not len(algorithms) == len(compressions) == len(buckets):
+            raise ValueError("one algorithm and one compression per bucket")
         self.comm, self.buf = comm, buf
         self.buckets, self.algorithms = list(buckets), list(algorithms)
+        self.compressions = list(compressions)
         self.ranks_per_node = ranks_per_node
         self.overlap = overlap
         self.spans = []
@@ -83,7 +87,7 @@ class BucketedAllreduce:
         lo, hi = self.buckets[index]
         start = time.perf_counter()
         _allreduce(self.comm, self.buf[lo:hi], algorithm=self.algorithms[index],
-                   ranks_per_node=self.ranks_per_node)
+                   ranks_per_node=self.ranks_per_node, compression=self.compressions[index])
         self.spans.append((lo, hi, start, time.perf_counter()))
 
     def _run(self):

@@ -27,7 +27,7 @@ class StepRunner:
 
     def __init__(self, comm: MPI.Comm, model, info, opt, *, micro_batches: int, sharded: bool,
                  shared_memory: bool, ranks_per_node: int | None, bucket_bytes: int = 0,
-                 overlapped: bool = False):
+                 overlapped: bool = False, compression: str = "none"):
         n = model.layout.size
         # Under ULFM, a plain buffer: shared-memory windows cannot be repaired after a failure.
         self.exchange_buffer = (collectives.allocate(comm, n + N_STATS, np.float32) if shared_memory
@@ -38,9 +38,17 @@ class StepRunner:
         self.micro_grad = np.empty(n, np.float32) if micro_batches > 1 else None
         self.sharded = sharded
         self.ranks_per_node = ranks_per_node
-        # Buckets: cut where backward finishes a layer (ZeRO-1 sums its buffer whole).
-        self.buckets = None if sharded or bucket_bytes <= 0 else overlap.plan(
-            [t.offset for t in model.layout.tensors[-2::-2]], n + N_STATS, max(1, bucket_bytes // 4))
+        # Buckets: cut where backward finishes a layer (ZeRO-1 sums its buffer whole). With
+        # compression the statistics are a float32 bucket of their own, summed first.
+        self.compression = compression
+        cap = max(1, bucket_bytes // 4) if bucket_bytes > 0 else n + N_STATS
+        ends = [t.offset for t in model.layout.tensors[-2::-2]]
+        if sharded or (bucket_bytes <= 0 and compression == "none"):
+            self.buckets = None
+        elif compression == "none":
+            self.buckets = overlap.plan(ends, n + N_STATS, cap)
+        else:
+            self.buckets = [(n, n + N_STATS)] + overlap.plan(ends, n, cap)
         self.overlapped = overlapped and self.buckets is not None
         self.exchanger = None
         self.timeline = None      # a trace.Timeline while a traced step runs
@@ -61,15 +69,21 @@ class StepRunner:
             self.exchanger = None
         if self.buckets is None:
             return algorithm
-        chosen = [collectives.auto.choose(comm, (hi - lo) * 4, candidates) if algorithm == "auto"
-                  else algorithm for lo, hi in self.buckets]
+        n = self.grad.size
+        compressions = [self.compression if hi <= n else "none" for lo, hi in self.buckets]
+        chosen = ["ring" if c != "none" else
+                  collectives.auto.choose(comm, (hi - lo) * 4, candidates) if algorithm == "auto"
+                  else algorithm for (lo, hi), c in zip(self.buckets, compressions)]
         self.exchanger = overlap.BucketedAllreduce(comm, self.exchange_buffer, self.buckets, chosen,
                                                    overlap=self.overlapped,
-                                                   ranks_per_node=self.ranks_per_node)
-        names = sorted(set(chosen), key=chosen.index)
+                                                   ranks_per_node=self.ranks_per_node,
+                                                   compressions=compressions)
+        names = [f"{a} {c}" if c != "none" else a for a, c in zip(chosen, compressions)]
+        names = sorted(set(names), key=names.index)
         return (f"{algorithm if algorithm != 'auto' else 'auto (' + ', '.join(names) + ')'} in "
                 f"{len(self.buckets)} bucket(s) of at most {max(hi - lo for lo, hi in self.buckets) * 4:,} "
-                f"bytes, {'overlapped with backward' if self.overlapped else 'after backward'}")
+                f"bytes, {'overlapped with backward' if self.overlapped else 'after backward'}"
+                + (f", gradient in {self.compression} on the wire" if self.compression != "none" else ""))
 
     def close(self) -> None:
         if self.exchanger is not None:

@@ -100,7 +100,8 @@ class Trainer:
                                  sharded=sharded, shared_memory=not fault_tolerant,
                                  ranks_per_node=job.collectives.ranks_per_node,
                                  bucket_bytes=int(job.collectives.bucket_mb * 2**20),
-                                 overlapped=job.collectives.overlap)
+                                 overlapped=job.collectives.overlap,
+                                 compression=job.collectives.compression)
         self._connect()
         self.hosts = hosts(comm)
         self.world_size = len(self.hosts)
