@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -187,3 +188,10 @@ def read_params(model_path):
     with h5py.File(model_path, "r") as f:
         names = sorted(f["params"], key=lambda n: (int(n[1:]), n[0] == "b"))
         return np.concatenate([f["params"][n][...].ravel() for n in names])
+
+
+def blas_thread_counts(log):
+    """The thread count of every BLAS library in a training log's start line."""
+    found = re.search(r"thread\(s\) per rank \(BLAS: ([^)]*)\)", log)
+    assert found, log
+    return [int(n) for n in re.findall(r" x (\d+) threads", found.group(1))]

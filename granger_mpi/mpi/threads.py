@@ -93,6 +93,7 @@ def use(threads):
     """This rank's thread count for numba (capped at the pool it started with,
     ``NUMBA_NUM_THREADS``) and the BLAS libraries; returns it."""
     import numba
+    import scipy.linalg.cython_blas   # noqa: F401  numba's BLAS: loaded now, so that it is limited too
     from threadpoolctl import threadpool_limits
     threads = min(threads, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(threads)
