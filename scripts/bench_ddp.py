@@ -30,8 +30,9 @@ import bench_common
 from bench_common import MPIRUN, PYTHON, ROOT
 from granger_mpi.mpi.threads import default_threads
 
-TARGET_RATIO = 1.5
 ACCURACY_TOLERANCE_POINTS = 0.5
+SIDE_ORDER = ["granger-mpi", "ddp-gloo", "granger-mpi bf16", "ddp-gloo fp16"]
+COLOURS = ["#08519c", "#e6550d", "#6baed6", "#fdae6b"]
 
 def free_port():
     with socket.socket() as s:
@@ -73,48 +74,61 @@ def run_granger(job, ranks, run_dir):
     return summary["train_seconds"], 100 * summary["test_accuracy"]
 
 
-def run_torch(args, data, test, ranks):
+def run_torch(args, data, test, ranks, hook):
     out = run([*launcher(ranks), "env", f"PYTHONPATH={ROOT / '.bench-site'}", PYTHON,
                str(ROOT / "scripts" / "bench_ddp_torch.py"), str(data), str(test),
                "--hidden", args.hidden, "--batch", str(args.batch), "--epochs", str(args.epochs),
                "--lr", str(args.lr), "--momentum", str(args.momentum),
                "--weight-decay", str(args.weight_decay), "--seed", str(args.seed),
                "--port", str(free_port()), "--threads", str(threads_per_rank(ranks)),
-               "--address", ACROSS.get("address", "127.0.0.1"), "--hook", args.ddp_hook])
+               "--address", ACROSS.get("address", "127.0.0.1"), "--hook", hook])
     result = json.loads(re.search(r"^RESULT (.*)$", out, re.M).group(1))
     return result["seconds"], 100 * result["test_accuracy"]
 
 
-def summarize(rows, ranks_list):
-    """Per P: medians, spreads, ratio, verdict."""
+def comparisons(impls, target):
+    """``(ours, theirs, target ratio)`` for the sides present: plain against plain at
+    ``target``; bf16 against DDP's default at 1.5x and against DDP compressed at 1.0x (its
+    fp16 hook: torch 2.13 refuses ``bf16_compress_hook`` without CUDA/NCCL or XPU/XCCL,
+    and fp16 sends as few bytes)."""
+    found = [("granger-mpi", "ddp-gloo", target)]
+    if "granger-mpi bf16" in impls:
+        found += [("granger-mpi bf16", "ddp-gloo", 1.5), ("granger-mpi bf16", "ddp-gloo fp16", 1.0)]
+    return [c for c in found if c[0] in impls and c[1] in impls]
+
+
+def summarize(rows, ranks_list, compared):
+    """Per P: medians and spreads per side, then each comparison's ratio and verdict."""
     lines = []
     verdicts = {}
+    impls = sorted({r["impl"] for r in rows}, key=SIDE_ORDER.index)
     for ranks in ranks_list:
         sides = {}
-        for impl in ("granger-mpi", "ddp-gloo"):
+        for impl in impls:
             mine = [r for r in rows if r["impl"] == impl and r["ranks"] == ranks]
             rates = [r["samples_per_s"] for r in mine]
             accs = [r["test_accuracy_pct"] for r in mine]
             sides[impl] = (statistics.median(rates), min(rates), max(rates), statistics.median(accs),
                            min(accs), max(accs))
-            lines.append(f"P={ranks}  {impl:<12} samples/s median {sides[impl][0]:>9,.0f}  "
+            lines.append(f"P={ranks}  {impl:<16} samples/s median {sides[impl][0]:>9,.0f}  "
                          f"[{sides[impl][1]:,.0f} - {sides[impl][2]:,.0f}]  test accuracy median "
                          f"{sides[impl][3]:.2f}% [{sides[impl][4]:.2f} - {sides[impl][5]:.2f}]")
-        ratio = sides["granger-mpi"][0] / sides["ddp-gloo"][0]
-        # The two runs of one repetition ran back to back under the same outside load: their
+        # The runs of one repetition ran back to back under the same outside load: their
         # ratio is less disturbed by that load than a ratio of medians over all repetitions.
         pairs = {}
         for r in rows:
             if r["ranks"] == ranks:
                 pairs.setdefault(r["rep"], {})[r["impl"]] = r["samples_per_s"]
-        paired = sorted(p["granger-mpi"] / p["ddp-gloo"] for p in pairs.values() if len(p) == 2)
-        gap = sides["granger-mpi"][3] - sides["ddp-gloo"][3]
-        met = ratio >= TARGET_RATIO and abs(gap) <= ACCURACY_TOLERANCE_POINTS
-        verdicts[ranks] = (ratio, gap, met)
-        lines.append(f"P={ranks}  ratio granger-mpi / ddp-gloo (median samples/s): {ratio:.2f}x; "
-                     f"per repetition: {', '.join(f'{x:.2f}' for x in paired)} (median "
-                     f"{statistics.median(paired):.2f}x); accuracy difference {gap:+.2f} points; "
-                     f"target >= {TARGET_RATIO}x at equal accuracy: {'MET' if met else 'NOT MET'}")
+        for ours, theirs, target in compared:
+            ratio = sides[ours][0] / sides[theirs][0]
+            paired = sorted(p[ours] / p[theirs] for p in pairs.values() if ours in p and theirs in p)
+            gap = sides[ours][3] - sides[theirs][3]
+            met = ratio >= target and abs(gap) <= ACCURACY_TOLERANCE_POINTS
+            verdicts[ranks, ours, theirs] = (ratio, gap, met)
+            lines.append(f"P={ranks}  {ours} / {theirs} (median samples/s): {ratio:.2f}x; per "
+                         f"repetition: {', '.join(f'{x:.2f}' for x in paired)} (median "
+                         f"{statistics.median(paired):.2f}x); accuracy difference {gap:+.2f} points; "
+                         f"target >= {target}x at equal accuracy: {'MET' if met else 'NOT MET'}")
     return lines, verdicts
 
 
@@ -125,8 +139,10 @@ def plot(rows, ranks_list, path):
     fig = Figure(figsize=(7, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    width = 0.38
-    for k, (impl, colour) in enumerate((("granger-mpi", "#08519c"), ("ddp-gloo", "#e6550d"))):
+    impls = sorted({r["impl"] for r in rows}, key=SIDE_ORDER.index)
+    width = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
+        colour = COLOURS[SIDE_ORDER.index(impl)]
         med, lo, hi = [], [], []
         for ranks in ranks_list:
             rates = [r["samples_per_s"] for r in rows if r["impl"] == impl and r["ranks"] == ranks]
@@ -134,7 +150,7 @@ def plot(rows, ranks_list, path):
             med.append(m)
             lo.append(m - min(rates))
             hi.append(max(rates) - m)
-        x = np.arange(len(ranks_list)) + (k - 0.5) * width
+        x = np.arange(len(ranks_list)) + (k - (len(impls) - 1) / 2) * width
         ax.bar(x, med, width, yerr=[lo, hi], capsize=4, color=colour, label=impl)
     ax.set_xticks(np.arange(len(ranks_list)), [f"P = {p}" for p in ranks_list])
     ax.set_ylabel("samples/s (median, bars: min-max)")
@@ -183,11 +199,16 @@ def main():
     parser.add_argument("--rate", default=None, help="with --cluster: each host's link, e.g. 1gbit")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a setting of granger-mpi's job (repeatable), e.g. collectives.bucket_mb=0")
-    parser.add_argument("--ddp-hook", choices=("none", "fp16", "bf16"), default="none",
-                        help="DDP's gradient compression hook (default none: DDP's defaults)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="two more sides: granger-mpi with [collectives].compression = 'bf16', and "
+                             "DDP with its fp16_compress_hook (the same bytes; its bf16 hook needs NCCL)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="the ratio granger-mpi / ddp-gloo to reach (default 1.05 with --cluster, "
+                             "where the link bounds both, else 2.0)")
     parser.add_argument("--from-csv", type=Path, metavar="CSV",
                         help="run nothing: print the table and redraw the PNG from an earlier ddp.csv")
     args = parser.parse_args()
+    target = args.target or (1.05 if args.cluster else 2.0)
     ranks_list = [int(p) for p in args.ranks.split(",")]
     MPIRUN_ARGS.extend(args.mpirun_arg)
     out = Path(args.out)
@@ -196,7 +217,8 @@ def main():
         with open(args.from_csv, newline="") as f:
             rows = [dict(r, ranks=int(r["ranks"]), rep=int(r["rep"]), samples_per_s=float(r["samples_per_s"]),
                          test_accuracy_pct=float(r["test_accuracy_pct"])) for r in csv.DictReader(f)]
-        print("\n".join(summarize(rows, ranks_list)[0]))
+        impls = {r["impl"] for r in rows}
+        print("\n".join(summarize(rows, ranks_list, comparisons(impls, target))[0]))
         plot(rows, ranks_list, out / f"ddp{args.tag}.png")
         return
     (ROOT / "runs").mkdir(exist_ok=True)
@@ -225,35 +247,41 @@ def main():
                 pass    # a bare string
             sections.setdefault(section, {})[name] = value
         job = bench_common.write_job(tmp / "job.toml", sections)
+        packed = dict(sections, collectives=dict(sections.get("collectives", {}), compression="bf16"))
+        jobs = {"granger-mpi": job,
+                "granger-mpi bf16": bench_common.write_job(tmp / "job-bf16.toml", packed)}
+        hooks = {"ddp-gloo": "none", "ddp-gloo fp16": "fp16"}
+        impls = SIDE_ORDER if args.bf16 else SIDE_ORDER[:2]
         if args.cluster:
             cluster_up(args, max(ranks_list))
-        samples = args.rows * args.epochs
-        print(f"bench-ddp: MLP {args.features},{args.hidden},{args.classes}, {args.rows:,} rows x "
-              f"{args.epochs} epochs, global batch {args.batch}, P = {ranks_list}, {args.reps} reps, "
-              + (f"across {args.cluster} emulated hosts (link {args.rate or 'unshaped'}), "
-                 if args.cluster else f"mpirun {' '.join(MPIRUN_ARGS) or '(scripts/mpirun as is)'}, ")
-              + f"granger-mpi settings {args.set or 'as is'}, DDP hook {args.ddp_hook}; "
-              f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
-        for rep in range(args.reps):
-            for ranks in ranks_list:
-                order = ("granger-mpi", "ddp-gloo") if rep % 2 == 0 else ("ddp-gloo", "granger-mpi")
-                for impl in order:
-                    load = os.getloadavg()[0]
-                    if impl == "granger-mpi":
-                        seconds, accuracy = run_granger(job, ranks, tmp / "run")
-                    else:
-                        seconds, accuracy = run_torch(args, data, test, ranks)
-                    row = {"impl": impl, "ranks": ranks, "rep": rep, "threads_per_rank": threads_per_rank(ranks),
-                           "seconds": round(seconds, 4), "samples_per_s": round(samples / seconds, 1),
-                           "test_accuracy_pct": round(accuracy, 3), "load1_before": round(load, 2),
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                    rows.append(row)
-                    print(f"  rep {rep} P={ranks} {impl:<12} {seconds:7.2f} s  {samples / seconds:9,.0f} "
-                          f"samples/s  test accuracy {accuracy:.2f}%  (load {load:.2f})", flush=True)
-    if args.cluster:
-        subprocess.run([PYTHON, str(CLUSTER), "down"], capture_output=True)
+        try:
+            samples = args.rows * args.epochs
+            print(f"bench-ddp: MLP {args.features},{args.hidden},{args.classes}, {args.rows:,} rows x "
+                  f"{args.epochs} epochs, global batch {args.batch}, P = {ranks_list}, {args.reps} reps, "
+                  + (f"across {args.cluster} emulated hosts (link {args.rate or 'unshaped'}), "
+                     if args.cluster else f"mpirun {' '.join(MPIRUN_ARGS) or '(scripts/mpirun as is)'}, ")
+                  + f"granger-mpi settings {args.set or 'as is'}, sides {', '.join(impls)}; "
+                  f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
+            for rep in range(args.reps):
+                for ranks in ranks_list:
+                    for impl in (impls if rep % 2 == 0 else impls[::-1]):
+                        load = os.getloadavg()[0]
+                        if impl in jobs:
+                            seconds, accuracy = run_granger(jobs[impl], ranks, tmp / "run")
+                        else:
+                            seconds, accuracy = run_torch(args, data, test, ranks, hooks[impl])
+                        row = {"impl": impl, "ranks": ranks, "rep": rep, "threads_per_rank": threads_per_rank(ranks),
+                               "seconds": round(seconds, 4), "samples_per_s": round(samples / seconds, 1),
+                               "test_accuracy_pct": round(accuracy, 3), "load1_before": round(load, 2),
+                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                        rows.append(row)
+                        print(f"  rep {rep} P={ranks} {impl:<16} {seconds:7.2f} s  {samples / seconds:9,.0f} "
+                              f"samples/s  test accuracy {accuracy:.2f}%  (load {load:.2f})", flush=True)
+        finally:
+            if args.cluster:
+                subprocess.run([PYTHON, str(CLUSTER), "down"], capture_output=True)
     bench_common.write_csv(rows, out / f"ddp{args.tag}.csv")
-    lines, _ = summarize(rows, ranks_list)
+    lines, _ = summarize(rows, ranks_list, comparisons(impls, target))
     print("\n".join(lines))
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     plot(rows, ranks_list, out / f"ddp{args.tag}.png")

@@ -53,9 +53,11 @@ def main():
 
     from granger_mpi.data import dataset, partition
     from granger_mpi.model import models
+    from granger_mpi.tools import rendezvous
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
+    rendezvous.use_interface_for_gloo(args.address)
     dist.init_process_group("gloo", init_method=f"tcp://{args.address}:{args.port}",
                             rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=args.timeout))

@@ -49,6 +49,7 @@ class TorchGloo:
         import torch
         import torch.distributed as dist
         where = rendezvous.address(comm)
+        rendezvous.use_interface_for_gloo(where)
         try:
             dist.init_process_group("gloo", init_method=f"tcp://{where}", rank=comm.Get_rank(),
                                     world_size=comm.Get_size(),

@@ -41,16 +41,30 @@ def network_namespace():
         return socket.gethostname()
 
 
-def own_address():
-    """This host's address for others to reach (see the module's doc)."""
-    if os.environ.get("MASTER_ADDR"):
-        return os.environ["MASTER_ADDR"]
+def own_interface():
+    """``(interface, address)`` others reach this host on: the interface MPI's TCP transport
+    was told to use (``btl_tcp_if_include``), else the first that is not a loopback;
+    ``(None, "127.0.0.1")`` if there is none."""
     addresses = interface_addresses()
     for name in os.environ.get("OMPI_MCA_btl_tcp_if_include", "").split(","):
         if name in addresses:
-            return addresses[name]
-    outside = [a for a in addresses.values() if not a.startswith("127.")]
-    return outside[0] if outside else "127.0.0.1"
+            return name, addresses[name]
+    outside = [(n, a) for n, a in addresses.items() if not a.startswith("127.")]
+    return outside[0] if outside else (None, "127.0.0.1")
+
+
+def own_address():
+    """This host's address for others to reach (see the module's doc)."""
+    return os.environ.get("MASTER_ADDR") or own_interface()[1]
+
+
+def use_interface_for_gloo(rendezvous_host):
+    """Across hosts, bind gloo's connections to ``own_interface`` (unless
+    ``GLOO_SOCKET_IFNAME`` says otherwise): by default gloo binds to what the hostname
+    resolves to, which on emulated hosts is the loopback, and the other hosts are refused."""
+    name = own_interface()[0]
+    if not rendezvous_host.startswith("127.") and name and not os.environ.get("GLOO_SOCKET_IFNAME"):
+        os.environ["GLOO_SOCKET_IFNAME"] = name
 
 
 def address(comm):
