@@ -114,8 +114,12 @@ class CollectivesConfig:
     algorithm to get bit-identical results across machines whose calibrations differ.
     ``ranks_per_node`` emulates nodes of that many ranks for ``hierarchical``.
     ``bucket_mb``: the gradient is summed in buckets of at most this many MiB, cut where
-    backward finishes a layer (0: one message after the whole backward); with ``overlap``,
-    each bucket as soon as backward has finished it, on a thread, while backward goes on.
+    backward finishes a layer (0: one message after the whole backward; ``"auto"``: 1 MiB
+    when the ranks span nodes, where a link carries 1 MiB messages near its rate and longer
+    ones not, and one message on one node, where shared memory gains nothing); with ``overlap``,
+    each bucket as soon as backward has finished it, on a thread, while backward goes on
+    (``"auto"``: where the rank's share of the CPUs leaves a core for that thread; without
+    one the thread only competes with backward, and the buckets go after it).
     ``compression = "bf16"`` sends the gradient as bfloat16 around the ring (half the bytes,
     sums in float32, the same bits on every rank; the statistics stay float32): results
     differ from float32 sums in the third significant digit.
@@ -123,8 +127,8 @@ class CollectivesConfig:
 
     algorithm: str = _spec("auto", kind=str)
     ranks_per_node: int | None = _spec(None, kind=int, min=1)
-    bucket_mb: float = _spec(1.0, kind=float, min=0)
-    overlap: bool = _spec(True, kind=bool)
+    bucket_mb: float | str = _spec("auto", kind="float_or_auto", min=0)
+    overlap: bool | str = _spec("auto", kind="bool_or_auto")
     compression: str = _spec("none", kind=str, choices=("none", "bf16"))
 
 
@@ -262,6 +266,17 @@ def _convert(value, meta, where, base_dir):
     if kind is bool:
         if not isinstance(value, bool):
             raise UserError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind == "float_or_auto":
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{where} must be a number or \"auto\", got {value!r}")
+        _check_range(float(value), meta, where)
+        return float(value)
+    if kind == "bool_or_auto":
+        if not isinstance(value, bool) and value != "auto":
+            raise UserError(f"{where} must be true, false or \"auto\", got {value!r}")
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

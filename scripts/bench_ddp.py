@@ -46,10 +46,17 @@ def threads_per_rank(ranks):
 
 
 def run(cmd, env=None, timeout=900):
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if done.returncode != 0:
-        sys.exit(f"bench-ddp: {' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return done.stdout
+    """``cmd``'s output; one failed run is retried (gloo at P = 4 across the emulated hosts
+    sometimes aborts in its teardown, "terminate called without an active exception"), and
+    said so; a second failure ends the benchmark."""
+    for attempt in (1, 2):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        if done.returncode == 0:
+            return done.stdout
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        print(f"  bench-ddp: run failed ({done.returncode}), attempt {attempt} of 2: {' | '.join(tail)}",
+              flush=True)
+    sys.exit(f"bench-ddp: {' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
 
 
 MPIRUN_ARGS = []   # --mpirun-arg: extra launcher flags, the same for both sides

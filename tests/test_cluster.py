@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import GRANGER, PYTHON, THROTTLE, ROOT, _env, blas_thread_counts, run_command
+from conftest import GRANGER, MPIRUN, PYTHON, THROTTLE, ROOT, _env, blas_thread_counts, run_command
 from test_checkpoint import job_file, wait_for_line
 from test_fault import assert_every_sample_once
 
@@ -63,6 +63,37 @@ def test_ranks_on_hosts_of_one_kernel_share_its_cpus(cluster, small_dataset, tmp
     share = max(1, usable_cpus() // 2)
     assert f"{share} thread(s) per rank (BLAS: " in run.stdout, run.stdout
     assert blas_thread_counts(run.stdout) and set(blas_thread_counts(run.stdout)) == {share}, run.stdout
+
+
+TORCH_SITE = ROOT / ".bench-site"
+needs_torch = pytest.mark.skipif(not (TORCH_SITE / "torch").is_dir(),
+                                 reason="PyTorch is only in the benchmark environment (.bench-site)")
+
+
+@needs_torch
+def test_bench_allreduce_against_gloo_runs_across_hosts(cluster, tmp_path):
+    """#26: gloo's rendezvous at rank 0's address and its pairs bound to the hosts'
+    interface (before: a hard-coded 127.0.0.1, and the run hung)."""
+    run = run_command([PYTHON, CLUSTER, "run", "-n", "2", "--map-by", "node", "--", "env",
+                       f"PYTHONPATH={TORCH_SITE}", *GRANGER, "bench", "allreduce", "--torch",
+                       "--torch-timeout", "30", "--algorithms", "ring", "--min-bytes", "4096",
+                       "--max-bytes", "8192", "--rounds", "1", "--out", str(tmp_path)],
+                      timeout=180, env=cluster)
+    assert run.returncode == 0, run.output
+    rows = (tmp_path / "allreduce_p2.csv").read_text()
+    assert rows.count("torch-gloo,") == 2, rows
+
+
+@needs_torch
+def test_a_gloo_peer_that_cannot_connect_fails_clearly_within_its_timeout(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(TORCH_SITE), MASTER_ADDR="192.0.2.1")   # TEST-NET-1
+    started = time.monotonic()
+    run = run_command([*MPIRUN, "-n", "2", *GRANGER, "bench", "allreduce", "--torch", "--torch-timeout",
+                       "5", "--algorithms", "ring", "--max-bytes", "4096", "--out", str(tmp_path)],
+                      timeout=120, env=env)
+    assert run.returncode == 2, run.output
+    assert "gloo could not connect rank 0 to tcp://192.0.2.1:" in run.output and "within 5 s" in run.output
+    assert time.monotonic() - started < 60     # the timeout, torch's import and MPI's start-up
 
 
 def test_cluster_refuses_names_it_did_not_make(cluster, tmp_path):

@@ -79,7 +79,7 @@ def test_a_rank_killed_inside_a_bucket_is_one_rank_failure(small_dataset, tmp_pa
 
 
 def test_the_timeline_shows_each_layer_and_bucket_of_the_traced_steps(small_dataset, tmp_path):
-    run, _ = _train(small_dataset, tmp_path, "traced", 2, algorithm="ring", bucket_mb=0.004,
+    run, _ = _train(small_dataset, tmp_path, "traced", 2, algorithm="ring", bucket_mb=0.004, overlap=True,
                     output={"trace_steps": 3, "trace_first_step": 5})
     assert "timeline of steps 5..7: " in run.stdout, run.stdout
     events = json.loads((tmp_path / "traced" / "trace.json").read_text())["traceEvents"]
@@ -97,3 +97,15 @@ def test_the_timeline_shows_each_layer_and_bucket_of_the_traced_steps(small_data
         made = [e for e in spans if e["name"] == "backward 3"]
         first = [e for e in buckets if e["name"] == "bucket 0"]
         assert all(b["ts"] >= m["ts"] + m["dur"] - 1 for m, b in zip(made, first))
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_overlap_auto_uses_a_thread_only_where_a_core_is_free_for_it(small_dataset, tmp_path, ranks):
+    """One compute thread per rank: the exchange thread needs a second core per rank."""
+    from granger_mpi.mpi.threads import usable_cpus
+    run, _ = _train(small_dataset, tmp_path, f"auto{ranks}", ranks, algorithm="ring", bucket_mb=0.004,
+                    train={"threads_per_rank": 1, "max_steps": 3})
+    if usable_cpus() >= 2 * ranks:
+        assert "overlapped with backward" in run.stdout, run.stdout
+    else:
+        assert "after backward (no core free for an exchange thread)" in run.stdout, run.stdout

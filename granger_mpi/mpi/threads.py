@@ -24,6 +24,7 @@ BLAS_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Set by the CLI when the BLAS thread count in the environment is its guess, not the user's:
 # only then does ``use`` change it.
 blas_guessed = False
+ranks_here = 1     # the training ranks sharing this rank's CPUs, as ``configure`` counted them
 
 
 def cgroup_cpus(root=CGROUP):
@@ -85,8 +86,15 @@ def configure(comm, requested=None, spare=False):
     by the training ranks that share them (an idle ``spare`` takes no share: it gets its
     count when it takes a place, ``use``).
     """
-    here = ranks_sharing_cpus(comm, counted=not spare)
-    return use(requested or default_threads(usable_cpus(), here))
+    global ranks_here
+    ranks_here = ranks_sharing_cpus(comm, counted=not spare)
+    return use(requested or default_threads(usable_cpus(), ranks_here))
+
+
+def core_free_for_exchange(threads):
+    """Whether this rank's share of the CPUs (as ``configure`` found the ranks sharing them)
+    leaves a core for a communication thread beside its ``threads`` compute threads."""
+    return usable_cpus() >= (threads + 1) * max(1, ranks_here)
 
 
 def use(threads):

@@ -1,9 +1,9 @@
 """Where a peer framework's TCP rendezvous (PyTorch gloo) listens, for the comparisons.
 
-Rank 0 listens; every rank must reach it. On one network namespace that is the loopback;
-across hosts it is an address of rank 0's host: ``MASTER_ADDR`` if set, else the address of
-the interface MPI's TCP transport was told to use (``btl_tcp_if_include``), else rank 0's
-first address that is not a loopback.
+Rank 0 listens; every rank must reach it. ``MASTER_ADDR`` if set; else, on one network
+namespace, the loopback; across hosts, an address of rank 0's host: that of the interface
+MPI's TCP transport was told to use (``btl_tcp_if_include``), else rank 0's first address
+that is not a loopback.
 """
 
 import fcntl
@@ -74,7 +74,7 @@ def address(comm):
     comm.Allreduce(MPI.IN_PLACE, same, op=MPI.MIN)
     text = ""
     if comm.Get_rank() == 0:
-        host = "127.0.0.1" if same[0] else own_address()
+        host = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if same[0] else own_address())
         with socket.socket() as s:
             s.bind(("" if host != "127.0.0.1" else host, 0))
             text = f"{host}:{s.getsockname()[1]}"

@@ -38,6 +38,8 @@ from granger_mpi.mpi.ulfm import rank_failures, RankFailure
 # update applied; its after-step work (checkpoint, stop, timing report) done; at the end,
 # the final checkpoint written; ``model.h5``, test score and the agreed end done.
 APPLIED, READY, SAVED, ENDED = range(4)
+# [collectives].bucket_mb = "auto" across nodes: messages a link carries near its rate.
+AUTO_BUCKET_MB = 1.0
 
 
 def total_steps(job, info) -> int:
@@ -99,8 +101,8 @@ class Trainer:
         self.runner = StepRunner(self.comm, model, info, self.opt, micro_batches=job.train.accumulation_steps,
                                  sharded=sharded, shared_memory=not fault_tolerant,
                                  ranks_per_node=job.collectives.ranks_per_node,
-                                 bucket_bytes=int(job.collectives.bucket_mb * 2**20),
-                                 overlapped=job.collectives.overlap,
+                                 bucket_bytes=self._bucket_bytes(comm),
+                                 overlapped=self._overlapped(),
                                  compression=job.collectives.compression)
         self._connect()
         self.hosts = hosts(comm)
@@ -176,6 +178,19 @@ class Trainer:
                             f"'restart'", agreed=True)
         return on
 
+    def _bucket_bytes(self, comm: MPI.Comm) -> int:
+        """``[collectives].bucket_mb`` in bytes, ``"auto"`` decided (collective over ``comm``)."""
+        mb = self.job.collectives.bucket_mb
+        if mb == "auto":
+            mb = 0 if comm.Get_size() == 1 or collectives.shm.on_one_node(comm) else AUTO_BUCKET_MB
+        return int(mb * 2**20)
+
+    def _overlapped(self) -> bool:
+        """``[collectives].overlap``, ``"auto"`` decided on this rank (the same collectives
+        run in the same order either way, so ranks may differ)."""
+        overlap = self.job.collectives.overlap
+        return threads.core_free_for_exchange(self.n_threads) if overlap == "auto" else overlap
+
     def _connect(self) -> None:
         """Collective over the training ranks: the allreduce, and the exchange's buckets."""
         self.algorithm = self.exchange_plan = self._choose_algorithm()
@@ -183,6 +198,8 @@ class Trainer:
             self.exchange_plan = self.runner.connect(
                 self.comm, self.job.collectives.algorithm,
                 collectives.FAULT_TOLERANT if self.recovery.enabled else collectives.auto.CANDIDATES)
+            if self.runner.buckets and not self.runner.overlapped and self.job.collectives.overlap == "auto":
+                self.exchange_plan += " (no core free for an exchange thread)"
 
     def _choose_algorithm(self) -> str:
         """The allreduce to use; under ULFM ``auto`` chooses among the repairable ones
