@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
+from failures import report as failures_report
+
 from granger_mpi import collectives
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,9 +59,4 @@ try:
 except ValueError:
     pass
 
-everyone = comm.gather(failures, root=0)
-if rank == 0:
-    flat = [line for lines in everyone for line in lines]
-    for line in flat:
-        print(line)
-    print(f"checked P={size}: {len(flat)} failure(s)", flush=True)
+failures_report(comm, failures)

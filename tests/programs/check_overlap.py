@@ -15,6 +15,8 @@ import zlib
 import numpy as np
 from mpi4py import MPI
 
+from failures import report as failures_report
+
 from granger_mpi.collectives import overlap
 
 comm = MPI.COMM_WORLD
@@ -92,9 +94,4 @@ summer.close()
 if not np.allclose(summer.buf, expected, rtol=1e-5, atol=1e-5):
     failures.append(f"rank {rank}: the step after a failed bucket is wrong")
 
-everyone = comm.gather(failures, root=0)
-if rank == 0:
-    flat = [line for lines in everyone for line in lines]
-    for line in flat:
-        print(line)
-    print(f"checked P={size}: {len(flat)} failure(s)", flush=True)
+failures_report(comm, failures)
