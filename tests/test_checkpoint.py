@@ -356,13 +356,7 @@ def test_full_disk_fails_the_save_and_keeps_earlier_checkpoints(small_dataset, t
         assert first.returncode == 0, first.output
         good = run_dir / "ckpt" / "step_00000010.h5"
         before = good.read_bytes()
-        with open(mount / "filler", "wb") as fh:       # fill the disk to the last byte
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass
+        fill(mount / "filler")
         full = mpirun(2, "train", job_file(tmp_path / "b.toml", small_dataset, run_dir,
                                            train={"max_steps": 20}), "--resume", "auto", timeout=120)
         assert full.returncode == 1, full.output
@@ -370,6 +364,28 @@ def test_full_disk_fails_the_save_and_keeps_earlier_checkpoints(small_dataset, t
         assert len(errors) == 1 and errors[0].endswith("No space left on device"), full.output
         assert good.read_bytes() == before
         assert granger("inspect", good, "--verify").returncode == 0
+
+
+def test_a_disk_full_before_the_first_step_is_one_error_line(small_dataset, tmp_path):
+    with tmpfs(tmp_path / "small", "size=1m") as mount:
+        fill(mount / "filler")
+        out = mpirun(2, "train", job_file(tmp_path / "a.toml", small_dataset, mount / "run",
+                                          train={"max_steps": 10}), timeout=120)
+        assert out.returncode == 1, out.output
+        errors = [line for line in out.stderr.splitlines() if line.startswith("granger-mpi: error")]
+        assert len(errors) == 1 and errors[0].endswith("No space left on device"), out.output
+        assert "Traceback" not in out.output and "MPI_ABORT" not in out.output, out.output
+
+
+def fill(path):
+    """Fill the file system holding ``path`` to the last byte."""
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
 
 
 def test_a_failed_write_on_one_rank_fails_the_save_on_all(small_dataset, tmp_path):
