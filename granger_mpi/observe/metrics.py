@@ -62,9 +62,12 @@ class MetricsFile(Reporter):
             self._file.attrs[key] = value
 
     def _create(self):
-        self._file = h5py.File(self.path, "w")
-        for name, dtype in FIELDS.items():
-            self._file.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
+        try:
+            self._file = h5py.File(self.path, "w")
+            for name, dtype in FIELDS.items():
+                self._file.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(4096,))
+        except (OSError, RuntimeError) as exc:
+            raise WriteError(f"cannot write metrics to {self.path}: {describe_io_error(exc)}") from None
 
     def _cut_back(self, resume_step):
         """Open the existing file and drop the steps from ``resume_step`` on."""

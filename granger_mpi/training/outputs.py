@@ -19,8 +19,8 @@ from typing import Callable
 import numpy as np
 from mpi4py import MPI
 
-from granger_mpi.errors import WriteError, describe_io_error
 from granger_mpi import rundir
+from granger_mpi.errors import WriteError, describe_io_error
 from granger_mpi.model import modelfile
 from granger_mpi.observe import metrics, reporters, status
 from granger_mpi.mpi.runtime import agree, bcast_text
@@ -57,14 +57,13 @@ class Outputs:
 
         def open_sinks():
             if self.writer:
-                try:                   # a full disk or a lost mount: one line on every rank
+                try:
                     self.run.job.write_text(self.job.text)
-                    files = metrics.open_sinks(self.run.path, self.job,
-                                               {"job": self.job.to_json(), "world_size": world_size},
-                                               resume_step, live=False, log=self._log)
                 except OSError as exc:
-                    raise WriteError(f"cannot write the run directory {self.run.path}: "
-                                     f"{describe_io_error(exc)}") from None
+                    raise WriteError(f"cannot write {self.run.job}: {describe_io_error(exc)}") from None
+                files = metrics.open_sinks(self.run.path, self.job,
+                                           {"job": self.job.to_json(), "world_size": world_size},
+                                           resume_step, live=False, log=self._log)
                 try:
                     return files, reporters.Reporters(reporters.live_sinks(self.run.path, self.job))
                 except BaseException:

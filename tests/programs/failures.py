@@ -1,4 +1,7 @@
-"""What the mpirun test programs share: rank 0 prints every rank's failures and the tally."""
+"""What the check programs share: rank 0 prints every rank's failures and the tally.
+
+Imported by programs that the tests launch under mpirun, each launch with its own timeout
+(tests/test_compression.py, tests/test_overlap.py); this module starts nothing."""
 
 
 def report(comm, failures):
