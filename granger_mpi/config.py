@@ -41,11 +41,13 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """``[model]``: the network."""
+    """``[model]``: the network. ``kind`` is a built-in one or ``"package.module:factory"``,
+    a model of your own (``granger_mpi.model.custom``) built with the table ``options``."""
 
-    kind: str = _spec(kind=str, choices=("softmax", "logistic", "linear", "mlp"))
+    kind: str = _spec(kind=str)
     hidden: tuple = _spec((), kind="int_list", min=1)
     activation: str = _spec("relu", kind=str, choices=("relu", "tanh", "gelu"))
+    options: dict | None = _spec(None, kind="table")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,6 +243,7 @@ class JobConfig:
         return json.dumps(sections, sort_keys=True)
 
 
+BUILT_IN_MODELS = ("softmax", "logistic", "linear", "mlp")
 SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig) if f.name not in ("source", "text")}
 REQUIRED_SECTIONS = ("data", "model", "optimizer", "train", "output")
 
@@ -259,6 +262,14 @@ def _convert(value, meta, where, base_dir):
         for v in value:
             _check_range(v, meta, where)
         return tuple(value)
+    if kind == "table":
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a table ({{key = value, ...}}), got {value!r}")
+        try:
+            json.dumps(value)
+        except TypeError as exc:
+            raise UserError(f"{where}: {exc} (files record the options as JSON)") from None
+        return value
     if kind == "str_list":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise UserError(f"{where} must be a list of non-empty strings, got {value!r}")
@@ -340,6 +351,15 @@ def parse(text, source=None):
 
 def _check_job(job):
     """Checks that span keys or touch the file system."""
+    custom = ":" in job.model.kind
+    if not custom and job.model.kind not in BUILT_IN_MODELS:
+        raise UserError(f"[model].kind must be one of {', '.join(map(repr, BUILT_IN_MODELS))} or "
+                        f"'package.module:factory' (a model of your own); got {job.model.kind!r}")
+    if custom and (job.model.kind.count(":") != 1 or not all(job.model.kind.split(":"))):
+        raise UserError(f"[model].kind = {job.model.kind!r} must be 'package.module:factory'")
+    if job.model.options is not None and not custom:
+        raise UserError(f"[model].options are for a model of your own ('package.module:factory'), "
+                        f"not kind = {job.model.kind!r}")
     if job.model.kind == "mlp" and not job.model.hidden:
         raise UserError("[model].hidden must list at least one layer width for kind = 'mlp'")
     if job.model.kind != "mlp" and job.model.hidden:

@@ -118,8 +118,9 @@ def write_job(path, *, dataset, run_dir, **sections):
         "train": {"global_batch": 64, "epochs": 2, "seed": 3},
         "output": {"run_dir": str(run_dir), "progress_interval_s": 0.0},
     }
-    for section, values in sections.items():
+    for section, values in sections.items():     # a value of None removes the key
         job.setdefault(section, {}).update(values)
+        job[section] = {k: v for k, v in job[section].items() if v is not None}
     lines = []
     for section, values in job.items():
         lines.append(f"[{section}]")
@@ -136,6 +137,8 @@ def _toml(value):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 

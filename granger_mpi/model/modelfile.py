@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from granger_mpi.errors import UserError
-from granger_mpi.model.models import Model
+from granger_mpi.model import models
 from granger_mpi.storage import manifest, seal
 from granger_mpi.storage.checksums import crc32
 from granger_mpi.storage.h5files import json_attr, open_for_reading
@@ -78,7 +78,7 @@ def _load(path):
             raise UserError(f"{what} {path} is damaged: {problems[0].removeprefix(f'{path}: ')}")
         spec = json_attr(f, "model", path)
         try:
-            model = Model(spec["kind"], tuple(spec["sizes"]), spec["activation"], spec["task"])
+            model = models.from_spec(spec)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path}: its attribute 'model' does not describe a model "
                             f"({type(exc).__name__}: {exc})") from None

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from granger_mpi.kernels import mlp
+from granger_mpi.model import custom
+from granger_mpi.model.layout import end_to_end
 
 ACTIVATIONS = {"relu": mlp.RELU, "tanh": mlp.TANH, "gelu": mlp.GELU}
-KINDS = ("softmax", "logistic", "linear", "mlp")
 # Kernels by loss: softmax cross-entropy, logistic on one logit, half squared error.
 LOSS_GRAD = {"classification": mlp.cross_entropy_loss_grad, "binary": mlp.binary_cross_entropy_loss_grad,
              "regression": mlp.squared_error_loss_grad}
@@ -19,48 +20,12 @@ HEADS = {"classification": mlp.softmax_cross_entropy, "binary": mlp.logistic,
          "regression": mlp.half_squared_error}
 
 
-@dataclass(frozen=True)
-class Tensor:
-    """One named view of the flat buffer."""
-
-    name: str
-    shape: tuple
-    offset: int
-
-    @property
-    def size(self):
-        """Number of elements."""
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Named tensors laid end to end in one contiguous buffer."""
-
-    tensors: tuple
-
-    @property
-    def size(self):
-        """Total number of elements."""
-        last = self.tensors[-1]
-        return last.offset + last.size
-
-    def views(self, flat):
-        """``{name: view}`` into ``flat``; writing a view writes the buffer."""
-        if flat.shape != (self.size,):
-            raise ValueError(f"flat buffer has shape {flat.shape}, layout needs ({self.size},)")
-        return {t.name: flat[t.offset:t.offset + t.size].reshape(t.shape) for t in self.tensors}
-
-
 def mlp_layout(sizes):
     """``W1, b1, W2, b2, ...`` in the order the MLP kernels expect."""
-    tensors, offset = [], 0
+    shapes = []
     for layer, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
-        tensors.append(Tensor(f"W{layer}", (d_in, d_out), offset))
-        offset += d_in * d_out
-        tensors.append(Tensor(f"b{layer}", (d_out,), offset))
-        offset += d_out
-    return Layout(tuple(tensors))
+        shapes += [(f"W{layer}", (d_in, d_out)), (f"b{layer}", (d_out,))]
+    return end_to_end(shapes)
 
 
 @dataclass(frozen=True)
@@ -78,8 +43,14 @@ class Model:
         its path)."""
         return mlp_layout(self.sizes)
 
+    @property
+    def backward_boundaries(self):
+        """The offsets at which backward finishes a layer's gradient (the part from there to
+        the end of the buffer is final), last layer first: where buckets are cut."""
+        return [t.offset for t in self.layout.tensors[-2::-2]]
+
     def spec(self):
-        """A JSON-able description from which ``Model(**spec)`` rebuilds the model."""
+        """A JSON-able description from which ``from_spec`` rebuilds the model."""
         return {"kind": self.kind, "sizes": list(self.sizes), "activation": self.activation,
                 "task": self.task}
 
@@ -151,13 +122,16 @@ class Model:
         return outputs.argmax(axis=1).astype(np.int32)
 
 
-def build(kind, hidden, activation, n_features, task, n_outputs):
+def build(kind, hidden, activation, n_features, task, n_outputs, options=None):
     """The model a job asks for, sized for its dataset.
 
     ``softmax`` is softmax regression (classification), ``logistic`` logistic regression
     (two classes, one output logit), ``linear`` linear regression, ``mlp`` a network with
-    ``hidden`` layers for either task.
+    ``hidden`` layers for either task; ``package.module:factory`` a model of the user's own
+    (``granger_mpi.model.custom``), built with ``options``.
     """
+    if custom.is_custom(kind):
+        return custom.build(kind, options or {}, n_features=n_features, n_outputs=n_outputs, task=task)
     if kind in ("softmax", "logistic") and task != "classification":
         raise ValueError(f"model kind '{kind}' needs a classification dataset")
     if kind == "logistic" and n_outputs != 2:
@@ -170,6 +144,15 @@ def build(kind, hidden, activation, n_features, task, n_outputs):
     if kind == "mlp" and not hidden:
         raise ValueError("model kind 'mlp' needs at least one hidden layer size in 'hidden'")
     return Model(kind, (n_features, *hidden, 1 if kind == "logistic" else n_outputs), activation, task)
+
+
+def from_spec(spec):
+    """The model a file's ``spec()`` describes (``KeyError``, ``TypeError`` or ``ValueError``
+    if it describes none; ``UserError`` if a custom model's module cannot be loaded)."""
+    if custom.is_custom(spec["kind"]):
+        return custom.build(spec["kind"], spec["options"], n_features=spec["n_features"],
+                            n_outputs=spec["n_outputs"], task=spec["task"])
+    return Model(spec["kind"], tuple(spec["sizes"]), spec["activation"], spec["task"])
 
 
 def _micro_batch_bounds(n, micro_batches):

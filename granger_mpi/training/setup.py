@@ -68,7 +68,7 @@ def prepare(comm: MPI.Comm, job, overwrite: bool = False, resume: str | Path | N
                                 f"({info.n_features} features, {info.task})")
         try:
             model = models.build(job.model.kind, job.model.hidden, job.model.activation,
-                                 info.n_features, info.task, info.n_outputs)
+                                 info.n_features, info.task, info.n_outputs, job.model.options)
         except ValueError as exc:
             raise UserError(f"[model]: {exc} ({info.path} is {info.task})") from None
         ranks = comm.Get_size() - job.fault.spares

@@ -42,14 +42,16 @@ class StepRunner:
         # compression the statistics are a float32 bucket of their own, summed first.
         self.compression = compression
         cap = max(1, bucket_bytes // 4) if bucket_bytes > 0 else n + N_STATS
-        ends = [t.offset for t in model.layout.tensors[-2::-2]]
+        ends = model.backward_boundaries
         if sharded or (bucket_bytes <= 0 and compression == "none"):
             self.buckets = None
         elif compression == "none":
             self.buckets = overlap.plan(ends, n + N_STATS, cap)
         else:
             self.buckets = [(n, n + N_STATS)] + overlap.plan(ends, n, cap)
-        self.overlapped = overlapped and self.buckets is not None
+        # A model of the user's own without a per-layer backward sums its buckets after it.
+        self.overlapped = (overlapped and self.buckets is not None
+                           and hasattr(model, "loss_grad_by_layer"))
         self.exchanger = None
         self.timeline = None      # a trace.Timeline while a traced step runs
 
@@ -112,7 +114,7 @@ class StepRunner:
                 self.model, params, X, y, scale, self.grad, self.micro_batches, self.micro_grad)
             self._statistics(loss_sum, correct, batch_len)   # they travel in the first bucket
             start = self._span("forward", trace.COMPUTE, start)
-            for layer, offset in zip(range(len(self.model.sizes) - 1, 0, -1), layers):
+            for layer, offset in zip(range(len(self.model.backward_boundaries), 0, -1), layers):
                 start = self._span(f"backward {layer}", trace.COMPUTE, start)
                 self.exchanger.ready(offset)
         else:

@@ -198,8 +198,10 @@ class Trainer:
             self.exchange_plan = self.runner.connect(
                 self.comm, self.job.collectives.algorithm,
                 collectives.FAULT_TOLERANT if self.recovery.enabled else collectives.auto.CANDIDATES)
-            if self.runner.buckets and not self.runner.overlapped and self.job.collectives.overlap == "auto":
-                self.exchange_plan += " (no core free for an exchange thread)"
+            if self.runner.buckets and not self.runner.overlapped and self.job.collectives.overlap:
+                self.exchange_plan += (" (no core free for an exchange thread)"
+                                       if hasattr(self.model, "loss_grad_by_layer") else
+                                       " (the model has no per-layer backward to overlap)")
 
     def _choose_algorithm(self) -> str:
         """The allreduce to use; under ULFM ``auto`` chooses among the repairable ones
