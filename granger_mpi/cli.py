@@ -387,7 +387,8 @@ def build_parser():
                         "(jobs/train.sbatch keys it by the Slurm job name)")
     p.add_argument("--inject-failure", action="append", default=[], metavar="SPEC",
                    help="make a rank fail on purpose, for tests and demos (repeatable): "
-                        "rank=R,step=S[,mode=exit|kill9|hang|slow][,at=compute|allreduce|checkpoint|report]"
+                        "rank=R,step=S[,mode=exit|kill9|hang|slow][,at=compute|allreduce|checkpoint|report|"
+                        "validation|end|recovery]"
                         "[,seconds=T]; R is the rank in MPI_COMM_WORLD, S the step index (for "
                         "at=checkpoint the checkpoint of S completed steps); default mode kill9, "
                         "at compute; slow stalls T seconds (default 1) and goes on: a straggler; "
@@ -401,7 +402,7 @@ def build_parser():
 
     p = add("status", cmd_status, "per-rank state of a run, live or after it ended (no MPI needed)",
             "Print who is alive, each rank's state (IDLE, STARTING, TRAINING, AGGREGATING, CHECKPOINTING, "
-            "FAILED, RECOVERING; SPARE for an idle spare rank), step, time in that state and last heartbeat, from the files "
+            "VALIDATING, FAILED, RECOVERING, FINISHING; SPARE for an idle spare rank), step, time in that state and last heartbeat, from the files "
             "RUN_DIR/status/rank-N.json that every rank refreshes each [fault].status_interval_s. "
             "A rank without a heartbeat for 3 intervals shows as LOST?. Exit code 0 while the run "
             "is live, 1 when no rank is running, 2 when there is no status to show.")

@@ -34,6 +34,7 @@ class DataConfig:
 
     path: Path = _spec(kind="path")
     test_path: Path | None = _spec(None, kind="path")
+    validation_path: Path | None = _spec(None, kind="path")
     prefetch_steps: int = _spec(2, kind=int, min=1, max=64)
     memory_budget_mb: float = _spec(512.0, kind=float, min=0, exclusive_min=True)
     allow_external_storage: bool = _spec(False, kind=bool)
@@ -94,6 +95,8 @@ class TrainConfig:
     ``strategy = "async"``: a parameter server (rank 0) and asynchronous workers, each
     gradient weighted by ``staleness_weight`` (``inverse``: 1/(1+staleness), or
     ``constant``) and dropped beyond ``max_staleness`` (see ``granger_mpi.async_sgd``).
+    ``validate_every_steps``: the loss and accuracy on ``[data].validation_path`` every that
+    many steps and after the last (each rank its share of the rows, one reduction).
     """
 
     global_batch: int = _spec(kind=int, min=1)
@@ -106,6 +109,7 @@ class TrainConfig:
     strategy: str = _spec("sync", kind=str, choices=("sync", "async"))
     staleness_weight: str = _spec("inverse", kind=str, choices=("inverse", "constant"))
     max_staleness: int = _spec(8, kind=int, min=0)
+    validate_every_steps: int | None = _spec(None, kind=int, min=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,7 +397,14 @@ def _check_job(job):
     if opt.min_learning_rate > opt.learning_rate:
         raise UserError(f"[optimizer].min_learning_rate = {opt.min_learning_rate} is above "
                         f"learning_rate = {opt.learning_rate}")
-    for key, path in (("[data].path", job.data.path), ("[data].test_path", job.data.test_path)):
+    if (job.train.validate_every_steps is None) != (job.data.validation_path is None):
+        given = "validate_every_steps" if job.data.validation_path is None else "validation_path"
+        raise UserError(f"[train].validate_every_steps and [data].validation_path go together; "
+                        f"only {given} is set")
+    if job.train.validate_every_steps is not None and job.train.strategy == "async":
+        raise UserError("[train].validate_every_steps is for strategy = 'sync'")
+    for key, path in (("[data].path", job.data.path), ("[data].test_path", job.data.test_path),
+                      ("[data].validation_path", job.data.validation_path)):
         if path is not None and not path.is_file():
             raise UserError(f"{key}: dataset file {path} not found")
     if job.collectives.algorithm not in collectives.ALGORITHMS:

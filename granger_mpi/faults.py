@@ -13,7 +13,8 @@ when it reaches step ``S``:
   mid-collective; with ``native``, just before entering ``MPI_Allreduce``), ``checkpoint``
   (after writing its share of the checkpoint at step ``S``, before the file is closed) or
   ``report`` (after step ``S``, just before the per-rank timing report's ``Gather``, which
-  only rank 0 sees fail: the others meet the failure in the next allreduce) or ``end``
+  only rank 0 sees fail: the others meet the failure in the next allreduce) or
+  ``validation`` (after step ``S``, before the validation's reduction) or ``end``
   (after the last step and its checkpoint, before ``model.h5`` is written; ``S`` is the
   run's step count) or ``recovery`` (on entering the recovery from a failure at step
   ``S``: a second failure while the survivors shrink and agree).
@@ -37,7 +38,7 @@ from granger_mpi.errors import UserError
 
 MODES = ("exit", "kill9", "hang", "slow")
 EVERY = -1     # rank=* or step=*
-PLACES = ("compute", "allreduce", "checkpoint", "report", "end", "recovery")
+PLACES = ("compute", "allreduce", "checkpoint", "report", "validation", "end", "recovery")
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,10 @@ class Injector:
     def at_report(self, step):
         """Called before the timing report after step ``step``."""
         self._fire(step, "report")
+
+    def at_validation(self, step):
+        """Called before the validation after step ``step``."""
+        self._fire(step, "validation")
 
     def at_end(self, step):
         """Called after the final checkpoint, before ``model.h5``; ``step``: steps done."""

@@ -13,8 +13,11 @@ from granger_mpi.observe.timing import COLUMNS as TIMING_COLUMNS
 FIELDS = {  # name: dtype
     "step": np.int64, "epoch": np.int64, "loss": np.float64, "accuracy": np.float64,
     "grad_norm": np.float64, "learning_rate": np.float64, "step_time_s": np.float64,
-    "samples_per_s": np.float64,
+    "samples_per_s": np.float64, "val_loss": np.float64, "val_accuracy": np.float64,
 }
+# NaN except at the steps validated ([train].validate_every_steps); a file written before
+# they existed gets them filled with NaN when a run resumes into it.
+VALIDATION_FIELDS = ("val_loss", "val_accuracy")
 # Rare events (a rank failure and its recovery), written at once to the group ``events``.
 EVENT_FIELDS = {
     "time": np.float64, "step": np.int64, "kind": h5py.string_dtype(), "ranks_lost": np.int64,
@@ -73,6 +76,10 @@ class MetricsFile(Reporter):
         """Open the existing file and drop the steps from ``resume_step`` on."""
         self._file = h5py.File(self.path, "a")
         steps = self._file["step"][...]
+        for name in VALIDATION_FIELDS:
+            if name not in self._file:
+                self._file.create_dataset(name, data=np.full(steps.size, np.nan), maxshape=(None,),
+                                          chunks=(4096,))
         keep = int(np.searchsorted(steps, resume_step))
         for name in FIELDS:   # steps after the checkpoint will be run (and logged) again
             self._file[name].resize(keep, axis=0)
@@ -197,18 +204,24 @@ class Progress:
         self.last = -float("inf")
         self.samples = 0
 
-    def update(self, step_index, epoch, epochs, loss, accuracy, samples, force=False, detail=""):
-        """Count ``samples`` and print if the interval has passed (or ``force``); ``detail``
-        (the allreduce in use and the fault mode, say) ends the line."""
+    def update(self, step_index, epoch, epochs, loss, accuracy, samples, force=False, detail="",
+               validation=None):
+        """Count ``samples`` and print if the interval has passed (or ``force``, or with a
+        ``validation`` (loss, accuracy or None) to show); ``detail`` (the allreduce in use and
+        the fault mode, say) ends the line."""
         self.samples += samples
         now = time.perf_counter()
-        if not force and now - self.last < self.interval_s:
+        if not force and validation is None and now - self.last < self.interval_s:
             return
         self.last = now
         elapsed = now - self.start
         done = step_index + 1
         eta = elapsed / done * (self.total_steps - done)
         acc = "" if accuracy is None else f" acc {100 * accuracy:5.1f}%"
+        if validation is not None:
+            val_loss, val_accuracy = validation
+            acc += f" val loss {val_loss:.4f}" + ("" if val_accuracy is None else
+                                                  f" acc {100 * val_accuracy:5.1f}%")
         self.log(f"step {done}/{self.total_steps} epoch {epoch + 1}/{epochs} loss {loss:.4f}{acc} "
                  f"{self.samples / max(elapsed, 1e-9):,.0f} samples/s "
                  f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}"

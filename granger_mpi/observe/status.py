@@ -1,7 +1,7 @@
 """Per-rank status files, the hang watchdog, and the ``granger-mpi status`` table.
 
 Every rank keeps its state (``IDLE``, ``STARTING``, ``TRAINING``, ``AGGREGATING``,
-``CHECKPOINTING``, ``FAILED``, ``RECOVERING``, ``FINISHING``; ``SPARE`` for an idle spare rank), step and timestamps in memory; the training
+``CHECKPOINTING``, ``VALIDATING``, ``FAILED``, ``RECOVERING``, ``FINISHING``; ``SPARE`` for an idle spare rank), step and timestamps in memory; the training
 loop only assigns attributes. A background thread writes them every ``interval_s`` to
 ``RUN_DIR/status/rank-NNNNN.json`` (atomically, by rename; from the moment the run
 directory is accepted) and watches for a hang: a start-up, step, checkpoint or recovery
@@ -24,11 +24,11 @@ from pathlib import Path
 
 from granger_mpi import rundir
 
-IDLE, STARTING, TRAINING, AGGREGATING, CHECKPOINTING, FAILED, RECOVERING, SPARE, FINISHING = (
-    "IDLE", "STARTING", "TRAINING", "AGGREGATING", "CHECKPOINTING", "FAILED", "RECOVERING", "SPARE",
-    "FINISHING")
+(IDLE, STARTING, TRAINING, AGGREGATING, CHECKPOINTING, FAILED, RECOVERING, SPARE, FINISHING,
+ VALIDATING) = ("IDLE", "STARTING", "TRAINING", "AGGREGATING", "CHECKPOINTING", "FAILED",
+                "RECOVERING", "SPARE", "FINISHING", "VALIDATING")
 STEP_STATES = (TRAINING, AGGREGATING)
-SLOW_STATES = (CHECKPOINTING, RECOVERING)
+SLOW_STATES = (CHECKPOINTING, RECOVERING, VALIDATING)
 # Automatic step limit: this many times the median step, at least FLOOR_S; before enough
 # steps have been timed (JIT compilation, first reads) the slow-phase limit applies.
 AUTO_MULTIPLE = 50

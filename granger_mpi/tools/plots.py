@@ -114,6 +114,13 @@ def _loss_accuracy(record, x, xlabel, event_x, title, path):
     if has_accuracy:
         _series_panel(axes[1], x, 100 * s["accuracy"], window, "training accuracy",
                       "accuracy % (batch)")
+    validated = np.isfinite(s["val_loss"])
+    if validated.any():     # [train].validate_every_steps: the whole validation set, as points
+        axes[0].plot(x[validated], s["val_loss"][validated], "o-", color="tab:orange",
+                     markersize=4, label="validation loss")
+        if has_accuracy:
+            axes[1].plot(x[validated], 100 * s["val_accuracy"][validated], "o-",
+                         color="tab:orange", markersize=4, label="validation accuracy")
     _mark_events(axes, event_x, record.events)
     axes[-1].set_xlabel(xlabel)
     axes[0].set_title(title)

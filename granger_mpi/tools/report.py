@@ -71,6 +71,13 @@ def summary_rows(record):
         rows += [("final accuracy (last batch)", f"{100 * float(s['accuracy'][-1]):.2f}%"),
                  (f"final accuracy (mean of last {tail.stop - tail.start} steps)",
                   f"{100 * float(np.nanmean(s['accuracy'][tail])):.2f}%")]
+    validated = np.flatnonzero(np.isfinite(s["val_loss"]))
+    if validated.size:
+        last = validated[-1]
+        value = f"{_number(float(s['val_loss'][last]))} at step {int(s['step'][last]) + 1}"
+        if classification:
+            value += f", accuracy {100 * float(s['val_accuracy'][last]):.2f}%"
+        rows.append((f"last validation (of {validated.size})", value))
     rows += [
         ("training time (sum of step times)", f"{seconds:.2f} s"),
         ("throughput (all samples / sum of step times)", f"{np.nansum(samples) / max(seconds, 1e-12):,.0f} samples/s"),

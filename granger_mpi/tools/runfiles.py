@@ -70,11 +70,15 @@ def read_run(run_dir):
         raise UserError(f"metrics file {metrics_path} is not a readable HDF5 file "
                         f"({describe_io_error(exc)})") from None
     with f:
-        missing = [name for name in metrics.FIELDS if name not in f]
+        missing = [name for name in metrics.FIELDS
+                   if name not in f and name not in metrics.VALIDATION_FIELDS]
         if missing:
             raise UserError(f"{metrics_path}: datasets {missing} missing (not a granger-mpi "
                             f"metrics file, or from an incompatible version)")
-        series = {name: np.asarray(f[name][...], dtype) for name, dtype in metrics.FIELDS.items()}
+        series = {name: np.asarray(f[name][...], dtype) for name, dtype in metrics.FIELDS.items()
+                  if name in f}
+        for name in metrics.VALIDATION_FIELDS:   # a file from before validation existed
+            series.setdefault(name, np.full(series["step"].size, np.nan))
         # A live run's flush extends one dataset after another: keep the rows all have.
         rows = min(values.size for values in series.values())
         series = {name: values[:rows] for name, values in series.items()}

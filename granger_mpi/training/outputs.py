@@ -41,6 +41,7 @@ class Outputs:
         self.run_id = ""
         self.generation = 0            # failures survived: a tag of the live records
         self.kept: list[dict] = []     # step records the writer may not have flushed yet
+        self.next_step = 0             # the step the next record is for: earlier ones are held
         self._kept_from = 0            # the first step of the flush before last
         self._since_flush = 0
         self._live_queue: list[tuple] = []   # (kind, record) for the live reporters, in order
@@ -71,23 +72,32 @@ class Outputs:
                     raise
             return None, None
         self.files, self.live = agree(comm, open_sinks)
-        self._kept_from = start_step
+        self._kept_from = self.next_step = start_step
         if self.writer:
             self.progress = metrics.Progress(self.total_steps - start_step,
                                              self.job.output.progress_interval_s, self._log)
 
     def step(self, record: dict, *, since_start: int, epoch: int, loss: float, accuracy: float | None,
-             samples: int, detail: Callable[[], str]) -> None:
-        """A completed step: its metrics record and, when due, the progress line."""
+             samples: int, detail: Callable[[], str], validated: bool = False) -> None:
+        """A completed step: its metrics record and, when due (always after a validation),
+        the progress line."""
+        step_index = record["step"]
+        if step_index < self.next_step:    # recorded before a recovery came back to it
+            return
+        self.next_step = step_index + 1
         record = self._tagged(record)
         self.kept.append(record)
-        step_index = record["step"]
         if self.writer:
             self.files.step(record)
             self._deliver(before=step_index)   # this step's exchange confirms every earlier one
             self._live_queue.append(("step", record))
+            validation = None
+            if validated:
+                val_accuracy = record["val_accuracy"]
+                validation = (record["val_loss"], None if np.isnan(val_accuracy) else val_accuracy)
             self.progress.update(since_start, epoch, self.job.train.epochs, loss, accuracy, samples,
-                                 force=step_index + 1 == self.total_steps, detail=detail())
+                                 force=step_index + 1 == self.total_steps, detail=detail(),
+                                 validation=validation)
             if self._pending_event is not None:
                 event, self._pending_event = self._pending_event, None
                 event["first_step_s"] = time.time() - event["time"]
@@ -147,13 +157,13 @@ class Outputs:
         """What a spare that takes a place needs to go on where this rank is (JSON)."""
         return dict(kept=[{key: _plain(value) for key, value in record.items()} for record in self.kept],
                     kept_from=self._kept_from, since_flush=self._since_flush,
-                    generation=self.generation)
+                    generation=self.generation, next_step=self.next_step)
 
     def adopt(self, handover: dict) -> None:
         """On a spare that takes a place: the records and counters of ``handover``."""
         self.kept = handover["kept"]
         self._kept_from, self._since_flush = handover["kept_from"], handover["since_flush"]
-        self.generation = handover["generation"]
+        self.generation, self.next_step = handover["generation"], handover["next_step"]
 
     def failure(self, comm: MPI.Comm, recovered, *, where: str, error: str, lost_at: int,
                 entered: float) -> None:
@@ -165,6 +175,7 @@ class Outputs:
         self.writer = comm.Get_rank() == 0
         self.generation += 1
         self.kept = [record for record in self.kept if record["step"] < recovered.step]
+        self.next_step = min(self.next_step, recovered.step)
         size = comm.Get_size()
         if self.writer:
             status.mark_failed(self.run.path, recovered.gone, f"lost at step {lost_at} ({where})", lost_at)

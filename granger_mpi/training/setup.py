@@ -60,11 +60,13 @@ def prepare(comm: MPI.Comm, job, overwrite: bool = False, resume: str | Path | N
     """
     def check():
         info = dataset.open_info(job.data.path, job.data.allow_external_storage)
-        if job.data.test_path is not None:
-            test = dataset.open_info(job.data.test_path, job.data.allow_external_storage)
-            if (test.n_features, test.task, test.n_outputs) != (info.n_features, info.task, info.n_outputs):
-                raise UserError(f"[data].test_path {test.path} does not match the training set "
-                                f"({test.n_features} features, {test.task}) vs "
+        for key, path in (("test_path", job.data.test_path), ("validation_path", job.data.validation_path)):
+            if path is None:
+                continue
+            other = dataset.open_info(path, job.data.allow_external_storage)
+            if (other.n_features, other.task, other.n_outputs) != (info.n_features, info.task, info.n_outputs):
+                raise UserError(f"[data].{key} {other.path} does not match the training set "
+                                f"({other.n_features} features, {other.task}) vs "
                                 f"({info.n_features} features, {info.task})")
         try:
             model = models.build(job.model.kind, job.model.hidden, job.model.activation,

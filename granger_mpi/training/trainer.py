@@ -8,6 +8,7 @@ job has one left, takes the dead rank's place (``spares``).
 """
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -124,6 +125,7 @@ class Trainer:
         self.stream = self.batches = self.row_log = None
         self.step_index = self.start_step - 1     # the step being worked on
         self.loss, self.accuracy = float("nan"), None
+        self.pending: dict | None = None  # the step record of the step last applied
         # Where this rank is: (state.step, phase); a recovery agrees on the earliest.
         self.phase = READY
         self.requested = (False, False)   # the save and stop flags of the step last applied
@@ -131,6 +133,8 @@ class Trainer:
         self.stopped, self.recovered = False, False
         self.limit: str | None = None     # the [fault] limit passed, which ends the run
         self.test_scores = (None, None)
+        self.validation = (dataset.open_info(job.data.validation_path, job.data.allow_external_storage)
+                           if job.data.validation_path is not None else None)
         self.released = None              # on a spare never used: how the run ended, and its steps
 
     @property
@@ -353,7 +357,7 @@ class Trainer:
         state.step, self.phase = step_index + 1, APPLIED
         timer.lap(timing.COMPUTE)
         timer.steps += 1
-        self._record(epoch, batch_len, grad_norm, lr, started)
+        self.pending = self._step_record(epoch, batch_len, grad_norm, lr, started)
         if runner.timeline is not None and step_index in (self.timeline.last, self.total_steps - 1):
             self._write_trace()
 
@@ -380,6 +384,7 @@ class Trainer:
         """The checkpoint, stop and timing report due after step ``state.step``, decided from
         that step's agreed flags (so a survivor that redoes this does the same); then ``READY``."""
         done = self.state.step
+        self._record(self._validate(done))
         save, stop = self.requested
         if self.policy.due(done, save or stop):
             self.outputs.flush()
@@ -400,18 +405,43 @@ class Trainer:
         if self.row_log is not None:   # generation: how many failures this run has survived
             self.row_log.write(f"{epoch} {step} {self.recovery.generation} {' '.join(map(str, rows))}\n")
 
-    def _record(self, epoch: int, batch_len: int, grad_norm: float, lr: float, started: float) -> None:
-        """A completed step's metrics and progress line."""
+    def _validate(self, done: int) -> tuple:
+        """Collective when due (every ``validate_every_steps`` and after the last step): the
+        validation loss and accuracy of the parameters after ``done`` steps; NaNs otherwise."""
+        every = self.job.train.validate_every_steps
+        if self.validation is None or (done % every and done != self.total_steps):
+            return math.nan, math.nan
+        self.where = "a validation"
+        self.status.set(status.VALIDATING, note=f"validation after step {done}")
+        self.injector.at_validation(done - 1)
+        loss, accuracy = evaluate(self.comm, self.model, self.state.params, self.validation)
+        self.timer.lap(timing.OTHER)
+        return loss, math.nan if accuracy is None else accuracy
+
+    def _step_record(self, epoch: int, batch_len: int, grad_norm: float, lr: float, started: float) -> dict:
+        """The metrics of the step just applied, kept until ``_record`` hands them on."""
         self.loss, self.accuracy = self.runner.loss_and_accuracy()
         step_time = time.perf_counter() - started
+        return dict(step=self.step_index, epoch=epoch, loss=self.loss,
+                    accuracy=math.nan if self.accuracy is None else self.accuracy, grad_norm=grad_norm,
+                    learning_rate=lr, step_time_s=step_time,
+                    samples_per_s=batch_len / max(step_time, 1e-12), samples=batch_len)
+
+    def _record(self, validation: tuple) -> None:
+        """The metrics and progress line of the step before ``state.step``, with its
+        ``validation``. After a recovery to this place a rank that had recorded it already
+        (it has gone on since) records nothing; one that had not (the failure came in the
+        validation, or it is a spare with its holder's) records it now."""
+        pending = self.pending
+        if pending is None or pending["step"] != self.state.step - 1:
+            return
+        record = {key: value for key, value in pending.items() if key != "samples"}
+        record["val_loss"], record["val_accuracy"] = validation
         faults_mode = "ulfm" if self.recovery.enabled else "restart"
         self.outputs.step(
-            dict(step=self.step_index, epoch=epoch, loss=self.loss,
-                 accuracy=np.nan if self.accuracy is None else self.accuracy, grad_norm=grad_norm,
-                 learning_rate=lr, step_time_s=step_time,
-                 samples_per_s=batch_len / max(step_time, 1e-12)),
-            since_start=self.step_index - self.start_step, epoch=epoch, loss=self.loss,
-            accuracy=self.accuracy, samples=batch_len,
+            record, since_start=record["step"] - self.start_step, epoch=record["epoch"],
+            loss=record["loss"], accuracy=None if math.isnan(record["accuracy"]) else record["accuracy"],
+            samples=pending["samples"], validated=not math.isnan(record["val_loss"]),
             detail=lambda: f"allreduce {collectives.in_use(self.comm, self.runner.nbytes, self.algorithm)} "
                            f"faults {faults_mode}")
 
@@ -474,6 +504,7 @@ class Trainer:
         metrics records (it may be the new writer)."""
         newest = self.saver.newest
         return dict(requested=[bool(flag) for flag in self.requested], loss=self.loss, accuracy=self.accuracy,
+                    pending=self.pending,
                     newest=None if newest is None else str(newest),
                     since_save=time.perf_counter() - self.policy.last_save,
                     outputs=self.outputs.handover())
@@ -483,6 +514,7 @@ class Trainer:
         self.state.step, self.step_index = step, step - 1
         self.requested = tuple(handover["requested"])
         self.loss, self.accuracy = handover["loss"], handover["accuracy"]
+        self.pending = handover["pending"]
         self.saver.newest = None if handover["newest"] is None else Path(handover["newest"])
         self.policy.last_save = time.perf_counter() - handover["since_save"]
         self.outputs.adopt(handover["outputs"])
