@@ -26,6 +26,7 @@ PLACES = {          # place: the injection (steps counted from 0, or steps done 
     "allreduce before a checkpoint": "step=39,at=allreduce",
     "checkpoint": "step=40,at=checkpoint",
     "timing report": "step=49,at=report",
+    "validation": "step=59,at=validation",
     "final step": "step=95,at=allreduce",
     "final save": "step=96,at=checkpoint",
     "after the final save": "step=96,at=end",
@@ -37,7 +38,7 @@ QUICK = [("first", "allreduce before a checkpoint", "rd"), ("middle", "compute",
          ("last", "checkpoint", "ring"), ("first", "checkpoint", "rd"),
          ("middle", "timing report", "rd"), ("last", "final step", "rd"),
          ("first", "final save", "ring"), ("first", "after the final save", "rd"),
-         ("middle", "allreduce before a checkpoint", "ring")]
+         ("middle", "allreduce before a checkpoint", "ring"), ("last", "validation", "ring")]
 
 
 LIVE_REPORTER = """
@@ -89,6 +90,8 @@ class Published:
 def run_case(small_dataset, tmp_path, victim, place, algorithm):
     run_dir = tmp_path / "run"
     job = job_file(tmp_path / "a.toml", small_dataset, run_dir,
+                   data={"validation_path": str(small_dataset.with_name("small-test.h5"))},
+                   train={"validate_every_steps": 20},
                    collectives={"algorithm": algorithm},
                    checkpoint={"every_steps": 20, "keep_last": 100},
                    output={"timing_every_steps": 10, "jsonl": True, "reporters": ["livereporter:make"]},
@@ -107,6 +110,8 @@ def run_case(small_dataset, tmp_path, victim, place, algorithm):
     assert_every_sample_once(log_dir, 3)
     with h5py.File(run_dir / "metrics.h5", "r") as f:
         assert f["step"][...].tolist() == list(range(STEPS)), "metrics.h5: a step missing or twice"
+        validated = np.flatnonzero(np.isfinite(f["val_loss"][...])).tolist()
+        assert validated == [19, 39, 59, 79, 95], f"validations: {validated}"
         windows = f["ranks/step"][...]
         assert np.all(np.diff(windows) > 0), f"a timing window twice: {windows}"
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
