@@ -272,6 +272,12 @@ def cmd_report(args):
     return 0
 
 
+def cmd_dashboard(args):
+    """A live page of a run (no MPI needed)."""
+    from granger_mpi.tools import dashboard
+    return dashboard.serve(args.run_dir, host=args.host, port=args.port)
+
+
 def cmd_model(args):
     """Fit the cost model to the benchmark CSVs and project step time to many ranks."""
     from granger_mpi.tools import scaling
@@ -491,6 +497,19 @@ def build_parser():
             "The page loads nothing else: it can be mailed or opened anywhere.")
     p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
     p.add_argument("--out", type=Path, metavar="FILE", help="where to write (default RUN_DIR/report.html)")
+
+    p = add("dashboard", cmd_dashboard, "a live web page of a run, while it trains and after (no MPI needed)",
+            "Serve a page that refreshes itself every 2 s: loss and accuracy (training, and "
+            "validation when the job validates), throughput, each rank's state and step from "
+            "RUN_DIR/status, and the rank-failure recoveries as they happen; the same data as "
+            "JSON at /api/state. Read-only; it only reads the run directory, so it can run "
+            "anywhere that sees it (a login node), before, during and after the run. On a "
+            "cluster, reach it with ssh -L PORT:localhost:PORT.")
+    p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0: any free one, printed)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every "
+                        "interface, anyone who can reach it sees the run)")
 
     p = add("model", cmd_model, "fit the alpha-beta-gamma cost model, project step time to 65,536 ranks (no MPI needed)",
             "Fit alpha (s per message), beta (s per byte sent) and gamma (s per byte added) to "

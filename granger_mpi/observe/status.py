@@ -259,23 +259,36 @@ def mark_failed(run_dir, world_ranks, note, step=None):
         _write_record(path, record)
 
 
-def table(run_dir, now=None):
-    """The text ``granger-mpi status RUN_DIR`` prints, and whether the run is still live."""
+def overview(run_dir, now=None):
+    """The run as its status files tell it (``status`` and ``dashboard`` show this), or None
+    without status files: every rank's record with ``shown`` (its state, or ``LOST?`` if it
+    has been silent for 3 intervals), and ``alive``, ``failed``, ``step``, ``mode`` and
+    ``phase`` (``running``, ``complete`` or ``not running``)."""
     now = now or time.time()
     records = read_all(run_dir)
     if not records:
-        return None, False
+        return None
+    for r in records:
+        r["shown"] = r["state"] if r["state"] in (FAILED, IDLE) or not _stale(r, now) else "LOST?"
     live = [r for r in records if r["state"] not in (FAILED, IDLE) and not _stale(r, now)]
-    failed = [r for r in records if r["state"] == FAILED or (r["state"] != IDLE and _stale(r, now))]
+    failed = [r for r in records if r["shown"] in (FAILED, "LOST?")]
     steps = [r["step"] for r in live] or [max(r["step"] for r in records)]
     complete = rundir.RunDir(run_dir).complete.exists()
-    head = (f"run {run_dir}: {'running' if live else 'complete' if complete else 'not running'}; "
-            f"mode {records[0].get('mode', '?')}; {len(live)} of {len(records)} rank(s) alive; "
-            f"step {max(steps)}; {len(failed)} rank(s) failed")
+    return dict(ranks=records, alive=len(live), failed=len(failed), step=max(steps),
+                mode=records[0].get("mode", "?"),
+                phase="running" if live else "complete" if complete else "not running")
+
+
+def table(run_dir, now=None):
+    """The text ``granger-mpi status RUN_DIR`` prints, and whether the run is still live."""
+    now = now or time.time()
+    run = overview(run_dir, now)
+    if run is None:
+        return None, False
+    head = (f"run {run_dir}: {run['phase']}; mode {run['mode']}; {run['alive']} of "
+            f"{len(run['ranks'])} rank(s) alive; step {run['step']}; {run['failed']} rank(s) failed")
     rows = [f"{'rank':>5} {'host':<16} {'pid':>8} {'state':<13} {'step':>8} {'for':>8} {'heartbeat':>10}  note"]
-    for r in records:
-        beat = now - r["updated"]
-        state = r["state"] if r["state"] in (FAILED, IDLE) or not _stale(r, now) else "LOST?"
-        rows.append(f"{r['rank']:>5} {r['host'][:16]:<16} {r['pid']:>8} {state:<13} {r['step']:>8} "
-                    f"{now - r['since']:>7.1f}s {beat:>9.1f}s  {r.get('note', '')}")
-    return "\n".join([head, *rows]), bool(live)
+    for r in run["ranks"]:
+        rows.append(f"{r['rank']:>5} {r['host'][:16]:<16} {r['pid']:>8} {r['shown']:<13} {r['step']:>8} "
+                    f"{now - r['since']:>7.1f}s {now - r['updated']:>9.1f}s  {r.get('note', '')}")
+    return "\n".join([head, *rows]), run["alive"] > 0
