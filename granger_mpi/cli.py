@@ -272,6 +272,12 @@ def cmd_report(args):
     return 0
 
 
+def cmd_compare(args):
+    """Runs side by side (no MPI needed)."""
+    from granger_mpi.tools import compare
+    return compare.main(args.run_dirs, args.out, as_json=args.json)
+
+
 def cmd_dashboard(args):
     """A live page of a run (no MPI needed)."""
     from granger_mpi.tools import dashboard
@@ -497,6 +503,17 @@ def build_parser():
             "The page loads nothing else: it can be mailed or opened anywhere.")
     p.add_argument("run_dir", type=Path, help="the run directory ([output].run_dir)")
     p.add_argument("--out", type=Path, metavar="FILE", help="where to write (default RUN_DIR/report.html)")
+
+    p = add("compare", cmd_compare, "runs side by side: what differs in their jobs, what each reached (no MPI needed)",
+            "Print a table with a row per run: the job keys whose values differ between the runs, "
+            "then steps, the final training loss and accuracy (mean of the last 2%% of steps), "
+            "the last validation, the test score, samples/s, ranks lost and whether it "
+            "completed; and write OUT/loss.png and OUT/accuracy.png with every run's curve "
+            "overlaid. For a sweep or a job array: granger-mpi compare runs/slurm/sweep_*.")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--out", type=Path, default=Path("compare"), metavar="DIR",
+                   help="where to write the charts (default ./compare)")
+    p.add_argument("--json", action="store_true", help="the table as JSON, no charts")
 
     p = add("dashboard", cmd_dashboard, "a live web page of a run, while it trains and after (no MPI needed)",
             "Serve a page that refreshes itself every 2 s: loss and accuracy (training, and "

@@ -65,7 +65,7 @@ def smoothing_window(n_steps):
     return max(1, n_steps // 50)
 
 
-def _figure(rows=1, height=3.2, sharex=True):
+def figure(rows=1, height=3.2, sharex=True):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, height * rows), dpi=100, layout="constrained")
@@ -96,7 +96,7 @@ def _series_panel(ax, x, y, window, label, ylabel, smoothed=None, smoothed_label
     ax.set_ylabel(ylabel)
 
 
-def _save(fig, path):
+def save(fig, path):
     try:
         fig.savefig(path)
     except OSError as exc:
@@ -106,7 +106,7 @@ def _save(fig, path):
 def _loss_accuracy(record, x, xlabel, event_x, title, path):
     s = record.series
     has_accuracy = bool(np.isfinite(s["accuracy"]).any())
-    fig, axes = _figure(2 if has_accuracy else 1)
+    fig, axes = figure(2 if has_accuracy else 1)
     window = smoothing_window(record.steps)
     _series_panel(axes[0], x, s["loss"], window, "training loss", "loss (batch)")
     if np.nanmin(s["loss"]) > 0 and np.nanmax(s["loss"]) / np.nanmin(s["loss"]) > 30:
@@ -126,12 +126,12 @@ def _loss_accuracy(record, x, xlabel, event_x, title, path):
     axes[0].set_title(title)
     for ax in axes:
         ax.legend(loc="best", fontsize=8)
-    _save(fig, path)
+    save(fig, path)
 
 
 def _throughput(record, path):
     s = record.series
-    fig, axes = _figure(2)
+    fig, axes = figure(2)
     window = smoothing_window(record.steps)
     # A rate is averaged as samples over seconds: a mean of per-step rates would be
     # dominated by the few very fast steps.
@@ -149,11 +149,11 @@ def _throughput(record, path):
     axes[1].set_xlabel("step")
     for ax in axes:
         ax.legend(loc="best", fontsize=8)
-    _save(fig, path)
+    save(fig, path)
 
 
 def _events(record, path):
-    fig, axes = _figure(1)
+    fig, axes = figure(1)
     ax = axes[0]
     names = ("detect_s", "recovery_s", "first_step_s")
     width = 0.25
@@ -166,7 +166,7 @@ def _events(record, path):
     ax.set_ylabel("seconds")
     ax.set_title("rank-failure recoveries: detection, recovery, first step after")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
 
 
 def _breakdown(record, path):
@@ -180,7 +180,7 @@ def _breakdown(record, path):
     per_rank = {name: 1000 * np.nansum(values, axis=0) / max(total_steps, 1)
                 for name, values in parts.items()}
     ranks = np.arange(t["comm_s"].shape[1])
-    fig, axes = _figure(2, sharex=False)
+    fig, axes = figure(2, sharex=False)
     bottom = np.zeros(ranks.size)
     for name, values in per_rank.items():
         axes[0].bar(ranks, values, bottom=bottom, label=name, color=BREAKDOWN_COLORS[name])
@@ -198,7 +198,7 @@ def _breakdown(record, path):
     axes[1].set_ylabel("wait, ms per step")
     axes[1].set_title("waiting for the slowest rank, per window")
     axes[1].legend(fontsize=8, ncol=min(8, ranks.size))
-    _save(fig, path)
+    save(fig, path)
 
 
 def write_plots(record, out_dir):
