@@ -171,7 +171,8 @@ def _serve(comm, job, info, model, params, opt, steps, log):
                 sinks.step(dict(step=version - 1, epoch=int(header[EPOCH]), loss=loss,
                                        accuracy=np.nan if accuracy is None else accuracy,
                                        grad_norm=grad_norm, learning_rate=lr, step_time_s=now - last,
-                                       samples_per_s=rows / max(now - last, 1e-12)))
+                                       samples_per_s=rows / max(now - last, 1e-12),
+                                       val_loss=np.nan, val_accuracy=np.nan))   # no validation
                 last = now
                 progress.update(version - 1, int(header[EPOCH]), job.train.epochs, loss, accuracy, rows)
             sends[w].Wait()
