@@ -38,7 +38,8 @@ def _default_threads(requested=None):
     Explicit settings in the environment win.
     """
     from granger_mpi.mpi import threads as rank_threads     # imports no numpy
-    ranks_here = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    ranks_here = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")     # Open MPI
+                     or os.environ.get("MPI_LOCALNRANKS")                # MPICH's hydra
                      or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
     cpus = rank_threads.usable_cpus()
     threads = str(requested or rank_threads.default_threads(cpus, ranks_here))

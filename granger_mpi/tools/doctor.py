@@ -35,7 +35,9 @@ def _checks():
     import mpi4py
     import granger_mpi
     yield "ok", "granger-mpi", f"{granger_mpi.__version__} ({os.path.dirname(granger_mpi.__file__)})"
-    libmpi = loaded_libraries("libmpi.so").get("libmpi.so", ["?"])
+    # Open MPI's library is libmpi.so.40; MPICH's libmpi.so.12, which Debian names libmpich.so.12.
+    found = loaded_libraries("libmpi.so", "libmpich.so")
+    libmpi = found.get("libmpi.so", []) + found.get("libmpich.so", []) or ["?"]
     version = mpi_library_version()
     yield (("ok" if len(libmpi) == 1 else "FAIL"), "MPI library",
            f"{version}; mpi4py {mpi4py.__version__}; loaded {', '.join(libmpi)}"
