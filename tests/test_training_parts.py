@@ -113,7 +113,8 @@ class Rank:
 
 def step_record(step):
     return {"step": step, "epoch": 0, "loss": 1.0, "accuracy": 0.5, "grad_norm": 1.0,
-            "learning_rate": 0.1, "step_time_s": 0.01, "samples_per_s": 6400.0}
+            "learning_rate": 0.1, "step_time_s": 0.01, "samples_per_s": 6400.0,
+            "val_loss": float("nan"), "val_accuracy": float("nan")}
 
 
 def test_outputs_off_the_writer_rank_write_nothing_until_it_takes_over(tmp_path, small_dataset):

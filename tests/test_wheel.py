@@ -4,7 +4,7 @@ and the package data, and the wheel, installed (not editable) into a fresh envir
 
 The fresh environment reuses the dependencies this checkout already built (the parallel h5py
 above all) through a folder of links to them, without granger-mpi's own editable install. The
-MPI comes from PATH and LD_LIBRARY_PATH, as a site's ``module load`` would give it.
+MPI comes from PATH, LD_LIBRARY_PATH and MPI4PY_LIBMPI, as a site's ``module load`` would give it.
 """
 
 import os
@@ -103,8 +103,11 @@ def test_the_installed_wheel_passes_doctor_and_trains_on_2_ranks_outside_the_rep
     work = tmp_path / "work"
     work.mkdir()
     mpi_bin = Path(sys.executable).parent
+    # mpi4py would take another libmpi of the machine's if one came first (Debian's
+    # libmpi.so is Open MPI 4's): MPI4PY_LIBMPI names the site's, as the README says.
     env = {"PATH": f"{python.parent}:{mpi_bin}:{os.environ['PATH']}",
-           "LD_LIBRARY_PATH": str(mpi_bin.parent / "lib"), "PYTHONPATH": ""}
+           "LD_LIBRARY_PATH": str(mpi_bin.parent / "lib"), "PYTHONPATH": "",
+           "MPI4PY_LIBMPI": str(mpi_bin.parent / "lib" / "libmpi.so.40")}
     granger = python.parent / "granger-mpi"
 
     doctor = run_command([granger, "doctor"], timeout=120, env=env, cwd=work)
