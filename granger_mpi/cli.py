@@ -708,6 +708,11 @@ def main(argv=None):
         sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(exc.exit_code)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`granger-mpi inspect ... | head`): nothing more to say, and
+        # Python's flush of stdout at exit must not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except Exception:
         rank, size = _rank_and_size()
         print(f"granger-mpi: internal error on rank {rank}:\n{traceback.format_exc()}",

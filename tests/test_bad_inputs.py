@@ -2,12 +2,13 @@
 
 import json
 import shutil
+import subprocess
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import granger, mpirun, tmpfs, write_job
+from conftest import GRANGER, _env, granger, mpirun, tmpfs, write_job
 from granger_mpi.data import integrity
 from granger_mpi.storage import manifest
 
@@ -380,3 +381,10 @@ def test_a_run_dir_on_a_read_only_file_system_is_one_line(read_only_dir, job, sm
     run = mpirun(2, "train", path, timeout=60)
     check_rejected(run, run_dir, f"[output].run_dir {run_dir} cannot be written: {read_only_dir} is on a "
                                  f"read-only file system")
+
+
+def test_a_reader_that_goes_away_is_no_traceback(saved_run):
+    """`granger-mpi inspect RUN | head -1`: the pipe closes early; the command stops quietly."""
+    shown = subprocess.run(" ".join(map(str, [*GRANGER, "inspect", saved_run])) + " | true",
+                           shell=True, capture_output=True, text=True, env=_env(), timeout=60)
+    assert "Traceback" not in shown.stderr and "internal error" not in shown.stderr, shown.stderr

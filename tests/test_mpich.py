@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import GRANGER, MPIRUN, PYTHON, ROOT, read_params, run_command
+from conftest import GRANGER, MPIRUN, ROOT, read_params, run_command
 from test_checkpoint import bits, job_file
 
 VENV = ROOT / ".venv-mpich"
