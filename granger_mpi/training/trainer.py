@@ -381,8 +381,9 @@ class Trainer:
         self.runner.timeline = self.timeline = None
 
     def _after_step(self) -> None:
-        """The checkpoint, stop and timing report due after step ``state.step``, decided from
-        that step's agreed flags (so a survivor that redoes this does the same); then ``READY``."""
+        """The validation and the metrics record of step ``state.step - 1``, then the
+        checkpoint, stop and timing report due after it, decided from that step's agreed
+        flags (so a survivor that redoes this does the same); then ``READY``."""
         done = self.state.step
         self._record(self._validate(done))
         save, stop = self.requested
