@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from granger_mpi import collectives
+from granger_mpi import collectives, factories
 from granger_mpi import secrets
 from granger_mpi.errors import UserError
 
@@ -359,7 +359,7 @@ def _check_job(job):
     if not custom and job.model.kind not in BUILT_IN_MODELS:
         raise UserError(f"[model].kind must be one of {', '.join(map(repr, BUILT_IN_MODELS))} or "
                         f"'package.module:factory' (a model of your own); got {job.model.kind!r}")
-    if custom and (job.model.kind.count(":") != 1 or not all(job.model.kind.split(":"))):
+    if custom and not factories.is_spec(job.model.kind):
         raise UserError(f"[model].kind = {job.model.kind!r} must be 'package.module:factory'")
     if job.model.options is not None and not custom:
         raise UserError(f"[model].options are for a model of your own ('package.module:factory'), "
@@ -374,7 +374,7 @@ def _check_job(job):
         raise UserError(f"[output].http_url must start with http:// or https://, or be "
                         f"env:VARIABLE, got {secrets.redact_url(out.http_url)!r}")
     for spec in out.reporters:
-        if spec.count(":") != 1 or not all(spec.split(":")):
+        if not factories.is_spec(spec):
             raise UserError(f"[output].reporters entry {spec!r} must be 'package.module:factory'")
     opt = job.optimizer
     if opt.name != "sgd" and opt.momentum != 0:

@@ -14,7 +14,8 @@ KERNELS = ROOT / "kernels"
 LAYERS = {
     1: {"errors", "kernels"},
     2: {"mpi", "storage"},
-    3: {"collectives", "data", "model", "observe", "config", "rundir", "faults", "reporters", "secrets"},
+    3: {"collectives", "data", "model", "observe", "config", "rundir", "faults", "reporters", "secrets",
+        "factories"},
     4: {"checkpoint"},
     5: {"training"},
     6: {"api"},

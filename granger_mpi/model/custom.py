@@ -24,11 +24,11 @@ number of ranks, checkpoints and resume, rank failures under ULFM and spares). N
 ``check_gradient(model, X, y)`` compares ``loss_grad`` with finite differences of ``loss``.
 """
 
-import importlib
 import math
 
 import numpy as np
 
+from granger_mpi import factories
 from granger_mpi.errors import UserError
 from granger_mpi.model.layout import end_to_end
 
@@ -97,15 +97,7 @@ def build(kind, options, *, n_features, n_outputs, task):
     """The model ``factory(n_features=, n_outputs=, task=, **options)`` of ``kind`` returns;
     a ``UserError`` naming ``kind`` for anything that goes wrong."""
     where = f"[model].kind = {kind!r}"
-    module_name, _, name = kind.partition(":")
-    if not module_name or not name or ":" in name:
-        raise UserError(f"{where} must be a built-in kind or 'package.module:factory'")
-    try:
-        factory = getattr(importlib.import_module(module_name), name)
-    except ModuleNotFoundError as exc:
-        raise UserError(f"{where}: {exc} (install it, or put its directory on PYTHONPATH)") from None
-    except AttributeError:
-        raise UserError(f"{where}: module {module_name!r} has no {name!r}") from None
+    factory = factories.load(kind, where)
     try:
         model = factory(n_features=n_features, n_outputs=n_outputs, task=task, **options)
     except Exception as exc:    # noqa: BLE001 - a user's code: any failure is bad input

@@ -13,7 +13,6 @@ failure and its recovery, ``metrics.EVENT_FIELDS``).
 """
 
 import base64
-import importlib
 import json
 import math
 import socket
@@ -24,7 +23,7 @@ import time
 import urllib.parse
 from collections import deque
 
-from granger_mpi import secrets
+from granger_mpi import factories, secrets
 from granger_mpi.errors import UserError, WriteError, describe_io_error
 
 
@@ -312,13 +311,7 @@ class Reporters(Reporter):
 
 def load_custom(spec, run_dir, job):
     """A user's reporter from ``"package.module:factory"``."""
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise UserError(f"[output].reporters entry {spec!r} must be 'package.module:factory'")
-    try:
-        factory = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"[output].reporters entry {spec!r}: {exc}") from None
+    factory = factories.load(spec, f"[output].reporters entry {spec!r}")
     try:
         reporter = factory(run_dir=run_dir, job=job)
     except Exception as exc:    # noqa: BLE001 - a user's code: any failure is bad input
