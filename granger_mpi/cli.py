@@ -301,9 +301,14 @@ def cmd_model(args):
             or args.read_us_per_row < 0:
         raise UserError(f"need --sizes of at least 2 positive widths, positive --ranks, --batch "
                         f"and --per-rank-batch, --read-us-per-row >= 0, --network among local,{','.join(scaling.NETWORKS)} (got {unknown or ''})")
+    if args.steps:
+        from granger_mpi.tools import stepmodel
+        print(stepmodel.report(args.bench, args.steps, sizes, args.batch,
+                               args.kernels or args.bench / "stepmodel_kernels.csv",
+                               len(os.sched_getaffinity(0))))
+        return 0
     print(scaling.report(args.bench, sizes, args.batch, ranks, networks,
-                         per_rank_batch=args.per_rank_batch, read_s_per_row=args.read_us_per_row * 1e-6,
-                         measured_csv=args.measured))
+                         per_rank_batch=args.per_rank_batch, read_s_per_row=args.read_us_per_row * 1e-6))
     return 0
 
 
@@ -532,11 +537,12 @@ def build_parser():
     p = add("model", cmd_model, "fit the alpha-beta-gamma cost model, project step time to 65,536 ranks (no MPI needed)",
             "Fit alpha (s per message), beta (s per byte sent) and gamma (s per byte added) to "
             "every BENCH/allreduce_*.csv (ring, rhd, rd medians) and print each fit's error on its "
-            "points; take the kernel's FLOP rate from BENCH/kernels.csv; compare with the measured "
-            "training steps of BENCH/ddp.csv; then predict step time, the algorithm auto would "
-            "take, samples/s and efficiency of an MLP of --sizes at each of --ranks on this "
-            "machine and on the network presets (ib100: 100 Gb/s InfiniBand-class, 10gbe). "
-            "docs/scaling.md explains the model and its limits.")
+            "points; take the kernel's FLOP rate from BENCH/kernels.csv; then predict step time, "
+            "the algorithm auto would take, samples/s and efficiency of an MLP of --sizes at each "
+            "of --ranks on this machine and on the network presets (ib100: 100 Gb/s "
+            "InfiniBand-class, 10gbe). With --steps, instead: the step model (kernel, fixed cost, "
+            "buckets, overlap) against measured training steps. docs/scaling.md explains both "
+            "and their errors.")
     p.add_argument("--bench", type=Path, default=Path("docs/bench"), help="benchmark folder (default docs/bench)")
     p.add_argument("--sizes", default="784,256,10", help="MLP layer widths (default 784,256,10)")
     p.add_argument("--batch", type=int, default=256, help="global batch, fixed at every P (default 256)")
@@ -545,15 +551,20 @@ def build_parser():
                         "default 128)")
     p.add_argument("--ranks", default=",".join(map(str, (2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384, 65536))),
                    help="world sizes to predict (default 2 ... 65536)")
-    p.add_argument("--measured", type=Path, metavar="CSV",
-                   help="scripts/bench-ddp CSV whose granger-mpi runs to compare with the model "
-                        "(default BENCH/ddp.csv)")
     p.add_argument("--read-us-per-row", type=float, default=0.0, metavar="US",
                    help="data-loading cost per row a rank reads in a step (default 0: compute and "
                         "communication only; about 40 measured here for random rows read from "
                         "HDF5, see docs/scaling.md)")
     p.add_argument("--network", default="local,ib100,10gbe",
                    help="comma-separated: local (this machine's fit), ib100, 10gbe (default all)")
+    p.add_argument("--steps", "--measured", type=Path, nargs="+", metavar="CSV",
+                   help="instead of the projections: the step model (buckets, overlap, threads) "
+                        "against granger-mpi's measured steps in these scripts/bench-ddp CSVs (its "
+                        "fixed cost fitted to their one-node runs); give --sizes and --batch of "
+                        "those runs. --measured is the old name")
+    p.add_argument("--kernels", type=Path, metavar="CSV",
+                   help="with --steps: scripts/bench-kernels CSV at the runs' sizes, batches and "
+                        "threads (default BENCH/stepmodel_kernels.csv)")
 
     p = add("supervise", cmd_supervise, "run a training job and restart it from checkpoints until done",
             "Start `mpirun -n N granger-mpi train JOB`; when the run fails (a lost rank or node), "

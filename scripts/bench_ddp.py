@@ -209,6 +209,9 @@ def main():
     parser.add_argument("--bf16", action="store_true",
                         help="two more sides: granger-mpi with [collectives].compression = 'bf16', and "
                              "DDP with its fp16_compress_hook (the same bytes; its bf16 hook needs NCCL)")
+    parser.add_argument("--sides", default=None, metavar="SIDE,...",
+                        help=f"run only these sides (of {', '.join(SIDE_ORDER)}); e.g. granger-mpi "
+                             f"alone for the step model's measurements, which need no PyTorch")
     parser.add_argument("--target", type=float, default=None,
                         help="the ratio granger-mpi / ddp-gloo to reach (default 1.05 with --cluster, "
                              "where the link bounds both, else 2.0)")
@@ -259,10 +262,20 @@ def main():
                 "granger-mpi bf16": bench_common.write_job(tmp / "job-bf16.toml", packed)}
         hooks = {"ddp-gloo": "none", "ddp-gloo fp16": "fp16"}
         impls = SIDE_ORDER if args.bf16 else SIDE_ORDER[:2]
+        if args.sides:
+            wanted = args.sides.split(",")
+            unknown = [w for w in wanted if w not in SIDE_ORDER]
+            if unknown:
+                sys.exit(f"bench-ddp: --sides: unknown {', '.join(unknown)}; known: {', '.join(SIDE_ORDER)}")
+            impls = [i for i in SIDE_ORDER if i in wanted]
+        if any(i not in jobs for i in impls) and not (ROOT / ".bench-site" / "torch").is_dir():
+            sys.exit("bench-ddp: PyTorch missing: .venv/bin/pip install --target .bench-site torch==2.13.0 "
+                     "(or --sides granger-mpi)")
         if args.cluster:
             cluster_up(args, max(ranks_list))
         try:
             samples = args.rows * args.epochs
+            steps = -(-args.rows // args.batch) * args.epochs
             print(f"bench-ddp: MLP {args.features},{args.hidden},{args.classes}, {args.rows:,} rows x "
                   f"{args.epochs} epochs, global batch {args.batch}, P = {ranks_list}, {args.reps} reps, "
                   + (f"across {args.cluster} emulated hosts (link {args.rate or 'unshaped'}), "
@@ -278,6 +291,7 @@ def main():
                         else:
                             seconds, accuracy = run_torch(args, data, test, ranks, hooks[impl])
                         row = {"impl": impl, "ranks": ranks, "rep": rep, "threads_per_rank": threads_per_rank(ranks),
+                               "hosts": args.cluster or 1, "link": args.rate or "", "steps": steps,
                                "seconds": round(seconds, 4), "samples_per_s": round(samples / seconds, 1),
                                "test_accuracy_pct": round(accuracy, 3), "load1_before": round(load, 2),
                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

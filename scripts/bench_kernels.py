@@ -27,6 +27,10 @@ def parse_args():
     p.add_argument("--reps", type=int, default=60, help="timed calls per implementation")
     p.add_argument("--threads", type=int, default=1,
                    help="BLAS threads (default 1: one rank per core, as in training)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="time while this many processes in all run the numba kernel at the same "
+                        "batch and threads, as ranks sharing a node do (default 1: alone)")
+    p.add_argument("--burn", action="store_true", help=argparse.SUPPRESS)   # a --processes companion
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="CSV/PNG folder")
     return p.parse_args()
 
@@ -100,10 +104,34 @@ def torch_loss_grad_factory(params, sizes, X, y, threads):
     return run, flat_grad, torch.__version__
 
 
+def companions(args, batch):
+    """``--processes - 1`` processes computing the numba kernel at ``batch`` until stopped."""
+    import subprocess
+    return [subprocess.Popen([sys.executable, __file__, "--sizes", args.sizes, "--batch", str(batch),
+                              "--threads", str(args.threads), "--burn"]) for _ in range(args.processes - 1)]
+
+
+def burn(sizes, batch):
+    """Compute the kernel in a loop (a companion of ``--processes``), until killed."""
+    import numpy as np
+
+    from granger_mpi.kernels import mlp
+    from granger_mpi.model.models import Model
+    params = Model("mlp", sizes, "relu", "classification").init_params(0)
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(batch, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], batch).astype(np.int32)
+    grad = np.empty_like(params)
+    while True:
+        mlp.cross_entropy_loss_grad(params, np.array(sizes, np.int64), mlp.RELU, X, y, np.float32(1), grad)
+
+
 def main():
     args = parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)
+    if args.burn:
+        return burn(tuple(int(s) for s in args.sizes.split(",")), int(args.batch))
     import numpy as np
 
     from granger_mpi.kernels import mlp
@@ -131,8 +159,10 @@ def main():
             run_torch, torch_grad, torch_version = torch_loss_grad_factory(params, sizes, X, y, args.threads)
             impls["torch"] = run_torch
             versions = f"numpy {np.__version__}, torch {torch_version}"
+        others = companions(args, batch)
         for fn in impls.values():   # compile / warm caches
             fn()
+        time.sleep(2.0 if others else 0.0)    # the companions compile and start computing
         losses = {name: fn() for name, fn in impls.items()}
         np.testing.assert_allclose(g_numba, g_numpy, rtol=1e-3, atol=1e-4)
         if args.torch:
@@ -145,14 +175,19 @@ def main():
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-        print(f"MLP {args.sizes} batch {batch}, {args.threads} thread(s), {args.reps} reps each ({versions})")
+        for other in others:
+            other.kill()
+            other.wait()
+        print(f"MLP {args.sizes} batch {batch}, {args.threads} thread(s), {args.processes} process(es) "
+              f"computing, {args.reps} reps each ({versions})")
         print(f"{'impl':<8}{'median ms':>11}{'p25 ms':>9}{'p75 ms':>9}{'GFLOP/s':>9}")
         for name, values in times.items():
             p25, med, p75 = np.percentile(values, [25, 50, 75])
             medians[(name, batch)] = med
             print(f"{name:<8}{med * 1e3:>11.3f}{p25 * 1e3:>9.3f}{p75 * 1e3:>9.3f}"
                   f"{flops_per_row * batch / med / 1e9:>9.2f}")
-            rows += [[name, args.sizes, batch, args.threads, rep, f"{v:.9f}"] for rep, v in enumerate(values)]
+            rows += [[name, args.sizes, batch, args.threads, args.processes, rep, f"{v:.9f}"]
+                     for rep, v in enumerate(values)]
         ratios = [f"numpy/numba {medians[('numpy', batch)] / medians[('numba', batch)]:.2f}x"]
         if args.torch:
             ratios.append(f"torch/numba {medians[('torch', batch)] / medians[('numba', batch)]:.2f}x")
@@ -162,7 +197,7 @@ def main():
     csv_path = args.out / "kernels.csv"
     with open(csv_path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["implementation", "sizes", "batch", "threads", "rep", "seconds"])
+        w.writerow(["implementation", "sizes", "batch", "threads", "processes", "rep", "seconds"])
         w.writerows(rows)
     names = sorted({name for name, _ in medians}, key=["numba", "numpy", "torch"].index)
     try:

@@ -83,6 +83,13 @@ def _malformed(path):
     return None
 
 
+def merged_document():
+    """The user's calibration over the shipped one: their tables win, and their model."""
+    mine, shipped = read_calibration(calibration_path()), read_calibration(SHIPPED)
+    return {"model": mine.get("model", shipped.get("model", DEFAULT_MODEL)),
+            "tables": {**shipped.get("tables", {}), **mine.get("tables", {})}}
+
+
 def _document(comm):
     """The calibration document, read on rank 0 and broadcast (cached on ``comm``); a
     malformed user calibration is a ``UserError`` on every rank."""
@@ -96,16 +103,31 @@ def _document(comm):
                                             f"{problem}; run 'granger-mpi bench calibrate' under "
                                             f"mpirun again, or delete it"})
             else:
-                mine = read_calibration(calibration_path())
-                shipped = read_calibration(SHIPPED)
-                tables = {**shipped.get("tables", {}), **mine.get("tables", {})}
-                text = json.dumps({"model": mine.get("model", shipped.get("model", DEFAULT_MODEL)),
-                                   "tables": tables})
+                text = json.dumps(merged_document())
         doc = json.loads(bcast_text(comm, text, 0))
         if "error" in doc:
             raise UserError(doc["error"], agreed=True)
         store["auto-doc"] = doc
     return store["auto-doc"]
+
+
+def decide(doc, nbytes, size, one_node, candidates=CANDIDATES):
+    """``(algorithm, predicted us, source)`` for an allreduce of ``nbytes`` on ``size`` ranks
+    by the calibration document ``doc``: the fastest at the nearest calibrated size, or by
+    the alpha-beta-gamma model where ``doc`` has no table (pure; ``choose`` and the step
+    model both decide with it)."""
+    table = doc.get("tables", {}).get(table_key(size, one_node))
+    allowed = [a for a in candidates if one_node or a != "shm"]
+    if table:
+        nearest = min(range(len(table["bytes"])),
+                      key=lambda i: abs(math.log2(max(nbytes, 1)) - math.log2(table["bytes"][i])))
+        times = {a: table["median_us"][a][nearest] for a in allowed if a in table["median_us"]}
+        source = f"calibrated at {table['bytes'][nearest]} B"
+    else:
+        times = {a: model_seconds(a, nbytes, size, doc.get("model", DEFAULT_MODEL)) * 1e6 for a in allowed}
+        source = "alpha-beta-gamma model"
+    choice = min(times, key=times.get)
+    return choice, times[choice], source
 
 
 def choose(comm, nbytes, candidates=CANDIDATES):
@@ -118,21 +140,9 @@ def choose(comm, nbytes, candidates=CANDIDATES):
     if choice is not None:
         return choice
     size = comm.Get_size()
-    one_node = shm.on_one_node(comm)
-    doc = _document(comm)
-    table = doc["tables"].get(table_key(size, one_node))
-    allowed = [a for a in candidates if one_node or a != "shm"]
-    if table:
-        nearest = min(range(len(table["bytes"])),
-                      key=lambda i: abs(math.log2(max(nbytes, 1)) - math.log2(table["bytes"][i])))
-        times = {a: table["median_us"][a][nearest] for a in allowed if a in table["median_us"]}
-        source = f"calibrated at {table['bytes'][nearest]} B"
-    else:
-        times = {a: model_seconds(a, nbytes, size, doc["model"]) * 1e6 for a in allowed}
-        source = "alpha-beta-gamma model"
-    choice = min(times, key=times.get)
+    choice, predicted_us, source = decide(_document(comm), nbytes, size, shm.on_one_node(comm), candidates)
     decisions[(nbytes, candidates)] = choice
     if comm.Get_rank() == 0:
         log.info("allreduce auto: %d bytes on %d ranks -> %s (%s, predicted %.1f us)",
-                 nbytes, size, choice, source, times[choice])
+                 nbytes, size, choice, source, predicted_us)
     return choice

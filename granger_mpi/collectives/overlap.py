@@ -23,6 +23,8 @@ import time
 from granger_mpi.collectives import allreduce as _allreduce
 
 _DONE = None
+# [collectives].bucket_mb = "auto" across nodes: messages a link carries near its rate.
+AUTO_BUCKET_MB = 1.0
 
 
 def plan(boundaries, length, bucket_elements):

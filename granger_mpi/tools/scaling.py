@@ -14,12 +14,12 @@ A training step is then ``compute(global_batch / P) + allreduce(4 * parameters)`
 algorithm ``auto`` would take by the model (the fastest predicted; ``shm`` and
 ``hierarchical`` are one-node algorithms and are not projected across nodes). Compute per
 sample comes from ``docs/bench/kernels.csv`` (the kernel's measured FLOP rate, scaled by
-the model's FLOPs per sample).
+the model's FLOPs per sample). The measured steps of a job on this machine and on emulated
+hosts, buckets and overlap included, are ``tools.stepmodel``'s (``granger-mpi model --steps``).
 """
 
 import csv
 import math
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,21 +81,27 @@ class Fit:
         return [abs(p - m) / m for _, _, n, m, p in self.points if n >= min_bytes]
 
 
-def fit_allreduce(path, min_bytes=0):
-    """Non-negative least squares on relative error over ring/rhd/rd points of ``path``."""
+def fit_rows(rows):
+    """``{alpha, beta, gamma}`` by non-negative least squares on relative error over ``rows``
+    ``(impl, ranks, bytes, seconds)`` (ring/rhd/rd ones; at least 3)."""
     from scipy.optimize import nnls
-    rows = [r for r in read_allreduce_csv(path) if r[0] in FITTED_ALGORITHMS and r[2] >= min_bytes]
-    if len(rows) < 3:
-        raise UserError(f"{path}: fewer than 3 ring/rhd/rd points to fit")
     A = np.array([costmodel.coefficients(impl, n, p) / t for impl, p, n, t in rows])
     # Columns differ by 10^9 in scale (alpha vs per-byte costs): normalise for the solver.
     scale = np.abs(A).max(axis=0)
     scale[scale == 0] = 1
     x, _ = nnls(A / scale, np.ones(len(rows)))
     alpha, beta, gamma = x / scale
-    model = {"alpha": alpha, "beta": beta, "gamma": gamma}
+    return {"alpha": alpha, "beta": beta, "gamma": gamma}
+
+
+def fit_allreduce(path, min_bytes=0):
+    """``fit_rows`` over the ring/rhd/rd points of ``path``, with its errors."""
+    rows = [r for r in read_allreduce_csv(path) if r[0] in FITTED_ALGORITHMS and r[2] >= min_bytes]
+    if len(rows) < 3:
+        raise UserError(f"{path}: fewer than 3 ring/rhd/rd points to fit")
+    model = fit_rows(rows)
     points = [(impl, p, n, t, predict_allreduce(impl, n, p, model)) for impl, p, n, t in rows]
-    return Fit(Path(path).name, alpha, beta, gamma, points)
+    return Fit(Path(path).name, model["alpha"], model["beta"], model["gamma"], points)
 
 
 def mlp_flops_per_sample(sizes):
@@ -112,16 +118,19 @@ def mlp_parameters(sizes):
 
 
 def compute_rate(kernels_csv):
-    """FLOP/s of the numba MLP kernel (median over ``kernels.csv``'s numba rows)."""
+    """FLOP/s of the numba MLP kernel on one thread: the median over the batches of
+    ``kernels.csv`` of each batch's median rate."""
     try:
         with open(kernels_csv, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["implementation"] == "numba"]
-        sizes = [int(s) for s in rows[0]["sizes"].split(",")]
-        batch = int(rows[0]["batch"])
-        seconds = statistics.median(float(r["seconds"]) for r in rows)
-    except (OSError, KeyError, ValueError, IndexError) as exc:
-        raise UserError(f"{kernels_csv}: not a readable kernel benchmark CSV ({exc})") from None
-    return mlp_flops_per_sample(sizes) * batch / seconds
+            rows = [r for r in csv.DictReader(f) if r["implementation"] == "numba" and r["threads"] == "1"]
+        by_shape = {}
+        for r in rows:
+            by_shape.setdefault((r["sizes"], int(r["batch"])), []).append(float(r["seconds"]))
+        rates = [mlp_flops_per_sample([int(s) for s in sizes.split(",")]) * batch / statistics.median(times)
+                 for (sizes, batch), times in by_shape.items()]
+        return statistics.median(rates)
+    except (OSError, KeyError, ValueError, statistics.StatisticsError) as exc:
+        raise UserError(f"{kernels_csv}: not a readable one-thread kernel benchmark CSV ({exc})") from None
 
 
 def network_model(name, local_fit):
@@ -172,79 +181,13 @@ def projection(sizes, global_batch, per_rank_batch, flops_per_s, model, ranks=PR
     return rows
 
 
-# scripts/bench-ddp's defaults: 60,000 rows, 4 epochs of ceil(60000 / 256) = 235 steps.
-DDP_BENCH_SIZES, DDP_BENCH_BATCH, DDP_BENCH_STEPS = (32, 128, 64, 10), 256, 940
-
-
-def measured_training(ddp_csv):
-    """granger-mpi rows of ``bench-ddp``'s CSV: {ranks: (median, fastest) seconds per run}, or {}."""
-    try:
-        with open(ddp_csv, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["impl"] == "granger-mpi"]
-    except OSError:
-        return {}
-    by_ranks = {}
-    for r in rows:
-        by_ranks.setdefault(int(r["ranks"]), []).append(float(r["seconds"]))
-    return {p: (statistics.median(v), min(v)) for p, v in by_ranks.items()}
-
-
-# scripts/bench's worker-scaling problem (docs/bench/suite_workers.csv).
-SUITE_SIZES, SUITE_BATCH = (64, 256, 10), 512
-
-
-def measured_scaling(suite_csv):
-    """{ranks: median seconds per step} of ``scripts/bench``'s worker scaling, or {}."""
-    try:
-        with open(suite_csv, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError:
-        return {}
-    return {int(r["ranks"]): SUITE_BATCH / float(r["samples_per_s"]) for r in rows}
-
-
-def scaling_errors(measured, fits, local, flops, cores):
-    """Lines comparing the model with the measured worker scaling.
-
-    Two terms are fitted to the points with a core per rank (P <= cores), by least squares:
-    a fixed cost per step (Python's per-step work: the loader's queue, the optimizer call,
-    metrics, status) and a factor on the kernel benchmark's compute time (the kernel runs
-    at another rate at this model's shapes). Points beyond the cores are predicted with
-    compute stretched by P / cores; they test the model, they were not fitted.
-    """
-    def parts(p):
-        fit = fits.get(f"allreduce_p{p}", local)
-        _, compute, comm, algorithm = predict_step(SUITE_SIZES, SUITE_BATCH, p, flops, fit.model)
-        return compute, comm, algorithm, fit.source
-
-    fitted = [p for p in sorted(measured) if p <= cores]
-    if not fitted:
-        return ["no measured point with P <= cores to fit the per-step terms to"]
-    design = np.array([[1.0, parts(p)[0]] for p in fitted])
-    target = np.array([measured[p] - parts(p)[1] for p in fitted])
-    (fixed, factor), *_ = np.linalg.lstsq(design, target, rcond=None)
-    if fixed < 0 or factor <= 0 or len(fitted) == 1:    # under-determined: compute as measured
-        fixed, factor = max(0.0, float(target[0] - design[0, 1])), 1.0
-    lines = [f"fitted at P = {', '.join(map(str, fitted))}: fixed {1e3 * fixed:.3f} ms per step, "
-             f"compute x {factor:.2f} of the kernel benchmark's time"]
-    for p, seconds in sorted(measured.items()):
-        compute, comm, algorithm, source = parts(p)
-        shared = max(1.0, p / cores)    # ranks beyond the cores take turns: compute stretches
-        step = (fixed + factor * compute) * shared + comm
-        lines.append(f"  P={p:<3} measured {1e3 * seconds:8.3f} ms/step; model {1e3 * step:8.3f} "
-                     f"(fixed+compute {1e3 * (fixed + factor * compute) * shared:.3f}, {algorithm} "
-                     f"{1e3 * comm:.3f}, {source}){'' if p <= cores else ' predicted'}; error "
-                     f"{100 * (step - seconds) / seconds:+.0f}%")
-    return lines
-
-
 def _rate(seconds_per_byte):
     """``x.xx GB/s``; a zero fitted cost means the data could not resolve it."""
     return f"{1 / seconds_per_byte / 1e9:.2f} GB/s" if seconds_per_byte > 0 else "unresolved"
 
 
 def report(bench_dir, sizes, global_batch, ranks, networks, per_rank_batch, read_s_per_row=0.0,
-           measured_csv=None, min_bytes=0):
+           min_bytes=0):
     """The text ``granger-mpi model`` prints."""
     bench_dir = Path(bench_dir)
     csvs = sorted(bench_dir.glob("allreduce_*.csv"))
@@ -270,32 +213,6 @@ def report(bench_dir, sizes, global_batch, ranks, networks, per_rank_batch, read
               f"compute: numba MLP kernel {flops / 1e9:.1f} GFLOP/s (kernels.csv); model "
                   f"{','.join(map(str, sizes))}: {n_params:,} parameters ({4 * n_params / 2**20:.2f} MiB "
                   f"gradient), {mlp_flops_per_sample(sizes) / 1e6:.3f} MFLOP per sample"]
-    measured_csv = Path(measured_csv or bench_dir / "ddp.csv")
-    measured = measured_training(measured_csv)
-    if measured:
-        lines += ["", f"measured training ({measured_csv}, granger-mpi, 32,128,64,10, batch 256, "
-                      f"240,000 samples) against the model on this machine (fit allreduce_p2/p4):"]
-        cores = len(os.sched_getaffinity(0))
-        for p, (median_s, fastest_s) in sorted(measured.items()):
-            fit = fits.get(f"allreduce_p{p}", local)
-            step, compute, comm, algorithm = predict_step(DDP_BENCH_SIZES, DDP_BENCH_BATCH, p, flops,
-                                                          fit.model, read_s_per_row)
-            # More ranks than cores: ranks take turns on a core, so compute stretches.
-            shared = max(1.0, p / cores)
-            step += compute * (shared - 1)
-            errors = [100 * (step - s / DDP_BENCH_STEPS) / (s / DDP_BENCH_STEPS) for s in (median_s, fastest_s)]
-            lines.append(f"  P={p}: measured {1e3 * median_s / DDP_BENCH_STEPS:.2f} ms/step median, "
-                         f"{1e3 * fastest_s / DDP_BENCH_STEPS:.2f} fastest; model {1e3 * step:.3f} ms "
-                         f"(compute{' + reads' if read_s_per_row else ''} {1e3 * compute * shared:.3f}"
-                         f"{f' with {p} ranks on {cores} cores' if shared > 1 else ''}, {algorithm} "
-                         f"{1e3 * comm:.3f}); error {errors[0]:+.0f}% vs median, {errors[1]:+.0f}% vs fastest")
-    suite_csv = bench_dir / "suite_workers.csv"
-    measured = measured_scaling(suite_csv)
-    if measured:
-        lines += ["", f"measured worker scaling ({suite_csv}, scripts/bench: "
-                      f"{','.join(map(str, SUITE_SIZES))}, global batch {SUITE_BATCH}, median samples/s) "
-                      f"against the model:"]
-        lines += scaling_errors(measured, fits, local, flops, len(os.sched_getaffinity(0)))
     for name in networks:
         if name == "local":
             model, label = local.model, f"this machine ({local.source})"

@@ -18,6 +18,7 @@ import numpy as np
 from mpi4py import MPI
 
 from granger_mpi import checkpoint, collectives, faults
+from granger_mpi.collectives import overlap
 from granger_mpi.data import dataset, integrity, partition
 from granger_mpi.model import optimizer, zero
 from granger_mpi.observe import status, timing, trace
@@ -39,8 +40,6 @@ from granger_mpi.mpi.ulfm import rank_failures, RankFailure
 # update applied; its after-step work (checkpoint, stop, timing report) done; at the end,
 # the final checkpoint written; ``model.h5``, test score and the agreed end done.
 APPLIED, READY, SAVED, ENDED = range(4)
-# [collectives].bucket_mb = "auto" across nodes: messages a link carries near its rate.
-AUTO_BUCKET_MB = 1.0
 
 
 def total_steps(job, info) -> int:
@@ -186,7 +185,7 @@ class Trainer:
         """``[collectives].bucket_mb`` in bytes, ``"auto"`` decided (collective over ``comm``)."""
         mb = self.job.collectives.bucket_mb
         if mb == "auto":
-            mb = 0 if comm.Get_size() == 1 or collectives.shm.on_one_node(comm) else AUTO_BUCKET_MB
+            mb = 0 if comm.Get_size() == 1 or collectives.shm.on_one_node(comm) else overlap.AUTO_BUCKET_MB
         return int(mb * 2**20)
 
     def _overlapped(self) -> bool:
