@@ -43,7 +43,7 @@ class Summary:
     exit_code: int                # what the command line exits with: 0, 3 or 5
     steps: int                    # steps completed
     seconds: float                # the whole call, start-up and test evaluation included
-    train_seconds: float          # the training loop and its final checkpoint
+    train_seconds: float          # the training loop (from the first batch in hand) and its final checkpoint
     samples_per_s: float          # rows of the steps trained, per train second
     final_loss: float             # of the last step's global batch
     final_accuracy: float | None  # of the last step's global batch (classification)

@@ -132,6 +132,10 @@ class Trainer:
         self.stopped, self.recovered = False, False
         self.limit: str | None = None     # the [fault] limit passed, which ends the run
         self.test_scores = (None, None)
+        # The training loop's seconds run from the first batch in hand (the data loaded, as a
+        # peer's preloaded tensors) to the end of training with its final checkpoint; the test
+        # score and model.h5 come after.
+        self.loop_started = self.loop_ended = None
         self.validation = (dataset.open_info(job.data.validation_path, job.data.allow_external_storage)
                            if job.data.validation_path is not None else None)
         self.released = None              # on a spare never used: how the run ended, and its steps
@@ -244,7 +248,6 @@ class Trainer:
                               resume_step=self.start_step if self.source else None,
                               start_step=self.start_step)
             self._log_start()
-            started = time.perf_counter()
             self.policy.saved()
             if self.has_state:
                 self._starting("opening the data")
@@ -254,6 +257,7 @@ class Trainer:
             else:
                 self._idle()
             outcome = spares.FAILED
+            entered = time.perf_counter()
             try:
                 with self.requests:
                     self.timer.start()
@@ -270,7 +274,7 @@ class Trainer:
                 if self.row_log is not None:
                     self.row_log.close()
                 self.outputs.close()
-            return self._result(time.perf_counter() - started)
+            return self._result((self.loop_ended or time.perf_counter()) - (self.loop_started or entered))
         except BaseException as exc:
             self.status.close(status.FAILED, note=f"{type(exc).__name__}: {exc}"[:200])
             raise
@@ -320,6 +324,7 @@ class Trainer:
             if self.policy.due_at_end(done, self.start_step, self.saver.newest, checkpoint.file_name):
                 self._save(self.injector.checkpoint_hook(done))
             self.phase = SAVED
+            self.loop_ended = time.perf_counter()
         if self.phase == SAVED:
             self._write_results()
             self.phase = ENDED
@@ -334,6 +339,8 @@ class Trainer:
         except integrity.DamagedData as exc:   # agreed below, like a bad row
             damage, (epoch, step, batch_len, rows), X, y = exc, exc.step_item, None, None
         timer.lap(timing.DATA)
+        if self.loop_started is None:
+            self.loop_started = time.perf_counter()
         self.step_index = step_index = epoch * self.per_epoch + step
         self._trace(step_index)
         started = time.perf_counter()
