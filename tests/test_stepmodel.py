@@ -97,7 +97,7 @@ def test_the_measured_table_wins_inside_its_sizes_and_the_fit_outside():
 
 def test_the_command_compares_the_shipped_measurements(tmp_path):
     run = granger("model", "--sizes", "784,512,256,10", "--steps",
-                  *[ROOT / "docs" / "bench" / f"ddp_model_{t}.csv" for t in ("1node", "2hosts", "4hosts")],
+                  *[ROOT / "docs" / "bench" / f"ddp_{t}.csv" for t in ("1node", "2hosts", "4hosts")],
                   timeout=120)
     assert run.returncode == 0, run.output
     lines = run.stdout.splitlines()

@@ -2,23 +2,24 @@
 
 On ``P`` ranks with ``r = ceil(batch / P)`` rows each, a step is
 
-    stretch * (fixed + forward(r) + backward(r))  +  the exchange left after backward
+    stretch * fixed  +  kernel(r)  +  the exchange left when backward ends
 
-- ``forward`` and ``backward``: the kernel benchmark's loss-and-gradient seconds at ``r``
-  rows and the rank's threads (``kernels.csv``, interpolated in log-log between batches),
-  split between forward and each layer's backward in proportion to their FLOPs.
-- ``fixed``: what a step costs besides the kernel (the optimizer's update of every
-  parameter, the loader, metrics, Python), the same at every P; fitted once, at P = 1.
+- ``kernel``: the kernel benchmark's loss-and-gradient seconds at ``r`` rows and the rank's
+  threads (``scripts/bench-kernels``, log-log interpolation between batches), measured with
+  as many processes computing as ranks share the CPUs where the benchmark has that case, or
+  alone and stretched; split between forward and each layer's backward by their FLOPs.
+- ``fixed``: what a step costs besides the kernel and the exchange (the optimizer's update
+  of every parameter, the loader, metrics, Python, the wait for the slowest rank), the same
+  at every P; the model's one free term, fitted to measured runs (``fit_fixed``).
 - ``stretch``: ranks whose threads outnumber the CPUs they share take turns on them.
 - The exchange: the buckets ``collectives.overlap.plan`` cuts (one message on one node,
-  ``bucket_mb`` across nodes), each with the algorithm ``auto`` decides, each taking the
-  benchmark's median time at its size (``allreduce_*.csv`` of that setting, log-log
+  ``bucket_mb`` across nodes), each with the algorithm ``auto.decide`` picks, each taking
+  the benchmark's median time at its size (``allreduce_*.csv`` of that setting, log-log
   interpolation; the alpha-beta-gamma fit outside the measured sizes). Overlapped (a core is
   free for the exchange thread), bucket ``k`` starts when backward has finished it and the
   bucket before has been summed; otherwise all start after backward.
 
-Everything a rank does in a step is in one of these terms, so a measured step far from the
-prediction points at a term, which is what the model is for.
+A measured step far from the prediction points at a term, which is what the model is for.
 """
 
 import csv
@@ -115,7 +116,7 @@ class Prediction:
     """One step by the model, in seconds."""
 
     setting: Setting
-    compute: float          # stretched forward + backward + fixed
+    compute: float          # kernel + stretched fixed
     exchange_left: float    # the exchange after backward ended
     buckets: list           # (bytes, algorithm, seconds)
     overlapped: bool
