@@ -30,6 +30,7 @@ from pathlib import Path
 
 from granger_mpi.collectives import auto, costmodel, overlap
 from granger_mpi.errors import UserError
+from granger_mpi.model.models import Model
 from granger_mpi.mpi.threads import default_threads
 from granger_mpi.tools import scaling
 
@@ -136,7 +137,6 @@ class StepModel:
     """Step times of an MLP of ``sizes`` at global ``batch`` (see the module's text)."""
 
     def __init__(self, sizes, batch, kernel_times, fixed_s=0.0, calibration=None, bucket_mb="auto"):
-        from granger_mpi.model.models import Model
         self.sizes, self.batch = tuple(sizes), batch
         self.kernel_times = kernel_times
         self.fixed_s = fixed_s
