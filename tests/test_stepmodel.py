@@ -117,3 +117,20 @@ def test_loglog_interpolates_and_extends():
     assert stepmodel._loglog(points, 512) == pytest.approx(8.0)
     assert stepmodel._loglog(points, 32) == pytest.approx(0.5)
     assert np.isfinite(stepmodel._loglog([(64, 1.0)], 128))
+
+
+def test_auto_sends_large_messages_across_nodes_by_ring_without_a_table():
+    """Pairwise exchanges lose to ring's one-way streams on TCP links (docs/performance.md):
+    without a calibration table, auto takes ring for large messages across nodes at P > 2."""
+    from granger_mpi.collectives import auto
+    big, small = 1 << 20, 4096
+    rhd_wins = {"model": {"alpha": 1e-4, "beta": 1e-9, "gamma": 0.0}, "tables": {}}   # ring: more messages
+    assert auto.decide(rhd_wins, big, 4, one_node=False, candidates=("ring", "rhd"))[0] == "ring"
+    assert auto.decide(rhd_wins, big, 4, one_node=True)[2] == "alpha-beta-gamma model"   # one node
+    assert auto.decide(rhd_wins, big, 4, one_node=False)[0] == "ring"
+    assert auto.decide(rhd_wins, big, 8, one_node=False)[0] == "ring"
+    for args in ((big, 2, False), (small, 4, False)):        # ring is pairwise at P = 2; small: latency
+        assert auto.decide(rhd_wins, *args)[2] == "alpha-beta-gamma model", args
+    assert auto.decide(rhd_wins, big, 4, False, candidates=("native", "rhd"))[0] != "ring"
+    table = {"bytes": [big], "median_us": {"ring": [9.0], "rhd": [1.0]}}     # a measurement wins
+    assert auto.decide({"tables": {"P4-net": table}}, big, 4, one_node=False)[0] == "rhd"

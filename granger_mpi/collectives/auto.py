@@ -9,7 +9,9 @@ Two sources, in order:
    has no table, the one shipped with granger-mpi (measured on the project's 2-core
    machines) is used.
 2. Otherwise the alpha-beta-gamma model (``costmodel``) with the file's (or default) alpha
-   (seconds per message), beta (seconds per byte sent) and gamma (seconds per byte added).
+   (seconds per message), beta (seconds per byte sent) and gamma (seconds per byte added),
+   except that large messages across nodes on more than 2 ranks go by ring
+   (``RING_ACROSS_NODES_BYTES``).
 
 Rank 0 reads the file and broadcasts it, so every rank decides alike (a disagreement would
 hang). Each decision is logged once per size on rank 0 (logger ``granger_mpi.collectives``).
@@ -32,6 +34,12 @@ SHIPPED = Path(__file__).with_name("calibration.json")
 # Defaults measured on the project's 2-core machine (shared memory, Python per message).
 DEFAULT_MODEL = {"alpha": 12e-6, "beta": 1 / 6.5e9, "gamma": 1 / 25e9}
 CANDIDATES = ("native", "ring", "rhd", "rd", "shm", "hierarchical")
+# Across nodes, with no table, messages of at least this size go by ring on more than 2
+# ranks: each ring connection carries data one way, while a pairwise exchange (rhd, rd,
+# native) sends both ways on one connection, where each message's rendezvous waits behind
+# the partner's data. The alpha-beta-gamma model cannot see that; the measurement is in
+# docs/performance.md ("Segments: what the link wants").
+RING_ACROSS_NODES_BYTES = 256 << 10
 
 
 def calibration_path():
@@ -126,6 +134,8 @@ def decide(doc, nbytes, size, one_node, candidates=CANDIDATES):
     else:
         times = {a: model_seconds(a, nbytes, size, doc.get("model", DEFAULT_MODEL)) * 1e6 for a in allowed}
         source = "alpha-beta-gamma model"
+        if not one_node and size > 2 and nbytes >= RING_ACROSS_NODES_BYTES and "ring" in times:
+            return "ring", times["ring"], "ring for large messages across nodes, no calibration table"
     choice = min(times, key=times.get)
     return choice, times[choice], source
 
