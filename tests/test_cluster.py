@@ -92,7 +92,8 @@ def test_a_gloo_peer_that_cannot_connect_fails_clearly_within_its_timeout(tmp_pa
                        "5", "--algorithms", "ring", "--max-bytes", "4096", "--out", str(tmp_path)],
                       timeout=120, env=env)
     assert run.returncode == 2, run.output
-    assert "gloo could not connect rank 0 to tcp://192.0.2.1:" in run.output and "within 5 s" in run.output
+    # Whichever rank's connect times out first reports and ends the job.
+    assert re.search(r"gloo could not connect rank [01] to tcp://192\.0\.2\.1:\d+ within 5 s", run.output), run.output
     assert time.monotonic() - started < 60     # the timeout, torch's import and MPI's start-up
 
 
