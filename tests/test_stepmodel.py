@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from conftest import ROOT, granger
 from granger_mpi.model.models import Model
-from granger_mpi.tools import stepmodel
+from granger_mpi.tools import scaling, stepmodel
 from granger_mpi.training.step import StepRunner
 
 SIZES = (784, 512, 256, 10)
@@ -65,7 +65,7 @@ def test_overlap_hides_the_buckets_backward_leaves_room_for():
     assert free.overlapped and free.compute == pytest.approx(serial.compute)
     # By hand: backward of layers 3 and 2 finishes the first bucket (layers 3, 2), which
     # starts then; the two halves of layer 1 only when backward has ended.
-    forward, backward = stepmodel.layer_flops(SIZES)
+    forward, backward = scaling.layer_flops(SIZES)
     per_flop = 2e-3 / (forward + sum(backward))
     first_ready = (forward + backward[0] + backward[1]) * per_flop
     backward_end = 2e-3

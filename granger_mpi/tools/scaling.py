@@ -104,13 +104,19 @@ def fit_allreduce(path, min_bytes=0):
     return Fit(Path(path).name, model["alpha"], model["beta"], model["gamma"], points)
 
 
+def layer_flops(sizes):
+    """``(forward, [backward of each layer, last layer first])`` FLOPs per row: forward,
+    weight gradients, and input gradients of every layer but the first (the kernels skip
+    that one)."""
+    forward = [2 * d_in * d_out for d_in, d_out in zip(sizes[:-1], sizes[1:])]
+    backward = [f * (2 if layer > 0 else 1) for layer, f in enumerate(forward)]
+    return sum(forward), backward[::-1]
+
+
 def mlp_flops_per_sample(sizes):
-    """FLOPs of loss+gradient per row: forward, weight gradients, and input gradients of
-    every layer but the first (the kernels skip that one)."""
-    total = 0
-    for layer, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        total += 2 * d_in * d_out * (3 if layer > 0 else 2)
-    return total
+    """FLOPs of loss+gradient per row (``layer_flops`` summed)."""
+    forward, backward = layer_flops(sizes)
+    return forward + sum(backward)
 
 
 def mlp_parameters(sizes):

@@ -104,14 +104,6 @@ def read_kernel_times(path, sizes):
     return times
 
 
-def layer_flops(sizes):
-    """``(forward, [backward of each layer, last layer first])`` FLOPs per row; the first
-    layer's backward computes no input gradient (the kernels skip it)."""
-    forward = [2 * d_in * d_out for d_in, d_out in zip(sizes[:-1], sizes[1:])]
-    backward = [f * (2 if layer > 0 else 1) for layer, f in enumerate(forward)]
-    return sum(forward), backward[::-1]
-
-
 @dataclass
 class Prediction:
     """One step by the model, in seconds."""
@@ -172,7 +164,7 @@ class StepModel:
         of the allreduce benchmark at that setting, needed when ``setting.ranks > 1``."""
         rows = math.ceil(self.batch / setting.ranks)
         kernel = self.kernel_seconds(rows, setting)
-        forward_flops, backward_flops = layer_flops(self.sizes)
+        forward_flops, backward_flops = scaling.layer_flops(self.sizes)
         per_flop = kernel / (forward_flops + sum(backward_flops))
         compute = kernel + self.fixed_s * setting.stretch
         if setting.ranks == 1:
@@ -259,7 +251,6 @@ def report(bench_dir, measured_csvs, sizes, batch, kernels_csv, cores):
                 if setting.ranks > 1 else None)
         return model.predict(setting, rows)
 
-    model.fixed_s = 0.0
     one_node = [k for k in measured if k[1] == 1]
     if one_node:
         model.fixed_s = fit_fixed([(predict(k), statistics.median(measured[k])) for k in one_node])
